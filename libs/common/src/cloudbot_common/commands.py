@@ -1,0 +1,91 @@
+"""Commands from the control plane to the provisioner, sent through the transactional outbox.
+
+The API writes an `OutboxCommand` row in the same transaction as the state change, then
+publishes it after commit. The provisioner's relay republishes rows that were not
+completed in time. Task arguments are ids only, never secrets.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from celery import Celery
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cloudbot_common.models import OutboxCommand
+from cloudbot_common.settings import Settings
+
+PROVISIONING_QUEUE = "provisioning"
+
+
+class Command(StrEnum):
+    """Celery task names of the provisioner; the API refers to them only by name."""
+
+    PROVISION = "cloudbot.instances.provision"
+    STOP = "cloudbot.instances.stop"
+    START = "cloudbot.instances.start"
+    TERMINATE = "cloudbot.instances.terminate"
+
+
+def make_celery(settings: Settings, name: str) -> Celery:
+    """A Celery app with the settings producers and the worker share."""
+    app = Celery(name, broker=settings.broker_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=PROVISIONING_QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Unacknowledged tasks come back after this long if their worker vanished.
+            "visibility_timeout": max(settings.outbox_relay_after_seconds * 4, 60),
+        },
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2},
+        enable_utc=True,
+    )
+    return app
+
+
+def add_command(
+    session: AsyncSession, command: Command, instance_id: uuid.UUID, request_id: str | None
+) -> OutboxCommand:
+    """Stage a command in the caller's transaction. Publish it with `publish` after commit."""
+    row = OutboxCommand(
+        id=uuid.uuid4(),
+        task=command.value,
+        instance_id=instance_id,
+        request_id=request_id,
+        publish_attempts=0,
+    )
+    session.add(row)
+    return row
+
+
+def send_command(celery: Celery, row: OutboxCommand) -> None:
+    """Put one outbox command on the queue. The task id is the outbox id, so duplicates
+    published by the relay are recognisable."""
+    celery.send_task(
+        row.task,
+        kwargs={"instance_id": str(row.instance_id), "command_id": str(row.id)},
+        task_id=str(row.id),
+        headers={"request_id": row.request_id} if row.request_id else None,
+        retry=True,
+    )
+
+
+async def mark_published(session: AsyncSession, command_ids: list[uuid.UUID]) -> None:
+    if not command_ids:
+        return
+    await session.execute(
+        update(OutboxCommand)
+        .where(OutboxCommand.id.in_(command_ids))
+        .values(
+            published_at=datetime.now(UTC),
+            publish_attempts=OutboxCommand.publish_attempts + 1,
+        )
+    )

@@ -1,0 +1,105 @@
+"""Structured logging for every service: JSON in production, readable in a terminal.
+
+A redaction step runs on every event, so a secret passed by mistake as a field never
+reaches the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+_SECRET_FIELD = re.compile(
+    r"pass(word)?|secret|token|authorization|api[_-]?key|credential|cookie|ticket|ciphertext",
+    re.IGNORECASE,
+)
+# Bearer tokens, JWTs and our own opaque token prefixes, wherever they appear in text.
+_SECRET_TEXT = re.compile(
+    r"(Bearer\s+)\S+"
+    r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
+    r"|\b(cb[a-z]_)[A-Za-z0-9_-]{16,}"
+    r"|([?&](ticket|token|access_token)=)[^&\s\"']+",
+    re.IGNORECASE,
+)
+REDACTED = "[redacted]"
+
+
+def redact_text(text: str) -> str:
+    def repl(m: re.Match[str]) -> str:
+        prefix = m.group(1) or m.group(2) or m.group(3) or ""
+        return prefix + REDACTED
+
+    return _SECRET_TEXT.sub(repl, text)
+
+
+def _redact(value: Any, key: str = "") -> Any:
+    if key and _SECRET_FIELD.search(key) and value is not None:
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: _redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact(v) for v in value]
+    return value
+
+
+def redact_processor(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in list(event_dict.items()):
+        event_dict[key] = _redact(value, "" if key == "event" else key)
+    return event_dict
+
+
+def configure_logging(service: str, *, level: str = "INFO", json_output: bool = True) -> None:
+    """Route structlog and the standard library through one redacting pipeline."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.ExtraAdder(),
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_output
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            redact_processor,
+            lambda _l, _m, ed: {**ed, "service": service},
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("uvicorn.access", "botocore", "aiobotocore", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # uvicorn installs its own handlers; send them through ours instead.
+    for name in ("uvicorn", "uvicorn.error", "celery", "websockets"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = []
+        lg.propagate = True
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    return structlog.stdlib.get_logger(name)  # type: ignore[no-any-return]

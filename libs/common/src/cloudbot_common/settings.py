@@ -1,0 +1,186 @@
+"""Settings shared by every service, read from environment variables (see `.env.example`)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from typing import Annotated, Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Values that ship in `.env.example` and the defaults below. They are fine on a laptop
+# and refused in production.
+DEV_ACCESS_SECRET = "dev-access-secret-change-me-0123456789abcdef"
+DEV_REFRESH_SECRET = "dev-refresh-secret-change-me-0123456789abcdef"
+DEV_ENCRYPTION_KEY = "ZGV2LWVuY3J5cHRpb24ta2V5LWNoYW5nZS1tZS0wMDA="
+DEV_AGENT_SECRET = "dev-agent-secret-change-me-0123456789abcdef"
+DEV_FLOWER_PASSWORD = "dev-flower-password"
+_DEV_VALUES = {
+    DEV_ACCESS_SECRET,
+    DEV_REFRESH_SECRET,
+    DEV_ENCRYPTION_KEY,
+    DEV_AGENT_SECRET,
+    DEV_FLOWER_PASSWORD,
+}
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _split_pairs(value: object) -> object:
+    """`small=t3.small,medium=t3.medium` -> {"small": "t3.small", "medium": "t3.medium"}."""
+    if isinstance(value, str):
+        pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+        return {k.strip(): v.strip() for k, v in pairs}
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+PairMap = Annotated[dict[str, str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    environment: Environment = Environment.DEVELOPMENT
+    log_level: str = "INFO"
+    log_json: bool = True
+    control_plane_id: str = "cloudbot-local"
+
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/cloudbot"
+    database_pool_size: int = 10
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    celery_broker_url: str | None = None
+
+    jwt_access_secret: SecretStr = SecretStr(DEV_ACCESS_SECRET)
+    jwt_refresh_secret: SecretStr = SecretStr(DEV_REFRESH_SECRET)
+    # Earlier secrets still accepted while tokens signed with them live: "kid=secret,..."
+    jwt_previous_access_secrets: Annotated[dict[str, SecretStr], NoDecode] = Field(
+        default_factory=dict
+    )
+    jwt_key_id: str = "k1"
+    jwt_issuer: str = "cloudbot-control-plane"
+    jwt_audience: str = "cloudbot"
+    access_token_ttl_seconds: int = 900
+    refresh_token_ttl_seconds: int = 30 * 24 * 3600
+
+    # Comma-separated Fernet keys, newest first; older ones only decrypt.
+    encryption_key: SecretStr = SecretStr(DEV_ENCRYPTION_KEY)
+    agent_token_secret: SecretStr = SecretStr(DEV_AGENT_SECRET)
+
+    argon2_time_cost: int = 3
+    argon2_memory_cost_kib: int = 12288
+    argon2_parallelism: int = 1
+
+    cors_origins: CsvList = Field(default_factory=lambda: ["http://127.0.0.1:8000", "http://localhost:8000"])
+    allowed_ws_origins: CsvList = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000", "http://localhost:8000"]
+    )
+    trusted_proxies: CsvList = Field(default_factory=list)
+
+    rate_limit_signup: str = "5/minute"
+    rate_limit_login: str = "10/minute"
+    rate_limit_refresh: str = "30/minute"
+    rate_limit_instance_create: str = "10/minute"
+    rate_limit_enabled: bool = True
+
+    public_api_url: str = "http://127.0.0.1:8000"
+    max_live_instances_per_user: int = 3
+    instance_sizes: PairMap = Field(
+        default_factory=lambda: {"small": "t3.small", "medium": "t3.medium", "large": "t3.large"}
+    )
+    bootstrap_token_ttl_seconds: int = 1800
+    ticket_ttl_seconds: int = 30
+
+    local_dev_mode: bool = True
+    local_state_dir: str = ".local/instances"
+    local_port_range_start: int = 47000
+
+    aws_region: str = "us-east-1"
+    aws_endpoint_url: str | None = None
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    ec2_ami_id: str = "ami-12c6146b"
+    ec2_subnet_id: str | None = None
+    ec2_security_group_ids: CsvList = Field(default_factory=list)
+    ec2_key_name: str | None = None
+
+    task_max_retries: int = 5
+    task_retry_backoff_max_seconds: int = 60
+    outbox_relay_after_seconds: int = 30
+    reconcile_interval_seconds: int = 60
+    transition_timeout_seconds: int = 600
+    heartbeat_stale_seconds: int = 120
+
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8001
+    gateway_max_message_bytes: int = 1 << 20
+    gateway_max_sessions_per_user: int = 20
+    gateway_idle_timeout_seconds: int = 300
+
+    flower_user: str = "admin"
+    flower_password: SecretStr = SecretStr(DEV_FLOWER_PASSWORD)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_lists(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key in (
+                "cors_origins",
+                "allowed_ws_origins",
+                "trusted_proxies",
+                "ec2_security_group_ids",
+            ):
+                if key in data:
+                    data[key] = _split_csv(data[key])
+            for key in ("instance_sizes", "jwt_previous_access_secrets"):
+                if key in data:
+                    data[key] = _split_pairs(data[key])
+        return data
+
+    @model_validator(mode="after")
+    def _refuse_dev_secrets_in_production(self) -> Self:
+        if self.environment is not Environment.PRODUCTION:
+            return self
+        problems = []
+        for name in (
+            "jwt_access_secret",
+            "jwt_refresh_secret",
+            "encryption_key",
+            "agent_token_secret",
+            "flower_password",
+        ):
+            secret: SecretStr = getattr(self, name)
+            value = secret.get_secret_value()
+            if not value or value in _DEV_VALUES or any(v in value for v in _DEV_VALUES):
+                problems.append(f"{name.upper()} is missing or left at its development default")
+            elif name.startswith("jwt_") and len(value) < 32:
+                problems.append(f"{name.upper()} must be at least 32 characters")
+        if self.local_dev_mode:
+            problems.append("LOCAL_DEV_MODE must be false in production")
+        if "*" in self.cors_origins:
+            problems.append("CORS_ORIGINS must not contain '*' in production")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def broker_url(self) -> str:
+        return self.celery_broker_url or self.redis_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
