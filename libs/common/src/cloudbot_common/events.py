@@ -6,11 +6,19 @@ listeners (SSE streams, gateway sessions, ownership caches) to look again or to 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from redis.asyncio import Redis
+
+from cloudbot_common.logging import get_logger
+
+_log = get_logger(__name__)
 
 INSTANCE_EVENTS_CHANNEL = "cloudbot:events:instances"
 SESSION_EVENTS_CHANNEL = "cloudbot:events:sessions"
@@ -47,3 +55,90 @@ async def revoke_login_session(
 
 async def is_login_session_revoked(redis: Redis, session_id: uuid.UUID) -> bool:
     return bool(await redis.exists(_REVOKED_SESSION_KEY.format(session_id)))
+
+
+class EventHub:
+    """One Redis subscription per process, fanned out to local waiters.
+
+    SSE streams and gateway sessions register callbacks here instead of each holding a
+    Redis connection of its own.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._instance_listeners: dict[str, set[Callable[[InstanceStateEvent], None]]] = {}
+        self._session_listeners: dict[str, set[Callable[[], None]]] = {}
+        self._any_instance: set[Callable[[InstanceStateEvent], None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def on_instance(
+        self, instance_id: str | None, callback: Callable[[InstanceStateEvent], None]
+    ) -> Callable[[], None]:
+        """Call `callback` for each state event of `instance_id` (None: of any instance).
+        Returns the function that unsubscribes."""
+        if instance_id is None:
+            self._any_instance.add(callback)
+            return lambda: self._any_instance.discard(callback)
+        listeners = self._instance_listeners.setdefault(instance_id, set())
+        listeners.add(callback)
+        return lambda: self._discard(self._instance_listeners, instance_id, callback)
+
+    def on_session_revoked(
+        self, session_id: str, callback: Callable[[], None]
+    ) -> Callable[[], None]:
+        listeners = self._session_listeners.setdefault(session_id, set())
+        listeners.add(callback)
+        return lambda: self._discard(self._session_listeners, session_id, callback)
+
+    @staticmethod
+    def _discard(table: dict[str, set[Any]], key: str, callback: Any) -> None:
+        listeners = table.get(key)
+        if listeners is not None:
+            listeners.discard(callback)
+            if not listeners:
+                del table[key]
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(INSTANCE_EVENTS_CHANNEL, SESSION_EVENTS_CHANNEL)
+                    self.ready.set()
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._dispatch(message["channel"], message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Listeners fall back on their own checks meanwhile; resubscribe shortly.
+                self.ready.clear()
+                _log.warning("event subscription lost; reconnecting", exc_info=True)
+                await asyncio.sleep(1)
+
+    def _dispatch(self, channel: str | bytes, data: str | bytes) -> None:
+        channel = channel.decode() if isinstance(channel, bytes) else channel
+        try:
+            if channel == INSTANCE_EVENTS_CHANNEL:
+                event = InstanceStateEvent.decode(data)
+                callbacks = [
+                    *self._instance_listeners.get(event.instance_id, ()),
+                    *self._any_instance,
+                ]
+                for cb in callbacks:
+                    cb(event)
+            elif channel == SESSION_EVENTS_CHANNEL:
+                session_id = json.loads(data)["session_id"]
+                for revoked in list(self._session_listeners.get(session_id, ())):
+                    revoked()
+        except Exception:
+            _log.warning("bad event message ignored", channel=channel, exc_info=True)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import asyncpg
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 
 from cloudbot_common.settings import get_settings
@@ -27,6 +29,12 @@ def alembic_config(database_url: str | None = None) -> Config:
     url = database_url or get_settings().database_url
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
+
+
+@lru_cache
+def head_revision() -> str | None:
+    """The newest revision in the migrations folder (what a migrated database is at)."""
+    return ScriptDirectory.from_config(alembic_config("postgresql://unused")).get_current_head()
 
 
 async def ensure_database(database_url: str) -> None:

@@ -84,7 +84,9 @@ class Settings(BaseSettings):
     argon2_memory_cost_kib: int = 12288
     argon2_parallelism: int = 1
 
-    cors_origins: CsvList = Field(default_factory=lambda: ["http://127.0.0.1:8000", "http://localhost:8000"])
+    cors_origins: CsvList = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000", "http://localhost:8000"]
+    )
     allowed_ws_origins: CsvList = Field(
         default_factory=lambda: ["http://127.0.0.1:8000", "http://localhost:8000"]
     )
@@ -96,6 +98,8 @@ class Settings(BaseSettings):
     rate_limit_instance_create: str = "10/minute"
     rate_limit_enabled: bool = True
 
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
     public_api_url: str = "http://127.0.0.1:8000"
     max_live_instances_per_user: int = 3
     instance_sizes: PairMap = Field(

@@ -1,0 +1,3 @@
+from cloudbot_api.main import run
+
+run()

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cloudbot_common.models import ApiKey
+
+
+class ApiKeyRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def list_for_user(self, user_id: uuid.UUID) -> Sequence[ApiKey]:
+        result = await self.session.scalars(
+            select(ApiKey).where(ApiKey.user_id == user_id).order_by(ApiKey.provider)
+        )
+        return result.all()
+
+    async def get(self, user_id: uuid.UUID, provider: str) -> ApiKey | None:
+        result = await self.session.scalars(
+            select(ApiKey).where(ApiKey.user_id == user_id, ApiKey.provider == provider)
+        )
+        return result.one_or_none()
+
+    async def add(self, key: ApiKey) -> None:
+        self.session.add(key)
+        await self.session.flush()
+
+    async def delete(self, user_id: uuid.UUID, provider: str) -> bool:
+        result = await self.session.execute(
+            delete(ApiKey)
+            .where(ApiKey.user_id == user_id, ApiKey.provider == provider)
+            .returning(ApiKey.id)
+        )
+        return result.first() is not None
+
+    async def all_for_update(self, batch: int = 500) -> Sequence[ApiKey]:
+        result = await self.session.scalars(
+            select(ApiKey).order_by(ApiKey.id).with_for_update().limit(batch)
+        )
+        return result.all()

@@ -1,0 +1,80 @@
+"""The provider API-key vault: keys are encrypted on the way in and never shown again."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy.exc import IntegrityError
+
+from cloudbot_api.api_keys.repository import ApiKeyRepository
+from cloudbot_api.errors import ProblemError
+from cloudbot_common.logging import get_logger
+from cloudbot_common.models import ApiKey
+from cloudbot_common.providers import Provider
+from cloudbot_common.security.vault import Vault
+
+log = get_logger(__name__)
+
+
+def mask(key: str) -> str:
+    """A hint to tell keys apart: a short prefix and the last four characters."""
+    if len(key) >= 16:
+        return f"{key[:3]}…{key[-4:]}"
+    return "…" + key[-2:]
+
+
+def _not_found(provider: Provider) -> ProblemError:
+    return ProblemError(404, "api_key_not_found", f"No {provider.value} key is stored.")
+
+
+class ApiKeyService:
+    def __init__(self, repo: ApiKeyRepository, vault: Vault) -> None:
+        self.repo = repo
+        self.vault = vault
+
+    async def list(self, user_id: uuid.UUID) -> Sequence[ApiKey]:
+        return await self.repo.list_for_user(user_id)
+
+    async def create(self, user_id: uuid.UUID, provider: Provider, key: str) -> ApiKey:
+        if await self.repo.get(user_id, provider) is not None:
+            raise self._exists(provider)
+        row = ApiKey(
+            id=uuid.uuid4(),
+            user_id=user_id,
+            provider=provider.value,
+            ciphertext=self.vault.encrypt(user_id, provider.value, key),
+            hint=mask(key),
+        )
+        try:
+            async with self.repo.session.begin_nested():
+                await self.repo.add(row)
+        except IntegrityError as exc:
+            raise self._exists(provider) from exc
+        log.info("api key stored", user_id=str(user_id), provider=provider.value)
+        return row
+
+    async def put(self, user_id: uuid.UUID, provider: Provider, key: str) -> ApiKey:
+        """Store or replace the key for `provider`."""
+        row = await self.repo.get(user_id, provider)
+        if row is None:
+            return await self.create(user_id, provider, key)
+        row.ciphertext = self.vault.encrypt(user_id, provider.value, key)
+        row.hint = mask(key)
+        await self.repo.session.flush()
+        await self.repo.session.refresh(row)
+        log.info("api key replaced", user_id=str(user_id), provider=provider.value)
+        return row
+
+    async def delete(self, user_id: uuid.UUID, provider: Provider) -> None:
+        if not await self.repo.delete(user_id, provider):
+            raise _not_found(provider)
+        log.info("api key deleted", user_id=str(user_id), provider=provider.value)
+
+    @staticmethod
+    def _exists(provider: Provider) -> ProblemError:
+        return ProblemError(
+            409,
+            "api_key_exists",
+            f"A {provider.value} key is already stored; replace it with PUT.",
+        )

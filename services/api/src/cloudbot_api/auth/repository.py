@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cloudbot_common.models import LoginSession, RefreshToken, User
+
+
+class AuthRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def user_by_email(self, email: str) -> User | None:
+        result = await self.session.scalars(select(User).where(User.email == email))
+        return result.one_or_none()
+
+    async def user_by_id(self, user_id: uuid.UUID) -> User | None:
+        return await self.session.get(User, user_id)
+
+    async def add(self, obj: User | LoginSession | RefreshToken) -> None:
+        self.session.add(obj)
+        await self.session.flush()
+
+    async def refresh_token_for_update(self, jti: uuid.UUID) -> RefreshToken | None:
+        result = await self.session.scalars(
+            select(RefreshToken).where(RefreshToken.jti == jti).with_for_update()
+        )
+        return result.one_or_none()
+
+    async def login_session_for_update(self, session_id: uuid.UUID) -> LoginSession | None:
+        result = await self.session.scalars(
+            select(LoginSession).where(LoginSession.id == session_id).with_for_update()
+        )
+        return result.one_or_none()
+
+    async def revoke_session(self, session_id: uuid.UUID, reason: str, now: datetime) -> None:
+        await self.session.execute(
+            update(LoginSession)
+            .where(LoginSession.id == session_id, LoginSession.revoked_at.is_(None))
+            .values(revoked_at=now, revoked_reason=reason)
+        )

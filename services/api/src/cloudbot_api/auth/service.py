@@ -1,0 +1,140 @@
+"""Accounts and login sessions: signup, login, refresh-token rotation with reuse detection."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.exc import IntegrityError
+
+from cloudbot_api.auth.repository import AuthRepository
+from cloudbot_api.auth.schemas import TokenPair
+from cloudbot_api.errors import ProblemError
+from cloudbot_api.resources import Resources
+from cloudbot_api.unit_of_work import UnitOfWork
+from cloudbot_common.events import revoke_login_session
+from cloudbot_common.logging import get_logger
+from cloudbot_common.models import LoginSession, RefreshToken, User
+from cloudbot_common.security.jwt_tokens import TokenClaims, TokenError, TokenType
+
+log = get_logger(__name__)
+
+INVALID_CREDENTIALS = ProblemError(401, "invalid_credentials", "Wrong email or password.")
+
+
+def _invalid_refresh(detail: str = "Invalid refresh token.") -> ProblemError:
+    return ProblemError(401, "invalid_refresh_token", detail)
+
+
+@dataclass(slots=True)
+class RefreshReused:
+    """A refresh token was presented a second time: the whole login session is revoked."""
+
+    session_id: uuid.UUID
+
+
+class AuthService:
+    def __init__(self, uow: UnitOfWork, resources: Resources) -> None:
+        self.uow = uow
+        self.repo = AuthRepository(uow.session)
+        self.r = resources
+
+    async def signup(self, email: str, password: str) -> User:
+        if await self.repo.user_by_email(email) is not None:
+            raise ProblemError(409, "email_taken", "An account with this email already exists.")
+        user = User(
+            id=uuid.uuid4(), email=email, password_hash=await self.r.passwords.hash(password)
+        )
+        try:
+            async with self.uow.session.begin_nested():
+                await self.repo.add(user)
+        except IntegrityError as exc:  # a concurrent signup won the race
+            raise ProblemError(
+                409, "email_taken", "An account with this email already exists."
+            ) from exc
+        log.info("user signed up", user_id=str(user.id))
+        return user
+
+    async def login(self, email: str, password: str, user_agent: str | None) -> TokenPair:
+        user = await self.repo.user_by_email(email)
+        # Verified even when the user is unknown (against a dummy hash): same answer, same time.
+        ok = await self.r.passwords.verify(user.password_hash if user else None, password)
+        if user is None or not ok:
+            raise INVALID_CREDENTIALS
+        if self.r.passwords.needs_rehash(user.password_hash):
+            user.password_hash = await self.r.passwords.hash(password)
+            log.info("password rehashed with current parameters", user_id=str(user.id))
+        now = datetime.now(UTC)
+        login = LoginSession(
+            id=uuid.uuid4(),
+            user_id=user.id,
+            expires_at=now + timedelta(seconds=self.r.settings.refresh_token_ttl_seconds),
+            user_agent=(user_agent or "")[:512] or None,
+        )
+        await self.repo.add(login)
+        log.info("user logged in", user_id=str(user.id), session_id=str(login.id))
+        return await self._issue_pair(user.id, login.id, now)
+
+    def decode_refresh(self, refresh_token: str) -> TokenClaims:
+        try:
+            return self.r.tokens.decode(refresh_token, TokenType.REFRESH)
+        except TokenError as exc:
+            raise _invalid_refresh(f"Invalid refresh token: {exc}.") from exc
+
+    async def refresh(self, claims: TokenClaims) -> TokenPair | RefreshReused:
+        now = datetime.now(UTC)
+        login = await self.repo.login_session_for_update(claims.session_id)
+        if login is None or login.user_id != claims.user_id:
+            raise _invalid_refresh()
+        if login.revoked_at is not None or login.expires_at <= now:
+            raise _invalid_refresh("This login session has ended.")
+        token = await self.repo.refresh_token_for_update(claims.jti)
+        if token is None or token.session_id != login.id:
+            raise _invalid_refresh()
+        if token.used_at is not None:
+            await self.end_session(login.id, "refresh_token_reused", now)
+            log.warning(
+                "refresh token reused; login session revoked",
+                user_id=str(login.user_id),
+                session_id=str(login.id),
+            )
+            return RefreshReused(session_id=login.id)
+        token.used_at = now
+        login.last_used_at = now
+        return await self._issue_pair(login.user_id, login.id, now)
+
+    async def end_session(self, session_id: uuid.UUID, reason: str, now: datetime) -> None:
+        """Revoke a login session; its access tokens stop working once this commits."""
+        await self.repo.revoke_session(session_id, reason, now)
+        ttl = self.r.settings.access_token_ttl_seconds + 60
+
+        async def announce() -> None:
+            await revoke_login_session(self.r.redis, session_id, remember_seconds=ttl)
+
+        self.uow.after_commit(announce)
+
+    async def logout(self, session_id: uuid.UUID) -> None:
+        await self.end_session(session_id, "logout", datetime.now(UTC))
+        log.info("user logged out", session_id=str(session_id))
+
+    async def me(self, user_id: uuid.UUID) -> User:
+        user = await self.repo.user_by_id(user_id)
+        if user is None:
+            raise ProblemError(401, "unauthorized", "The account no longer exists.")
+        return user
+
+    async def _issue_pair(
+        self, user_id: uuid.UUID, session_id: uuid.UUID, now: datetime
+    ) -> TokenPair:
+        access = self.r.tokens.issue(TokenType.ACCESS, user_id, session_id, now=now)
+        refresh = self.r.tokens.issue(TokenType.REFRESH, user_id, session_id, now=now)
+        await self.repo.add(
+            RefreshToken(jti=refresh.jti, session_id=session_id, expires_at=refresh.expires_at)
+        )
+        return TokenPair(
+            access_token=access.token,
+            refresh_token=refresh.token,
+            expires_in=self.r.settings.access_token_ttl_seconds,
+            refresh_expires_in=self.r.settings.refresh_token_ttl_seconds,
+        )

@@ -1,0 +1,110 @@
+"""The API application: `create_app()` for tests and servers, `run()` for the console script."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from redis.asyncio import Redis
+
+from cloudbot_api import health
+from cloudbot_api.api_keys.router import router as api_keys_router
+from cloudbot_api.auth.router import router as auth_router
+from cloudbot_api.errors import install_error_handlers
+from cloudbot_api.instances.router import router as instances_router
+from cloudbot_api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from cloudbot_api.ratelimit import RateLimiter
+from cloudbot_api.resources import Resources
+from cloudbot_common.commands import make_celery
+from cloudbot_common.db import create_engine, create_session_factory
+from cloudbot_common.logging import configure_logging
+from cloudbot_common.security.jwt_tokens import TokenCodec
+from cloudbot_common.security.passwords import Passwords
+from cloudbot_common.security.vault import Vault
+from cloudbot_common.settings import Settings, get_settings
+
+MAX_BODY_BYTES = 64 * 1024
+
+DESCRIPTION = """
+Sign up, keep your model providers' API keys encrypted, and run your own CloudBot machine.
+
+Every error is an [RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) problem document
+(`application/problem+json`) with a stable `code`.
+"""
+
+
+def build_resources(settings: Settings) -> Resources:
+    engine = create_engine(settings)
+    return Resources(
+        settings=settings,
+        engine=engine,
+        sessions=create_session_factory(engine),
+        redis=Redis.from_url(settings.redis_url, decode_responses=True),
+        celery=make_celery(settings, "cloudbot-api"),
+        passwords=Passwords(settings),
+        tokens=TokenCodec(settings),
+        vault=Vault(settings.encryption_key.get_secret_value()),
+        limiter=RateLimiter(settings.redis_url, enabled=settings.rate_limit_enabled),
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        resources = build_resources(settings)
+        app.state.resources = resources
+        try:
+            yield
+        finally:
+            await resources.close()
+
+    app = FastAPI(
+        title="CloudBot control plane",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url="/redoc",
+        openapi_url="/openapi.json",
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(auth_router, prefix="/api")
+    app.include_router(api_keys_router, prefix="/api")
+    app.include_router(instances_router, prefix="/api")
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_credentials=True,
+        allow_methods=["GET", "POST", "PUT", "DELETE"],
+        allow_headers=[
+            "Authorization",
+            "Content-Type",
+            "Idempotency-Key",
+            "Last-Event-ID",
+            "X-Request-ID",
+        ],
+        expose_headers=["Retry-After", "X-Request-ID", "Location"],
+    )
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+def run() -> None:
+    settings = get_settings()
+    configure_logging("api", level=settings.log_level, json_output=settings.log_json)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=20,
+    )

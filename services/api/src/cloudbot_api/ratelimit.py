@@ -1,0 +1,45 @@
+"""Rate limits shared by every API replica, on the `limits` library's Redis storage."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from limits import RateLimitItem, parse
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+
+from cloudbot_api.errors import ProblemError
+
+
+class RateLimiter:
+    def __init__(self, redis_url: str, *, enabled: bool = True) -> None:
+        self._storage = RedisStorage(
+            "async+" + redis_url, implementation="redispy", key_prefix="cloudbot:ratelimit"
+        )
+        self._limiter = MovingWindowRateLimiter(self._storage)
+        self._enabled = enabled
+
+    async def hit(self, limit: str, scope: str, *identifiers: str) -> None:
+        """Count one hit against every identifier; refuse with 429 if any is over its limit.
+
+        Each identifier (account, client address) has its own window, so a flood from one
+        address cannot lock an account out from elsewhere for longer than its own window.
+        """
+        if not self._enabled:
+            return
+        item: RateLimitItem = parse(limit)
+        for identifier in identifiers:
+            if not await self._limiter.hit(item, scope, identifier):
+                stats = await self._limiter.get_window_stats(item, scope, identifier)
+                retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+                raise ProblemError(
+                    429,
+                    "rate_limited",
+                    "Too many requests; try again later.",
+                    headers={"Retry-After": str(retry_after)},
+                )
+
+    async def close(self) -> None:
+        # The storage owns a connection pool; nothing to release explicitly in limits 5.
+        return None

@@ -1,0 +1,35 @@
+"""Per-process resources of the API, made in the lifespan and reached through `deps`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cloudbot_api.ratelimit import RateLimiter
+from cloudbot_common.db import SessionFactory
+from cloudbot_common.security.jwt_tokens import TokenCodec
+from cloudbot_common.security.passwords import Passwords
+from cloudbot_common.security.vault import Vault
+from cloudbot_common.settings import Settings
+
+
+@dataclass(slots=True)
+class Resources:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: SessionFactory
+    redis: Redis
+    celery: Celery
+    passwords: Passwords
+    tokens: TokenCodec
+    vault: Vault
+    limiter: RateLimiter
+
+    async def close(self) -> None:
+        self.passwords.close()
+        await self.limiter.close()
+        await self.redis.aclose()
+        await self.engine.dispose()

@@ -1,0 +1,33 @@
+"""The request's unit of work: one transaction, committed before the response is sent, and
+work that must only happen once the commit succeeded (publishing commands and events)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cloudbot_common.logging import get_logger
+
+log = get_logger(__name__)
+AfterCommit = Callable[[], Awaitable[None]]
+
+
+class UnitOfWork:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self._after_commit: list[AfterCommit] = []
+
+    def after_commit(self, action: AfterCommit) -> None:
+        """Run `action` once the transaction has committed. Its failure is logged, not
+        raised: what it does must be recoverable from what was committed (the outbox)."""
+        self._after_commit.append(action)
+
+    async def commit(self) -> None:
+        await self.session.commit()
+        actions, self._after_commit = self._after_commit, []
+        for action in actions:
+            try:
+                await action()
+            except Exception:
+                log.warning("after-commit action failed; it will be retried", exc_info=True)

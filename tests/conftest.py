@@ -1,0 +1,214 @@
+"""Shared fixtures: a fresh Postgres database and Redis db per test run (and per xdist
+worker), the real API as a uvicorn process, and a scan of every log for secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import asyncpg
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from cloudbot_common.settings import Settings
+from tests.support.processes import LOG_DIR, PYTHON, free_port, http_ok, running
+
+PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_BASE = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+def _worker_index() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker.removeprefix("gw") or 0)
+
+
+@dataclass
+class SecretRegistry:
+    """Every secret a test handles; none may appear in any log of the run."""
+
+    values: set[str] = field(default_factory=set)
+
+    def add(self, *values: str) -> None:
+        self.values.update(v for v in values if v and len(v) >= 8)
+
+
+SECRETS = SecretRegistry()
+
+
+@pytest.fixture(scope="session")
+def secret_registry() -> SecretRegistry:
+    return SECRETS
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    name = f"cloudbot_test_{_worker_index()}_{secrets.token_hex(4)}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    subprocess.run(
+        [PYTHON, "-m", "cloudbot_common.migrate", "upgrade", "head"],
+        env={**os.environ, "DATABASE_URL": url},
+        check=True,
+    )
+    yield url
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = f"{REDIS_BASE}/{8 + _worker_index()}"
+
+    async def flush() -> None:
+        r = Redis.from_url(url)
+        await r.flushdb()
+        await r.aclose()
+
+    asyncio.run(flush())
+    return url
+
+
+@pytest.fixture(scope="session")
+def base_env(database_url: str, redis_url: str) -> dict[str, str]:
+    """Environment for every service process the tests start."""
+    return {
+        "ENVIRONMENT": "test",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "LOG_JSON": "true",
+        "LOG_LEVEL": "DEBUG",
+        # Tests act as many clients through one trusted proxy (X-Forwarded-For).
+        "TRUSTED_PROXIES": "127.0.0.1/32",
+        "CORS_ORIGINS": "http://app.test",
+        "ALLOWED_WS_ORIGINS": "http://app.test",
+        "CONTROL_PLANE_ID": f"cloudbot-test-{secrets.token_hex(3)}",
+        "LOCAL_STATE_DIR": str(LOG_DIR.parent / ".local" / f"test-{os.getpid()}"),
+        "OUTBOX_RELAY_AFTER_SECONDS": "3",
+        "RECONCILE_INTERVAL_SECONDS": "2",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(base_env: dict[str, str]) -> Settings:
+    return Settings(**{k.lower(): v for k, v in base_env.items()})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ApiServer:
+    url: str
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def api_server(base_env: dict[str, str]) -> Iterator[ApiServer]:
+    port = free_port()
+    env = {**base_env, "API_PORT": str(port), "PUBLIC_API_URL": f"http://127.0.0.1:{port}"}
+    with running(
+        "api",
+        [PYTHON, "-m", "cloudbot_api"],
+        env,
+        ready=http_ok(f"http://127.0.0.1:{port}/healthz"),
+    ):
+        yield ApiServer(url=f"http://127.0.0.1:{port}", env=env)
+
+
+@pytest.fixture
+async def http(api_server: ApiServer) -> AsyncIterator[httpx.AsyncClient]:
+    # A fresh client address per test, so per-address rate limits never couple tests.
+    address = f"10.{secrets.randbelow(250)}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 1}"
+    async with httpx.AsyncClient(
+        base_url=api_server.url, timeout=15, headers={"X-Forwarded-For": address}
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@dataclass
+class User:
+    email: str
+    password: str
+    access_token: str
+    refresh_token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.access_token}"}
+
+
+async def make_user(http: httpx.AsyncClient, registry: SecretRegistry | None = None) -> User:
+    email = f"user-{uuid.uuid4().hex[:12]}@example.com"
+    password = "correct horse battery " + secrets.token_urlsafe(12)
+    r = await http.post("/api/auth/signup", json={"email": email, "password": password})
+    assert r.status_code == 201, r.text
+    r = await http.post("/api/auth/login", json={"email": email, "password": password})
+    assert r.status_code == 200, r.text
+    tokens = r.json()
+    user = User(email, password, tokens["access_token"], tokens["refresh_token"])
+    (registry or SECRETS).add(password, user.access_token, user.refresh_token)
+    return user
+
+
+@pytest.fixture
+async def user(http: httpx.AsyncClient) -> User:
+    return await make_user(http)
+
+
+_TOKEN_SHAPES = re.compile(
+    rb"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}|\bcb[a-z]_[A-Za-z0-9_-]{20,}"
+)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any log written during it holds a secret a test used, or anything
+    shaped like one of our tokens."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        # Hand this worker's secrets to the controller, which scans once all are done.
+        LOG_DIR.mkdir(exist_ok=True)
+        (LOG_DIR / f"secrets-{worker}.txt").write_text("\n".join(SECRETS.values))
+        return
+    if not LOG_DIR.exists():
+        return
+    values = set(SECRETS.values)
+    for handed in LOG_DIR.glob("secrets-*.txt"):
+        values.update(v for v in handed.read_text().splitlines() if v)
+        handed.unlink()
+    leaks: list[str] = []
+    needles = [v.encode() for v in values]
+    for path in LOG_DIR.glob("*.log"):
+        data = path.read_bytes()
+        leaks += [f"{path.name}: a registered secret" for n in needles if n in data]
+        leaks += [f"{path.name}: token-shaped text" for _ in _TOKEN_SHAPES.finditer(data)]
+    if leaks:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"SECRETS FOUND IN LOGS ({len(leaks)}):", red=True)
+            for leak in sorted(set(leaks))[:20]:
+                reporter.write_line("  " + leak, red=True)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER") and LOG_DIR.exists():
+        for path in [*LOG_DIR.glob("*.log"), *LOG_DIR.glob("secrets-*.txt")]:
+            path.unlink()
