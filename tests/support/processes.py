@@ -31,7 +31,7 @@ def wait_for(check: Callable[[], bool], timeout: float = 20.0, what: str = "cond
         try:
             if check():
                 return
-        except Exception:  # noqa: S110 - not up yet
+        except Exception:
             pass
         time.sleep(0.05)
     raise TimeoutError(f"timed out waiting for {what}")

@@ -101,6 +101,7 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     public_api_url: str = "http://127.0.0.1:8000"
+    public_gateway_url: str = "ws://127.0.0.1:8001"
     max_live_instances_per_user: int = 3
     instance_sizes: PairMap = Field(
         default_factory=lambda: {"small": "t3.small", "medium": "t3.medium", "large": "t3.large"}

@@ -14,12 +14,15 @@ from cloudbot_api import health
 from cloudbot_api.api_keys.router import router as api_keys_router
 from cloudbot_api.auth.router import router as auth_router
 from cloudbot_api.errors import install_error_handlers
+from cloudbot_api.instance_agent.router import router as instance_agent_router
 from cloudbot_api.instances.router import router as instances_router
+from cloudbot_api.metrics import install_metrics
 from cloudbot_api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from cloudbot_api.ratelimit import RateLimiter
 from cloudbot_api.resources import Resources
 from cloudbot_common.commands import make_celery
 from cloudbot_common.db import create_engine, create_session_factory
+from cloudbot_common.events import EventHub
 from cloudbot_common.logging import configure_logging
 from cloudbot_common.security.jwt_tokens import TokenCodec
 from cloudbot_common.security.passwords import Passwords
@@ -38,16 +41,20 @@ Every error is an [RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) problem doc
 
 def build_resources(settings: Settings) -> Resources:
     engine = create_engine(settings)
+    redis = Redis.from_url(
+        settings.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5
+    )
     return Resources(
         settings=settings,
         engine=engine,
         sessions=create_session_factory(engine),
-        redis=Redis.from_url(settings.redis_url, decode_responses=True),
+        redis=redis,
         celery=make_celery(settings, "cloudbot-api"),
         passwords=Passwords(settings),
         tokens=TokenCodec(settings),
         vault=Vault(settings.encryption_key.get_secret_value()),
         limiter=RateLimiter(settings.redis_url, enabled=settings.rate_limit_enabled),
+        events=EventHub(redis),
     )
 
 
@@ -58,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resources = build_resources(settings)
         app.state.resources = resources
+        resources.events.start()
         try:
             yield
         finally:
@@ -77,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(auth_router, prefix="/api")
     app.include_router(api_keys_router, prefix="/api")
     app.include_router(instances_router, prefix="/api")
+    app.include_router(instance_agent_router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(
         CORSMiddleware,
@@ -93,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         expose_headers=["Retry-After", "X-Request-ID", "Location"],
     )
     app.add_middleware(RequestContextMiddleware)
+    install_metrics(app)
     return app
 
 

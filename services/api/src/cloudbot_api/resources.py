@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cloudbot_api.ratelimit import RateLimiter
 from cloudbot_common.db import SessionFactory
+from cloudbot_common.events import EventHub
 from cloudbot_common.security.jwt_tokens import TokenCodec
 from cloudbot_common.security.passwords import Passwords
 from cloudbot_common.security.vault import Vault
@@ -27,8 +28,10 @@ class Resources:
     tokens: TokenCodec
     vault: Vault
     limiter: RateLimiter
+    events: EventHub
 
     async def close(self) -> None:
+        await self.events.stop()
         self.passwords.close()
         await self.limiter.close()
         await self.redis.aclose()

@@ -36,9 +36,3 @@ class ApiKeyRepository:
             .returning(ApiKey.id)
         )
         return result.first() is not None
-
-    async def all_for_update(self, batch: int = 500) -> Sequence[ApiKey]:
-        result = await self.session.scalars(
-            select(ApiKey).order_by(ApiKey.id).with_for_update().limit(batch)
-        )
-        return result.all()

@@ -1,3 +1,204 @@
-from fastapi import APIRouter
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Request, status
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from cloudbot_api.deps import ClientAddress, CurrentPrincipal, ResourcesDep, UowDep
+from cloudbot_api.errors import problem_responses
+from cloudbot_api.instances.repository import InstanceRepository
+from cloudbot_api.instances.schemas import (
+    InstanceCreate,
+    InstanceList,
+    InstanceOut,
+    TicketCreate,
+    TicketOut,
+)
+from cloudbot_api.instances.service import InstanceService, not_found, to_out
+from cloudbot_common.models import InstanceState
 
 router = APIRouter(prefix="/instances", tags=["instances"])
+
+SSE_KEEPALIVE_SECONDS = 15
+
+
+def get_service(uow: UowDep, resources: ResourcesDep, request: Request) -> InstanceService:
+    return InstanceService(uow, resources, getattr(request.state, "request_id", None))
+
+
+ServiceDep = Annotated[InstanceService, Depends(get_service)]
+
+
+@router.get(
+    "", response_model=InstanceList, summary="Your instances", responses=problem_responses(401)
+)
+async def list_instances(
+    principal: CurrentPrincipal,
+    service: ServiceDep,
+    include_terminated: Annotated[bool, Query()] = False,
+) -> InstanceList:
+    rows = await service.list(principal.user_id, include_terminated)
+    return InstanceList(items=[to_out(i) for i in rows])
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=InstanceOut,
+    summary="Create a CloudBot machine",
+    description=(
+        "Answers 202 with the instance in `pending`; watch `/events` for progress. "
+        "Send an `Idempotency-Key` to retry safely: a retry returns the first answer."
+    ),
+    responses=problem_responses(401, 403, 413, 422, 429),
+)
+async def create_instance(
+    body: InstanceCreate,
+    principal: CurrentPrincipal,
+    service: ServiceDep,
+    resources: ResourcesDep,
+    client: ClientAddress,
+    idempotency_key: Annotated[str | None, Header(max_length=255, min_length=1)] = None,
+) -> JSONResponse:
+    await resources.limiter.hit(
+        resources.settings.rate_limit_instance_create,
+        "instance-create",
+        f"user:{principal.user_id}",
+        "ip:" + client,
+    )
+    status_code, payload = await service.create(principal.user_id, body, idempotency_key)
+    return JSONResponse(
+        payload,
+        status_code=status_code,
+        headers={"Location": f"/api/instances/{payload['id']}"},
+    )
+
+
+@router.get(
+    "/{instance_id}",
+    response_model=InstanceOut,
+    summary="One instance, with its state and health",
+    responses=problem_responses(401, 404, 422),
+)
+async def get_instance(
+    instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
+) -> InstanceOut:
+    return to_out(await service.get(principal.user_id, instance_id))
+
+
+def _action_route(action: str) -> Any:
+    async def handler(
+        instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
+    ) -> InstanceOut:
+        return to_out(await service.act(principal.user_id, instance_id, action))
+
+    handler.__name__ = f"{action}_instance"
+    return handler
+
+
+router.add_api_route(
+    "/{instance_id}",
+    _action_route("delete"),
+    methods=["DELETE"],
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=InstanceOut,
+    summary="Delete (terminate) the machine; its disk is gone",
+    responses=problem_responses(401, 404, 409, 422),
+)
+router.add_api_route(
+    "/{instance_id}/stop",
+    _action_route("stop"),
+    methods=["POST"],
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=InstanceOut,
+    summary="Stop the machine, keeping its disk",
+    responses=problem_responses(401, 404, 409, 422),
+)
+router.add_api_route(
+    "/{instance_id}/start",
+    _action_route("start"),
+    methods=["POST"],
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=InstanceOut,
+    summary="Start a stopped machine",
+    responses=problem_responses(401, 404, 409, 422),
+)
+
+
+@router.post(
+    "/{instance_id}/tickets",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TicketOut,
+    summary="A one-time ticket for a browser to open the desktop or agent WebSocket",
+    responses=problem_responses(401, 404, 409, 422),
+)
+async def create_ticket(
+    instance_id: uuid.UUID, body: TicketCreate, principal: CurrentPrincipal, service: ServiceDep
+) -> TicketOut:
+    return await service.ticket(principal.user_id, principal.session_id, instance_id, body.channel)
+
+
+@router.get(
+    "/{instance_id}/events",
+    summary="Server-Sent Events of the instance's state changes",
+    description=(
+        "Each event is `event: state` with the state history entry as data and its id as "
+        "the event id. Reconnect with `Last-Event-ID` to resume after the last one seen. "
+        "The stream ends after `terminated`."
+    ),
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **problem_responses(401, 404, 422)},
+)
+async def instance_events(
+    instance_id: uuid.UUID,
+    principal: CurrentPrincipal,
+    resources: ResourcesDep,
+    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+) -> EventSourceResponse:
+    # A short session for the ownership check: the stream must not hold a connection.
+    async with resources.sessions() as session:
+        if await InstanceRepository(session).get_owned(principal.user_id, instance_id) is None:
+            raise not_found()
+    return EventSourceResponse(
+        _event_stream(resources, instance_id, last_event_id or 0),
+        ping=SSE_KEEPALIVE_SECONDS,
+    )
+
+
+async def _event_stream(
+    resources: ResourcesDep, instance_id: uuid.UUID, after: int
+) -> AsyncIterator[dict[str, str]]:
+    wake = anyio.Event()
+
+    def on_event(_: object) -> None:
+        wake.set()
+
+    unsubscribe = resources.events.on_instance(str(instance_id), on_event)
+    try:
+        while True:
+            wake = anyio.Event()  # armed before reading, so nothing published after is missed
+            async with resources.sessions() as session:
+                rows = await InstanceRepository(session).events_after(instance_id, after)
+            for row in rows:
+                after = row.id
+                data = {
+                    "instance_id": str(instance_id),
+                    "state": row.state,
+                    "reason": row.reason,
+                    "at": row.created_at.isoformat(),
+                }
+                yield {"id": str(row.id), "event": "state", "data": json.dumps(data)}
+                if row.state == InstanceState.TERMINATED:
+                    return
+            if not rows:
+                # Woken by the event hub; the timeout re-reads in case a message was lost.
+                with anyio.move_on_after(SSE_KEEPALIVE_SECONDS):
+                    await wake.wait()
+    finally:
+        unsubscribe()

@@ -1,0 +1,25 @@
+"""What the control plane and a CloudBot machine agree on: ports, paths, token shapes.
+
+Flow: the provisioner mints a single-use bootstrap token (BOOTSTRAP_PREFIX), stores its
+digest on the instance row and puts the token, with the control plane URL, in the user
+data. At boot the machine POSTs it to BOOTSTRAP_PATH (as `Authorization: Bearer`) and
+receives its configuration and an instance credential (CREDENTIAL_PREFIX), which it then
+presents on HEARTBEAT_PATH. The agent on AGENT_PORT expects the agent credential
+(`security.opaque.agent_credential`) from the gateway; VNC listens on VNC_PORT.
+"""
+
+from __future__ import annotations
+
+VNC_PORT = 5900
+AGENT_PORT = 7878
+AGENT_WS_PATH = "/ws"
+# How the gateway presents the agent credential upstream.
+AGENT_AUTH_HEADER = "Authorization"
+
+BOOTSTRAP_PATH = "/api/agent/bootstrap"
+HEARTBEAT_PATH = "/api/agent/heartbeat"
+
+BOOTSTRAP_PREFIX = "cbb_"
+CREDENTIAL_PREFIX = "cbc_"
+TICKET_PREFIX = "cbt_"
+AGENT_PREFIX = "cba_"

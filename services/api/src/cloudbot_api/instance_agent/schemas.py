@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BootstrapOut(BaseModel):
+    instance_id: uuid.UUID
+    credential: str = Field(description="The instance credential for heartbeats; shown once")
+    agent_token: str = Field(description="What the agent requires from the gateway")
+    config: dict[str, Any] = Field(description="The CloudBot configuration, provider keys included")
+    heartbeat_url: str
+    heartbeat_interval_seconds: int
+
+
+class HeartbeatIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    desktop: bool = Field(description="The desktop's VNC server answers")
+    agent: bool = Field(description="The CloudBot agent answers")

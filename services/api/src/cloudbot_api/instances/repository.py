@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cloudbot_common.models import (
+    LIVE_STATES,
+    IdempotencyRecord,
+    Instance,
+    InstanceEvent,
+    InstanceState,
+    User,
+)
+
+
+class InstanceRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def list_for_owner(
+        self, owner_id: uuid.UUID, *, include_terminated: bool
+    ) -> Sequence[Instance]:
+        query = select(Instance).where(Instance.owner_id == owner_id)
+        if not include_terminated:
+            query = query.where(Instance.state != InstanceState.TERMINATED)
+        result = await self.session.scalars(query.order_by(Instance.created_at.desc()))
+        return result.all()
+
+    async def get_owned(
+        self, owner_id: uuid.UUID, instance_id: uuid.UUID, *, lock: bool = False
+    ) -> Instance | None:
+        query = select(Instance).where(Instance.id == instance_id, Instance.owner_id == owner_id)
+        if lock:
+            query = query.with_for_update()
+        result = await self.session.scalars(query)
+        return result.one_or_none()
+
+    async def lock_owner(self, owner_id: uuid.UUID) -> None:
+        """Serialise one user's creates, so the live-instance quota cannot be raced."""
+        await self.session.execute(select(User.id).where(User.id == owner_id).with_for_update())
+
+    async def count_live(self, owner_id: uuid.UUID) -> int:
+        count = await self.session.scalar(
+            select(func.count())
+            .select_from(Instance)
+            .where(Instance.owner_id == owner_id, Instance.state.in_(list(LIVE_STATES)))
+        )
+        return int(count or 0)
+
+    async def add(self, instance: Instance) -> None:
+        self.session.add(instance)
+        await self.session.flush()
+
+    async def events_after(
+        self, instance_id: uuid.UUID, after_id: int, limit: int = 100
+    ) -> Sequence[InstanceEvent]:
+        result = await self.session.scalars(
+            select(InstanceEvent)
+            .where(InstanceEvent.instance_id == instance_id, InstanceEvent.id > after_id)
+            .order_by(InstanceEvent.id)
+            .limit(limit)
+        )
+        return result.all()
+
+    async def claim_idempotency_key(
+        self, user_id: uuid.UUID, key: str, request_hash: str
+    ) -> IdempotencyRecord | None:
+        """Claim `key` for this request. Returns None when claimed, or the earlier record.
+
+        A concurrent request with the same key waits on the unique index until the first
+        commits, then sees its record.
+        """
+        inserted = await self.session.execute(
+            insert(IdempotencyRecord)
+            .values(user_id=user_id, key=key, request_hash=request_hash, status_code=0, response={})
+            .on_conflict_do_nothing()
+            .returning(IdempotencyRecord.key)
+        )
+        if inserted.first() is not None:
+            return None
+        result = await self.session.scalars(
+            select(IdempotencyRecord).where(
+                IdempotencyRecord.user_id == user_id, IdempotencyRecord.key == key
+            )
+        )
+        return result.one()
+
+    async def save_idempotent_response(
+        self, user_id: uuid.UUID, key: str, status_code: int, response: dict[str, object]
+    ) -> None:
+        record = await self.session.get(IdempotencyRecord, (user_id, key))
+        assert record is not None
+        record.status_code = status_code
+        record.response = response
+        await self.session.flush()

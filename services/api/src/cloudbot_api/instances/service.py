@@ -1,0 +1,185 @@
+"""Instance lifecycle requests: validate, move the state, and stage the command (outbox)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+
+from cloudbot_api.errors import ProblemError
+from cloudbot_api.instances.repository import InstanceRepository
+from cloudbot_api.instances.schemas import Health, InstanceCreate, InstanceOut, TicketOut
+from cloudbot_api.resources import Resources
+from cloudbot_api.unit_of_work import UnitOfWork
+from cloudbot_common.commands import Command, add_command, mark_published, send_command
+from cloudbot_common.db import unit_of_work
+from cloudbot_common.events import InstanceStateEvent, publish_instance_event
+from cloudbot_common.lifecycle import can_move, record_initial_state, transition
+from cloudbot_common.logging import get_logger
+from cloudbot_common.models import Instance, InstanceState, OutboxCommand
+from cloudbot_common.tickets import Channel, Ticket, issue_ticket
+
+log = get_logger(__name__)
+
+# What each user action moves the instance to, and the command that does the work.
+_ACTIONS: dict[str, tuple[InstanceState, Command]] = {
+    "stop": (InstanceState.STOPPING, Command.STOP),
+    "start": (InstanceState.STARTING, Command.START),
+    "delete": (InstanceState.TERMINATING, Command.TERMINATE),
+}
+
+
+def not_found() -> ProblemError:
+    # The same answer for a missing instance and for somebody else's.
+    return ProblemError(404, "instance_not_found", "No such instance.")
+
+
+def state_conflict(instance: Instance, wanted: str) -> ProblemError:
+    return ProblemError(
+        409,
+        "instance_state_conflict",
+        f"The instance is {instance.state}; it cannot {wanted} now.",
+        state=instance.state,
+    )
+
+
+def to_out(instance: Instance) -> InstanceOut:
+    return InstanceOut(
+        id=instance.id,
+        name=instance.name,
+        size=instance.size,
+        state=InstanceState(instance.state),
+        state_reason=instance.state_reason,
+        state_changed_at=instance.state_changed_at,
+        health=Health(
+            desktop=instance.desktop_healthy,
+            agent=instance.agent_healthy,
+            last_heartbeat_at=instance.last_heartbeat_at,
+        ),
+        created_at=instance.created_at,
+        updated_at=instance.updated_at,
+    )
+
+
+class InstanceService:
+    def __init__(self, uow: UnitOfWork, resources: Resources, request_id: str | None) -> None:
+        self.uow = uow
+        self.repo = InstanceRepository(uow.session)
+        self.r = resources
+        self.request_id = request_id
+
+    async def list(self, owner_id: uuid.UUID, include_terminated: bool) -> Sequence[Instance]:
+        return await self.repo.list_for_owner(owner_id, include_terminated=include_terminated)
+
+    async def get(self, owner_id: uuid.UUID, instance_id: uuid.UUID) -> Instance:
+        instance = await self.repo.get_owned(owner_id, instance_id)
+        if instance is None:
+            raise not_found()
+        return instance
+
+    async def create(
+        self, owner_id: uuid.UUID, body: InstanceCreate, idempotency_key: str | None
+    ) -> tuple[int, dict[str, object]]:
+        """Returns (status, body): the first answer again when the key was seen before."""
+        instance_type = self.r.settings.instance_sizes.get(body.size)
+        if instance_type is None:
+            offered = ", ".join(sorted(self.r.settings.instance_sizes))
+            raise ProblemError(
+                422, "unknown_size", f"Unknown size {body.size!r}; offered sizes: {offered}."
+            )
+        if idempotency_key is not None:
+            request_hash = hashlib.sha256(
+                json.dumps(body.model_dump(), sort_keys=True).encode()
+            ).hexdigest()
+            earlier = await self.repo.claim_idempotency_key(owner_id, idempotency_key, request_hash)
+            if earlier is not None:
+                if earlier.request_hash != request_hash:
+                    raise ProblemError(
+                        422,
+                        "idempotency_key_reused",
+                        "This Idempotency-Key was used with a different request.",
+                    )
+                return earlier.status_code, earlier.response
+
+        await self.repo.lock_owner(owner_id)
+        limit = self.r.settings.max_live_instances_per_user
+        if await self.repo.count_live(owner_id) >= limit:
+            raise ProblemError(
+                403,
+                "instance_quota_exceeded",
+                f"You already have {limit} live instances; delete one first.",
+            )
+        instance = Instance(
+            id=uuid.uuid4(),
+            owner_id=owner_id,
+            name=body.name,
+            size=body.size,
+            instance_type=instance_type,
+            backend="local" if self.r.settings.local_dev_mode else "ec2",
+            state=InstanceState.PENDING,
+        )
+        await self.repo.add(instance)
+        event = await record_initial_state(self.uow.session, instance)
+        command = add_command(self.uow.session, Command.PROVISION, instance.id, self.request_id)
+        await self.uow.session.flush()
+        await self.uow.session.refresh(instance)
+        body_out = to_out(instance).model_dump(mode="json")
+        if idempotency_key is not None:
+            await self.repo.save_idempotent_response(owner_id, idempotency_key, 202, body_out)
+        self._after_commit(command, event)
+        log.info("instance requested", instance_id=str(instance.id), size=body.size)
+        return 202, body_out
+
+    async def act(self, owner_id: uuid.UUID, instance_id: uuid.UUID, action: str) -> Instance:
+        new_state, command_name = _ACTIONS[action]
+        instance = await self.repo.get_owned(owner_id, instance_id, lock=True)
+        if instance is None:
+            raise not_found()
+        if not can_move(instance.state, new_state):
+            raise state_conflict(instance, action)
+        event = await transition(self.uow.session, instance, new_state)
+        command = add_command(self.uow.session, command_name, instance.id, self.request_id)
+        await self.uow.session.flush()
+        await self.uow.session.refresh(instance)
+        self._after_commit(command, event)
+        log.info("instance action requested", instance_id=str(instance.id), action=action)
+        return instance
+
+    async def ticket(
+        self, owner_id: uuid.UUID, session_id: uuid.UUID, instance_id: uuid.UUID, channel: Channel
+    ) -> TicketOut:
+        instance = await self.get(owner_id, instance_id)
+        if instance.state != InstanceState.RUNNING:
+            raise state_conflict(instance, "be connected to")
+        ttl = self.r.settings.ticket_ttl_seconds
+        token = await issue_ticket(
+            self.r.redis,
+            Ticket(
+                user_id=owner_id, session_id=session_id, instance_id=instance_id, channel=channel
+            ),
+            ttl_seconds=ttl,
+        )
+        base = self.r.settings.public_gateway_url.rstrip("/")
+        return TicketOut(
+            ticket=token,
+            channel=channel,
+            expires_in=ttl,
+            url=f"{base}/api/instances/{instance_id}/{channel.value}?ticket={token}",
+        )
+
+    def _after_commit(self, command: OutboxCommand, event: InstanceStateEvent) -> None:
+        resources = self.r
+
+        async def publish() -> None:
+            # The outbox row is committed: if this fails, the provisioner's relay sends it.
+            await asyncio.to_thread(send_command, resources.celery, command)
+            async with unit_of_work(resources.sessions) as session:
+                await mark_published(session, [command.id])
+
+        async def announce() -> None:
+            await publish_instance_event(resources.redis, event)
+
+        self.uow.after_commit(publish)
+        self.uow.after_commit(announce)
