@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from http import HTTPStatus
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
@@ -140,3 +142,35 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         }
         for status in statuses
     }
+
+
+def problem_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """An `app.openapi` that documents FastAPI's automatic 422s as problem documents."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        problem_ref = {"$ref": "#/components/schemas/Problem"}
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                for code, response in op.get("responses", {}).items():
+                    content = response.get("content", {})
+                    json_schema = content.get("application/json", {}).get("schema", {})
+                    if code == "422" and json_schema.get("$ref", "").endswith(
+                        "/HTTPValidationError"
+                    ):
+                        response["content"] = {PROBLEM_JSON: {"schema": problem_ref}}
+                        response["description"] = "The request is not valid"
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+        return schema
+
+    return openapi

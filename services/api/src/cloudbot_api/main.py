@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from cloudbot_api import health
 from cloudbot_api.api_keys.router import router as api_keys_router
 from cloudbot_api.auth.router import router as auth_router
-from cloudbot_api.errors import install_error_handlers
+from cloudbot_api.errors import install_error_handlers, problem_openapi
 from cloudbot_api.instance_agent.router import router as instance_agent_router
 from cloudbot_api.instances.router import router as instances_router
 from cloudbot_api.metrics import install_metrics
@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json",
     )
     install_error_handlers(app)
+    app.openapi = problem_openapi(app)  # type: ignore[method-assign]
     app.include_router(health.router)
     app.include_router(auth_router, prefix="/api")
     app.include_router(api_keys_router, prefix="/api")

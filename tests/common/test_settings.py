@@ -1,0 +1,48 @@
+import pytest
+from pydantic import ValidationError
+
+from cloudbot_common.settings import Settings
+
+STRONG = {
+    "jwt_access_secret": "a" * 40 + "strong-access",
+    "jwt_refresh_secret": "b" * 40 + "strong-refresh",
+    "encryption_key": "q9Qf0aH3Pq8VfYcJ8b3CwK3Jj8m2x3X4nM5v7o1pZ0k=",
+    "agent_token_secret": "c" * 40,
+    "flower_password": "a real flower password",
+    "local_dev_mode": False,
+}
+
+
+def test_production_refuses_development_secrets_naming_them():
+    with pytest.raises(ValidationError) as info:
+        Settings(environment="production", _env_file=None)
+    text = str(info.value)
+    for name in (
+        "JWT_ACCESS_SECRET",
+        "JWT_REFRESH_SECRET",
+        "ENCRYPTION_KEY",
+        "AGENT_TOKEN_SECRET",
+        "FLOWER_PASSWORD",
+        "LOCAL_DEV_MODE",
+    ):
+        assert name in text
+
+
+def test_production_refuses_one_missing_secret():
+    with pytest.raises(ValidationError, match="JWT_REFRESH_SECRET"):
+        Settings(environment="production", _env_file=None, **{**STRONG, "jwt_refresh_secret": ""})
+
+
+def test_production_accepts_real_secrets():
+    settings = Settings(environment="production", _env_file=None, **STRONG)
+    assert settings.environment == "production"
+
+
+def test_development_defaults_are_fine_and_lists_parse():
+    settings = Settings(
+        _env_file=None,
+        cors_origins="http://a.test, http://b.test",
+        instance_sizes="small=t3.small,big=m7i.xlarge",
+    )
+    assert settings.cors_origins == ["http://a.test", "http://b.test"]
+    assert settings.instance_sizes == {"small": "t3.small", "big": "m7i.xlarge"}
