@@ -46,7 +46,8 @@ async def test_store_list_replace_delete(http, user, database_url, settings):
     body = r.json()
     assert body["provider"] == "anthropic"
     assert body["hint"] == f"sk-…{key[-4:]}"
-    assert key not in r.text and key[7:20] not in r.text
+    assert key not in r.text
+    assert key[7:20] not in r.text
 
     listing = await http.get("/api/user/api-keys", headers=user.headers)
     assert [k["provider"] for k in listing.json()] == ["anthropic"]
