@@ -317,7 +317,7 @@ async def test_password_rehashed_on_login_when_parameters_change(http, database_
 async def test_token_codec_rejects_its_own_refresh_tokens_as_access(settings):
     codec = TokenCodec(settings)
     issued = codec.issue(TokenType.REFRESH, uuid.uuid4(), uuid.uuid4())
-    with pytest.raises(TokenError, match=r"unknown signing key"):
+    with pytest.raises(TokenError, match="invalid token"):
         codec.decode(issued.token, TokenType.ACCESS)
     expired = codec.issue(
         TokenType.ACCESS, uuid.uuid4(), uuid.uuid4(), now=datetime.now(UTC) - timedelta(hours=2)
