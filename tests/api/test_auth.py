@@ -310,6 +310,7 @@ async def test_password_rehashed_on_login_when_parameters_change(http, database_
     async with engine.connect() as conn:
         stored = await conn.scalar(select(UserRow.password_hash).where(UserRow.email == email))
     await engine.dispose()
+    assert stored is not None
     assert stored != weak
     assert stored.startswith("$argon2id$v=19$m=12288,t=3,p=1$")
 

@@ -225,7 +225,8 @@ async def test_tickets_only_for_running_instances(http, user, engine, redis_url,
 
 
 async def read_sse(response: httpx.Response, count: int) -> list[dict]:
-    events, current = [], {}
+    events: list[dict] = []
+    current: dict[str, str] = {}
     async for line in response.aiter_lines():
         if line == "":
             if "data" in current:

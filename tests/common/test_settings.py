@@ -1,9 +1,11 @@
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
 from cloudbot_common.settings import Settings
 
-STRONG = {
+STRONG: dict[str, Any] = {
     "jwt_access_secret": "a" * 40 + "strong-access",
     "jwt_refresh_secret": "b" * 40 + "strong-refresh",
     "encryption_key": "q9Qf0aH3Pq8VfYcJ8b3CwK3Jj8m2x3X4nM5v7o1pZ0k=",
