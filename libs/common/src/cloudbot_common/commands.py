@@ -46,6 +46,10 @@ def make_celery(settings: Settings, name: str) -> Celery:
             "visibility_timeout": max(settings.outbox_relay_after_seconds * 4, 60),
         },
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2},
+        # Monitoring events, so Flower lists every command from the moment it is queued
+        # (the producer's task-sent) through the worker's received/started/succeeded.
+        task_send_sent_event=True,
+        worker_send_task_events=True,
         enable_utc=True,
     )
     return app

@@ -1,0 +1,53 @@
+"""Flower settings for watching the provisioner's queue.
+
+Used as `celery -A cloudbot_provisioner.worker flower --conf=deploy/flowerconfig.py`
+(`make dev`) and baked into the provisioner image as /app/flowerconfig.py (compose).
+Flower executes this file and takes every module-level name that is one of its options.
+
+The login comes from FLOWER_USER and FLOWER_PASSWORD through the shared settings, so it
+is never on a command line (where `ps` shows it) and ENVIRONMENT=production refuses the
+development password. Flower never runs without it.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+from cloudbot_common.settings import get_settings as _get_settings
+
+_settings = _get_settings()
+
+basic_auth = [f"{_settings.flower_user}:{_settings.flower_password.get_secret_value()}"]
+address = "127.0.0.1"
+port = 5555
+# Monitoring only: no pool resizing, shutdowns or rate-limit changes from the web page.
+read_only = True
+# What an operator wants to see of a command: its name, the instance it acts on, and how
+# it went.
+tasks_columns = "name,kwargs,state,received,started,runtime,retries,worker,uuid"
+max_tasks = 20000
+purge_offline_workers = 3600
+
+# Provisioning tasks carry only these ids; anything else is hidden from the pages even if a
+# future task were to carry it.
+_SHOWN_KWARGS = ("instance_id", "command_id")
+
+
+def _only_ids(kwargs: Any) -> Any:
+    try:
+        parsed = ast.literal_eval(kwargs) if isinstance(kwargs, str) else kwargs
+    except (ValueError, SyntaxError):
+        return "[hidden]"
+    if not isinstance(parsed, dict):
+        return "[hidden]"
+    return repr({k: v for k, v in parsed.items() if k in _SHOWN_KWARGS})
+
+
+def format_task(task: Any) -> Any:
+    """Flower's hook for the task pages: show the ids, hide any other argument."""
+    if getattr(task, "kwargs", None) is not None:
+        task.kwargs = _only_ids(task.kwargs)
+    if getattr(task, "args", None) not in (None, "()", "[]"):
+        task.args = "[hidden]"
+    return task
