@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import secrets
 import subprocess
 import uuid
@@ -18,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from cloudbot_common.settings import Settings
+from tests.support.leaks import find_leaks
 from tests.support.processes import LOG_DIR, PYTHON, free_port, http_ok, running
 
 PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -173,11 +173,6 @@ async def user(http: httpx.AsyncClient) -> User:
     return await make_user(http)
 
 
-_TOKEN_SHAPES = re.compile(
-    rb"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}|\bcb[a-z]_[A-Za-z0-9_-]{20,}"
-)
-
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if any log written during it holds a secret a test used, or anything
     shaped like one of our tokens."""
@@ -193,18 +188,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for handed in LOG_DIR.glob("secrets-*.txt"):
         values.update(v for v in handed.read_text().splitlines() if v)
         handed.unlink()
-    leaks: list[str] = []
-    needles = [v.encode() for v in values]
-    for path in LOG_DIR.glob("*.log"):
-        data = path.read_bytes()
-        leaks += [f"{path.name}: a registered secret" for n in needles if n in data]
-        leaks += [f"{path.name}: token-shaped text" for _ in _TOKEN_SHAPES.finditer(data)]
+    leaks = find_leaks(LOG_DIR, values)
     if leaks:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"SECRETS FOUND IN LOGS ({len(leaks)}):", red=True)
-            for leak in sorted(set(leaks))[:20]:
+            for leak in leaks[:20]:
                 reporter.write_line("  " + leak, red=True)
 
 

@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -57,7 +57,9 @@ def redact_processor(
     return event_dict
 
 
-def configure_logging(service: str, *, level: str = "INFO", json_output: bool = True) -> None:
+def configure_logging(
+    service: str, *, level: str = "INFO", json_output: bool = True, stream: TextIO | None = None
+) -> None:
     """Route structlog and the standard library through one redacting pipeline."""
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -87,7 +89,7 @@ def configure_logging(service: str, *, level: str = "INFO", json_output: bool = 
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -1,0 +1,68 @@
+"""Redaction in the logging pipeline, the leak scan, and that service logs are scanned."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from cloudbot_common.logging import configure_logging, get_logger
+from tests.support.leaks import find_leaks
+from tests.support.processes import LOG_DIR
+
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
+
+
+@pytest.fixture
+def captured():
+    out = io.StringIO()
+    configure_logging("test", level="INFO", json_output=True, stream=out)
+    yield lambda: [json.loads(line) for line in out.getvalue().splitlines() if line]
+    logging.getLogger().handlers.clear()
+
+
+def test_secret_fields_and_token_text_are_redacted(captured):
+    log = get_logger("t")
+    log.info(
+        "signing in",
+        password="hunter2-hunter2",
+        api_key="sk-ant-abcdefghijklmnop",
+        authorization=f"Bearer {JWT}",
+        nested={"refresh_token": "r" * 30, "ok": "visible"},
+        user_id="u1",
+    )
+    log.info(f"GET /api/instances/1/vnc?ticket=cbt_{'x' * 30}&a=b")
+    logging.getLogger("std").warning("header was Bearer %s", JWT)
+    lines = captured()
+    text = json.dumps(lines)
+    for secret in ("hunter2-hunter2", "sk-ant-abcdefghijklmnop", JWT, "r" * 30, "x" * 30):
+        assert secret not in text
+    assert lines[0]["user_id"] == "u1"
+    assert lines[0]["nested"]["ok"] == "visible"
+    assert lines[0]["password"] == "[redacted]"
+    assert "ticket=[redacted]" in lines[1]["event"]
+    assert lines[2]["service"] == "test"
+
+
+def test_leak_scan_finds_secrets_and_token_shapes(tmp_path: Path):
+    (tmp_path / "clean.log").write_text('{"event": "request", "path": "/api/auth/login"}\n')
+    assert find_leaks(tmp_path, ["a-registered-secret"]) == []
+    (tmp_path / "a.log").write_text("oops a-registered-secret here\n")
+    (tmp_path / "b.log").write_text(f"token {JWT}\n")
+    (tmp_path / "c.log").write_text("credential cbc_" + "Z" * 40 + "\n")
+    assert find_leaks(tmp_path, ["a-registered-secret"]) == [
+        "a.log: a registered secret",
+        "b.log: token-shaped text",
+        "c.log: token-shaped text",
+    ]
+
+
+def test_service_logs_are_written_where_the_scan_looks(http):
+    # The api_server fixture's log is among the scanned files and really holds log lines,
+    # so a clean scan means something.
+    logs = list(LOG_DIR.glob("api-*.log"))
+    assert logs
+    assert any('"event": "request"' in p.read_text() for p in logs)
