@@ -1,0 +1,3 @@
+from cloudbot_gateway.main import run
+
+run()

@@ -1,0 +1,313 @@
+"""The gateway process: one websockets server answering the WebSocket routes and the
+health and metrics endpoints, deciding every refusal before the handshake completes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs
+
+from redis.asyncio import Redis
+from sqlalchemy import text
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import InvalidHandshake
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from cloudbot_common.db import create_engine
+from cloudbot_common.events import EventHub
+from cloudbot_common.logging import get_logger
+from cloudbot_common.security.jwt_tokens import TokenCodec
+from cloudbot_common.security.opaque import agent_credential
+from cloudbot_common.settings import Settings
+from cloudbot_common.tickets import Channel
+from cloudbot_gateway.auth import Authenticator
+from cloudbot_gateway.metrics import Metrics
+from cloudbot_gateway.refusals import Refusal, http_response, not_found
+from cloudbot_gateway.relay import TcpUpstream, open_agent, open_tcp, relay_agent, relay_vnc
+from cloudbot_gateway.sessions import CLOSE_SHUTDOWN, Session, SessionRegistry
+from cloudbot_gateway.targets import TargetDirectory
+
+_log = get_logger(__name__)
+
+_ROUTE = re.compile(r"/api/instances/([0-9A-Fa-f-]{32,36})/(vnc|cloudbot)")
+_BINARY = Subprotocol("binary")
+UPSTREAM_CONNECT_TIMEOUT = 5.0
+PING_INTERVAL = 20.0
+# Frames queued per direction before the socket stops being read; with max_size this
+# bounds what one client can make us hold.
+MAX_QUEUE = 4
+WRITE_LIMIT = 64 * 1024
+
+
+class GatewayConnection(ServerConnection):
+    """A client connection, carrying the session its upgrade request was granted."""
+
+    session: Session | None = None
+
+
+def _json(status: HTTPStatus, payload: dict[str, Any]) -> Response:
+    return http_response(
+        status, json.dumps(payload).encode(), [("Content-Type", "application/json")]
+    )
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.draining = False
+        # websockets logs request lines and headers at DEBUG; those carry tickets and
+        # tokens. Its logger is held at WARNING whatever LOG_LEVEL says.
+        self._ws_logger = logging.getLogger("cloudbot_gateway.websockets")
+        self._ws_logger.setLevel(max(logging.WARNING, logging.getLogger().level))
+        self._server: Server | None = None
+
+    async def start(self, *, sock: Any = None) -> None:
+        s = self.settings
+        self.engine = create_engine(s, pool_size=min(s.database_pool_size, 5))
+        self.redis = Redis.from_url(
+            s.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            health_check_interval=30,
+        )
+        self.hub = EventHub(self.redis)
+        self.targets = TargetDirectory(self.engine, self.redis)
+        self.sessions = SessionRegistry(
+            self.redis,
+            self.hub,
+            self.metrics,
+            max_per_user=s.gateway_max_sessions_per_user,
+            idle_timeout=s.gateway_idle_timeout_seconds,
+        )
+        self.auth = Authenticator(TokenCodec(s), self.redis, s.allowed_ws_origins)
+        self._agent_secret = s.agent_token_secret.get_secret_value()
+        self.hub.on_instance(None, self.targets.on_state_event)
+        self.hub.start()
+        self.sessions.start()
+        self._server = await serve(
+            self._handle,
+            None if sock is not None else s.gateway_host,
+            None if sock is not None else s.gateway_port,
+            sock=sock,
+            create_connection=GatewayConnection,
+            process_request=self._process_request,
+            select_subprotocol=self._select_subprotocol,
+            compression=None,
+            server_header=None,
+            max_size=s.gateway_max_message_bytes,
+            max_queue=MAX_QUEUE,
+            write_limit=WRITE_LIMIT,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_INTERVAL,
+            close_timeout=5,
+            open_timeout=10,
+            logger=self._ws_logger,
+            backlog=4096,
+        )
+        _log.info("gateway listening", host=s.gateway_host, port=s.gateway_port)
+
+    async def drain_and_stop(self, grace_seconds: float) -> None:
+        """Stop accepting, let live sessions run up to `grace_seconds`, close the rest (1012)."""
+        self.draining = True
+        assert self._server is not None
+        self._server.close(close_connections=False)
+        live = len(self.sessions)
+        _log.info("draining", sessions=live, grace_seconds=grace_seconds)
+        if live and not await self.sessions.wait_empty(grace_seconds):
+            self.sessions.end_all(CLOSE_SHUTDOWN, "gateway restarting", "shutdown")
+        try:
+            async with asyncio.timeout(10):
+                await self._server.wait_closed()
+        except TimeoutError:
+            _log.warning("connections still open at exit", sessions=len(self.sessions))
+        await self.sessions.aclose()
+        await self.targets.aclose()
+        await self.hub.stop()
+        await self.redis.aclose()
+        await self.engine.dispose()
+        _log.info("gateway stopped")
+
+    # --- the opening handshake ---------------------------------------------------------
+
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        # Never log request.path: its query string may hold a ticket.
+        path, _, query = request.path.partition("?")
+        route = _ROUTE.fullmatch(path)
+        if route is None:
+            return await self._plain_http(path)
+        started = time.perf_counter()
+        channel = Channel(route.group(2))
+        try:
+            session = await self._admit(request, route.group(1), channel, query)
+        except Refusal as refusal:
+            self.metrics.refusals.labels(refusal.code).inc()
+            return refusal.response()
+        except Exception as exc:
+            _log.error("upgrade check failed", error=type(exc).__name__, channel=channel.value)
+            self.metrics.refusals.labels("unavailable").inc()
+            return Refusal(
+                HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", "Try again shortly."
+            ).response()
+        assert isinstance(connection, GatewayConnection)
+        connection.session = session
+        # If the handshake never completes (client gone, server closing), the handler does
+        # not run: release what the session holds when the connection goes.
+        connection.connection_lost_waiter.add_done_callback(lambda _: self._abandon(session))
+        self.metrics.connect_latency.labels(channel.value).observe(time.perf_counter() - started)
+        return None
+
+    async def _admit(self, request: Request, raw_id: str, channel: Channel, query: str) -> Session:
+        if self.draining:
+            raise Refusal(HTTPStatus.SERVICE_UNAVAILABLE, "draining", "Gateway restarting.")
+        headers = request.headers
+        if "websocket" not in headers.get("Upgrade", "").lower():
+            raise Refusal(
+                HTTPStatus.UPGRADE_REQUIRED, "upgrade_required", "WebSocket upgrade expected."
+            )
+        try:
+            instance_id = uuid.UUID(raw_id)
+        except ValueError:
+            raise not_found() from None
+        self.auth.check_origin(headers)
+        principal = await self.auth.authenticate(
+            headers, parse_qs(query, keep_blank_values=True), instance_id, channel
+        )
+        target = await self.targets.resolve(instance_id, principal.user_id)
+        port = target.vnc_port if channel is Channel.VNC else target.agent_port
+        if target.host is None or port is None:
+            raise Refusal(
+                HTTPStatus.BAD_GATEWAY, "upstream_unreachable", "The instance is not reachable."
+            )
+        session = self.sessions.new_session(
+            principal.user_id, principal.session_id, instance_id, channel, principal.via
+        )
+        await self.sessions.acquire(session)
+        try:
+            if channel is Channel.VNC:
+                session.upstream = await open_tcp(target.host, port, UPSTREAM_CONNECT_TIMEOUT)
+            else:
+                session.upstream = await open_agent(
+                    target.host,
+                    port,
+                    agent_credential(self._agent_secret, instance_id),
+                    connect_timeout=UPSTREAM_CONNECT_TIMEOUT,
+                    max_size=self.settings.gateway_max_message_bytes,
+                    logger=self._ws_logger,
+                )
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            self.sessions.release_soon(session)
+            _log.warning(
+                "upstream unreachable",
+                instance_id=str(instance_id),
+                channel=channel.value,
+                error=type(exc).__name__,
+            )
+            raise Refusal(
+                HTTPStatus.BAD_GATEWAY, "upstream_unreachable", "The instance is not reachable."
+            ) from None
+        except BaseException:
+            self.sessions.release_soon(session)
+            raise
+        return session
+
+    def _abandon(self, session: Session) -> None:
+        if session.started:
+            return
+        session.started = True  # run once
+        upstream = session.upstream
+        if isinstance(upstream, TcpUpstream):
+            upstream.close()
+        elif isinstance(upstream, ClientConnection):
+            upstream.transport.abort()
+        self.sessions.release_soon(session)
+
+    def _select_subprotocol(
+        self, connection: ServerConnection, offered: Sequence[Subprotocol]
+    ) -> Subprotocol | None:
+        # noVNC asks for "binary"; a client that asks for nothing gets binary frames anyway.
+        session = getattr(connection, "session", None)
+        if session is not None and session.channel is Channel.VNC and _BINARY in offered:
+            return _BINARY
+        return None
+
+    async def _plain_http(self, path: str) -> Response:
+        if path == "/healthz":
+            return _json(HTTPStatus.OK, {"status": "ok"})
+        if path == "/readyz":
+            return await self._readyz()
+        if path == "/metrics":
+            body, content_type = self.metrics.render()
+            return http_response(HTTPStatus.OK, body, [("Content-Type", content_type)])
+        return not_found().response()
+
+    async def _readyz(self) -> Response:
+        checks: dict[str, str] = {}
+        try:
+            async with asyncio.timeout(2):
+                async with self.engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+            checks["postgres"] = "ok"
+        except Exception as exc:
+            checks["postgres"] = f"unreachable: {type(exc).__name__}"
+        try:
+            async with asyncio.timeout(2):
+                await self.redis.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = f"unreachable: {type(exc).__name__}"
+        checks["events"] = "ok" if self.hub.ready.is_set() else "subscribing"
+        if self.draining:
+            checks["gateway"] = "draining"
+        ready = all(v == "ok" for v in checks.values())
+        return _json(
+            HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
+            {"status": "ok" if ready else "unavailable", "checks": checks},
+        )
+
+    # --- a live session ----------------------------------------------------------------
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        assert isinstance(connection, GatewayConnection)
+        session = connection.session
+        if session is None or session.started:
+            return
+        self.sessions.attach(session)
+        _log.info(
+            "session opened",
+            session=session.id,
+            instance_id=str(session.instance_id),
+            user_id=str(session.user_id),
+            channel=session.channel.value,
+            via=session.via,
+        )
+        cause = "error"
+        try:
+            if isinstance(session.upstream, TcpUpstream):
+                cause = await relay_vnc(connection, session.upstream, session, session.stop)
+            else:
+                cause = await relay_agent(connection, session.upstream, session, session.stop)
+        finally:
+            self.sessions.detach(session, cause)
+            _log.info(
+                "session closed",
+                session=session.id,
+                instance_id=str(session.instance_id),
+                channel=session.channel.value,
+                cause=cause,
+                seconds=round(time.monotonic() - session.opened_at, 3),
+                bytes_up=session.bytes_up,
+                bytes_down=session.bytes_down,
+            )

@@ -1,0 +1,122 @@
+"""Where a session goes: the owner's instance row, looked up server-side and cached in Redis.
+
+The cache is shared by every gateway replica. A state event overwrites an instance's entry
+with what the event says (owner and new state, but no address), so a stop is seen at once
+without a database read. A lookup that has to read Postgres writes its result back only if
+the entry is still what it saw before the read (compare-and-set), so a read that raced a
+state change can never put the older state back. The TTL bounds staleness should events
+be missed while the subscription is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cloudbot_common.events import InstanceStateEvent
+from cloudbot_common.logging import get_logger
+from cloudbot_common.models import Instance, InstanceState
+from cloudbot_gateway.refusals import Refusal, not_found
+
+_log = get_logger(__name__)
+
+_KEY = "cloudbot:gateway:target:{}"
+CACHE_TTL_SECONDS = 60
+_RUNNING = InstanceState.RUNNING.value
+
+# Set KEYS[1] to ARGV[2] only if it still holds ARGV[1] ("" meaning absent).
+_CAS = """
+local current = redis.call('GET', KEYS[1])
+if (current == false and ARGV[1] == '') or current == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    instance_id: uuid.UUID
+    owner_id: uuid.UUID
+    host: str | None
+    vnc_port: int | None
+    agent_port: int | None
+
+
+def _not_running(state: str) -> Refusal:
+    return Refusal(
+        HTTPStatus.CONFLICT, "instance_not_running", f"The instance is {state}.", state=state
+    )
+
+
+class TargetDirectory:
+    def __init__(self, engine: AsyncEngine, redis: Redis, ttl_seconds: int = CACHE_TTL_SECONDS):
+        self._engine = engine
+        self._redis = redis
+        self._ttl = ttl_seconds
+        self._cas = redis.register_script(_CAS)
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    async def resolve(self, instance_id: uuid.UUID, user_id: uuid.UUID) -> Target:
+        """The running instance `instance_id` of `user_id`, or a refusal: 404 when it does not
+        exist or belongs to someone else (the same answer), 409 when it is not running."""
+        key = _KEY.format(instance_id)
+        cached = await self._redis.get(key)
+        if cached is not None:
+            entry = json.loads(cached)
+            if entry["o"] != str(user_id):
+                raise not_found()
+            if entry["s"] != _RUNNING:
+                raise _not_running(entry["s"])
+            if "h" in entry:
+                return Target(instance_id, user_id, entry["h"], entry["v"], entry["a"])
+        async with self._engine.connect() as conn:
+            result = await conn.execute(
+                select(
+                    Instance.owner_id,
+                    Instance.state,
+                    Instance.host,
+                    Instance.vnc_port,
+                    Instance.agent_port,
+                ).where(Instance.id == instance_id)
+            )
+            row = result.one_or_none()
+        if row is None:
+            raise not_found()
+        owner_id, state, host, vnc_port, agent_port = row
+        entry = {"o": str(owner_id), "s": state, "h": host, "v": vnc_port, "a": agent_port}
+        await self._cas(keys=[key], args=[cached or "", json.dumps(entry), self._ttl])
+        if owner_id != user_id:
+            raise not_found()
+        if state != _RUNNING:
+            raise _not_running(state)
+        return Target(instance_id, owner_id, host, vnc_port, agent_port)
+
+    def on_state_event(self, event: InstanceStateEvent) -> None:
+        """EventHub callback for every instance: record the new state in the shared cache."""
+        entry = json.dumps({"o": event.owner_id, "s": event.state, "e": event.event_id})
+        task = asyncio.create_task(self._record(_KEY.format(event.instance_id), entry))
+        self._pending.add(task)
+        task.add_done_callback(self._written)
+
+    async def _record(self, key: str, entry: str) -> None:
+        await self._redis.set(key, entry, ex=self._ttl)
+
+    def _written(self, task: asyncio.Task[Any]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The TTL still bounds how long the old entry can be believed.
+            _log.warning("target cache update failed", error=type(task.exception()).__name__)
+
+    async def aclose(self) -> None:
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=2)
