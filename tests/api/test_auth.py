@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from cloudbot_common.models import User as UserRow
 from cloudbot_common.security.jwt_tokens import TokenCodec, TokenError, TokenType
+from cloudbot_common.security.passwords import Passwords
 from tests.conftest import SECRETS, make_user
 
 PROBLEM = "application/problem+json"
@@ -325,3 +326,28 @@ async def test_token_codec_rejects_its_own_refresh_tokens_as_access(settings):
     )
     with pytest.raises(TokenError, match="expired"):
         codec.decode(expired.token, TokenType.ACCESS)
+
+
+async def test_password_hashing_runs_off_the_event_loop(settings):
+    """While a hash is computed the loop keeps turning: a ticker yielding to the loop
+    advances many times during one verification (it could not if argon2 ran on the loop)."""
+    passwords = Passwords(settings)
+    stored = await passwords.hash("a passphrase to check")
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    ticks = 0
+    assert await passwords.verify(stored, "a passphrase to check")
+    assert not await passwords.verify(None, "a passphrase to check")  # the dummy path
+    done = True
+    await task
+    passwords.close()
+    assert ticks > 20
