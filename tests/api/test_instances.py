@@ -4,8 +4,10 @@ ownership, the outbox, SSE and the instance-facing endpoints."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -328,6 +330,21 @@ async def test_expired_bootstrap_token_is_refused(http, user, engine):
     token = await give_bootstrap_token(engine, iid, ttl=-1)
     r = await http.post("/api/agent/bootstrap", headers={"Authorization": f"Bearer {token}"})
     assert_problem(r, 401, "invalid_bootstrap_token")
+
+
+@contextlib.asynccontextmanager
+async def api_with(base_env: dict[str, str], **overrides: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A second API process with some settings changed, and a client for it."""
+    port = free_port()
+    env = {**base_env, **overrides, "API_PORT": str(port)}
+    with running(
+        "api-variant",
+        [PYTHON, "-m", "cloudbot_api"],
+        env,
+        ready=http_ok(f"http://127.0.0.1:{port}/healthz"),
+    ):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
 
 
 async def test_broker_down_at_create_still_accepts_and_keeps_the_command(

@@ -68,21 +68,18 @@ async def transition(
     if new in (S.STOPPED, S.TERMINATED, S.FAILED):
         instance.desktop_healthy = None
         instance.agent_healthy = None
-    entry = InstanceEvent(instance_id=instance.id, state=new.value, reason=reason)
-    session.add(entry)
-    await session.flush()
-    return InstanceStateEvent(
-        event_id=entry.id,
-        instance_id=str(instance.id),
-        owner_id=str(instance.owner_id),
-        state=new.value,
-        reason=reason,
-    )
+    return await _record(session, instance, reason)
 
 
 async def record_initial_state(session: AsyncSession, instance: Instance) -> InstanceStateEvent:
     """History entry for a newly created instance (its first state)."""
-    entry = InstanceEvent(instance_id=instance.id, state=instance.state, reason=None)
+    return await _record(session, instance, None)
+
+
+async def _record(
+    session: AsyncSession, instance: Instance, reason: str | None
+) -> InstanceStateEvent:
+    entry = InstanceEvent(instance_id=instance.id, state=instance.state, reason=reason)
     session.add(entry)
     await session.flush()
     return InstanceStateEvent(
@@ -90,4 +87,5 @@ async def record_initial_state(session: AsyncSession, instance: Instance) -> Ins
         instance_id=str(instance.id),
         owner_id=str(instance.owner_id),
         state=instance.state,
+        reason=reason,
     )

@@ -102,33 +102,20 @@ def _action_route(action: str) -> Any:
     return handler
 
 
-router.add_api_route(
-    "/{instance_id}",
-    _action_route("delete"),
-    methods=["DELETE"],
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=InstanceOut,
-    summary="Delete (terminate) the machine; its disk is gone",
-    responses=problem_responses(401, 404, 409, 422),
-)
-router.add_api_route(
-    "/{instance_id}/stop",
-    _action_route("stop"),
-    methods=["POST"],
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=InstanceOut,
-    summary="Stop the machine, keeping its disk",
-    responses=problem_responses(401, 404, 409, 422),
-)
-router.add_api_route(
-    "/{instance_id}/start",
-    _action_route("start"),
-    methods=["POST"],
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=InstanceOut,
-    summary="Start a stopped machine",
-    responses=problem_responses(401, 404, 409, 422),
-)
+for _method, _path, _action, _summary in (
+    ("DELETE", "/{instance_id}", "delete", "Delete (terminate) the machine; its disk is gone"),
+    ("POST", "/{instance_id}/stop", "stop", "Stop the machine, keeping its disk"),
+    ("POST", "/{instance_id}/start", "start", "Start a stopped machine"),
+):
+    router.add_api_route(
+        _path,
+        _action_route(_action),
+        methods=[_method],
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=InstanceOut,
+        summary=_summary,
+        responses=problem_responses(401, 404, 409, 422),
+    )
 
 
 @router.post(
