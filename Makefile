@@ -30,9 +30,24 @@ install: .venv/.synced ## Create the virtual environment and install every packa
 migrate: install .env ## Create the database if needed and migrate it to head
 	$(UV) run --frozen python -m cloudbot_common.migrate upgrade head
 
+# What LOCAL_DEV_MODE's desktops run on (Debian package names).
+DESKTOP_PACKAGES := xvfb x11vnc xterm x11-xserver-utils
+
+.PHONY: desktop-deps
+desktop-deps: ## Install Xvfb, x11vnc and xterm for local desktops (Debian; as root)
+	@if command -v Xvfb >/dev/null && command -v x11vnc >/dev/null && command -v xterm >/dev/null \
+		&& command -v xsetroot >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $(DESKTOP_PACKAGES); \
+	else \
+		echo "Local desktops need: sudo apt-get install --no-install-recommends $(DESKTOP_PACKAGES)"; \
+	fi
+
 .PHONY: dev
-dev: migrate ## Run the whole stack locally (api, worker, beat, gateway, Flower)
-	$(UV) run --frozen python -m cloudbot_devstack
+dev: migrate desktop-deps ## Run the whole stack locally (api, worker, beat, gateway, Flower)
+	@mkdir -p .local
+	LOG_JSON=false $(UV) run --frozen honcho --procfile Procfile.dev --env /dev/null start
 
 .PHONY: test
 test: install ## Run the full test suite (creates its own databases)

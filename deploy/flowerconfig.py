@@ -19,8 +19,9 @@ from cloudbot_common.settings import get_settings as _get_settings
 _settings = _get_settings()
 
 basic_auth = [f"{_settings.flower_user}:{_settings.flower_password.get_secret_value()}"]
+# Flower alone would listen on every interface; compose passes --address=0.0.0.0 inside
+# its container. The port is 5555 unless FLOWER_PORT or --port says otherwise.
 address = "127.0.0.1"
-port = 5555
 # Monitoring only: no pool resizing, shutdowns or rate-limit changes from the web page.
 read_only = True
 # What an operator wants to see of a command: its name, the instance it acts on, and how
