@@ -357,3 +357,38 @@ def test_image_build_steps_install_the_service(service_dir: str, tmp_path: Path)
     # Installed as wheels, not as links back into the build context.
     for pth in venv.glob("lib/python*/site-packages/*.pth"):
         assert str(context) not in pth.read_text(), pth.name
+
+
+def test_iam_policy_allows_only_what_the_provisioner_calls() -> None:
+    policy = json.loads((ROOT / "deploy" / "aws" / "iam-policy.json").read_text())
+    statements = policy["Statement"]
+    actions = {
+        a
+        for s in statements
+        for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+    }
+    assert actions == {
+        "ec2:RunInstances",
+        "ec2:DescribeInstances",
+        "ec2:StartInstances",
+        "ec2:StopInstances",
+        "ec2:TerminateInstances",
+        "ec2:CreateTags",
+    }
+    assert all(s["Effect"] == "Allow" for s in statements)
+    for s in statements:
+        # Only Describe, which has no resource-level permissions, may name every resource;
+        # everything that changes a machine is bound to this control plane's tag.
+        if s["Resource"] == "*":
+            assert s["Action"] == "ec2:DescribeInstances"
+        if s["Action"] in ("ec2:StartInstances", "ec2:StopInstances", "ec2:TerminateInstances") or (
+            isinstance(s["Action"], list)
+        ):
+            assert s["Condition"]["StringEquals"] == {
+                "aws:ResourceTag/cloudbot:control-plane": "CONTROL_PLANE_ID"
+            }
+    ec2 = pytest.importorskip("cloudbot_provisioner.backends.ec2")
+    tagged = next(s for s in statements if "aws:TagKeys" in str(s.get("Condition")))
+    allowed_keys = set(tagged["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"])
+    assert {ec2.TAG_INSTANCE_ID, ec2.TAG_OWNER_ID, ec2.TAG_CONTROL_PLANE, "Name"} == allowed_keys
+    assert f"aws:RequestTag/{ec2.TAG_CONTROL_PLANE}" in tagged["Condition"]["StringEquals"]
