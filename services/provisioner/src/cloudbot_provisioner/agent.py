@@ -1,0 +1,293 @@
+"""The CloudBot agent: the machine's WebSocket endpoint, its bootstrap and its heartbeats.
+
+The same file runs on an EC2 machine (user_data.sh ships it verbatim) and in a local
+sandbox, so it depends on the standard library and `websockets` only, and on nothing of
+the control plane. Configuration comes from the environment:
+
+    CLOUDBOT_INSTANCE_ID        the instance this machine is
+    CLOUDBOT_API_URL            the control plane, for bootstrap and heartbeats
+    CLOUDBOT_STATE_DIR          where the credential and configuration are kept (0700)
+    CLOUDBOT_AGENT_HOST/PORT    where the WebSocket listens (default 0.0.0.0:7878)
+    CLOUDBOT_AGENT_WS_PATH      the WebSocket path (default /ws)
+    CLOUDBOT_VNC_HOST/PORT      the desktop whose health is reported (127.0.0.1:5900)
+    CLOUDBOT_BOOTSTRAP_PATH     default /api/agent/bootstrap
+    CLOUDBOT_HEARTBEAT_PATH     default /api/agent/heartbeat
+    CLOUDBOT_BOOTSTRAP_TOKEN    the single-use bootstrap token (first boot only), or
+    CLOUDBOT_BOOTSTRAP_TOKEN_FILE  a file holding it, deleted once it has been used
+    CLOUDBOT_AGENT_TOKEN        the credential the gateway presents, when the machine
+                                knows it before bootstrap (local sandboxes)
+
+Tokens are never logged and never put on a command line.
+"""
+
+# The machines run the distribution's Python, possibly 3.10, where asyncio.TimeoutError is
+# not yet the builtin TimeoutError.
+# ruff: noqa: UP041
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import random
+import signal
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request, Response
+
+log = logging.getLogger("cloudbot.agent")
+
+AGENT_VERSION = "0.1.0"
+_STATE_FILE = "agent.json"
+_CONFIG_FILE = "config.json"
+# A refused token will not become valid by asking again.
+_REFUSED = {401, 403, 404, 410}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    instance_id: str
+    api_url: str
+    state_dir: Path
+    host: str
+    port: int
+    ws_path: str
+    vnc_host: str
+    vnc_port: int
+    bootstrap_path: str
+    heartbeat_path: str
+
+    @classmethod
+    def from_env(cls) -> AgentConfig:
+        env = os.environ
+        return cls(
+            instance_id=env["CLOUDBOT_INSTANCE_ID"],
+            api_url=env["CLOUDBOT_API_URL"].rstrip("/"),
+            state_dir=Path(env.get("CLOUDBOT_STATE_DIR", "/var/lib/cloudbot")),
+            host=env.get("CLOUDBOT_AGENT_HOST", "0.0.0.0"),
+            port=int(env.get("CLOUDBOT_AGENT_PORT", "7878")),
+            ws_path=env.get("CLOUDBOT_AGENT_WS_PATH", "/ws"),
+            vnc_host=env.get("CLOUDBOT_VNC_HOST", "127.0.0.1"),
+            vnc_port=int(env.get("CLOUDBOT_VNC_PORT", "5900")),
+            bootstrap_path=env.get("CLOUDBOT_BOOTSTRAP_PATH", "/api/agent/bootstrap"),
+            heartbeat_path=env.get("CLOUDBOT_HEARTBEAT_PATH", "/api/agent/heartbeat"),
+        )
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.state: dict[str, Any] = self._load_state()
+        # Known before bootstrap on a local sandbox; otherwise learnt from the bootstrap.
+        self.agent_token: str | None = os.environ.get("CLOUDBOT_AGENT_TOKEN") or self.state.get(
+            "agent_token"
+        )
+
+    # --- WebSocket endpoint -------------------------------------------------------------
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if path != self.config.ws_path:
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        if self.agent_token is None:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "not bootstrapped yet\n")
+        expected = f"Bearer {self.agent_token}"
+        presented = request.headers.get("Authorization", "")
+        if not _constant_time_equal(presented, expected):
+            response = connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        return None
+
+    async def handle(self, ws: ServerConnection) -> None:
+        """Says hello, then echoes: the smallest agent a gateway and a browser can talk to."""
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "hello",
+                    "instance_id": self.config.instance_id,
+                    "agent": "cloudbot-agent",
+                    "version": AGENT_VERSION,
+                }
+            )
+        )
+        async for message in ws:
+            await ws.send(message)
+
+    # --- Bootstrap and heartbeats -------------------------------------------------------
+
+    async def bootstrap(self) -> bool:
+        """Exchanges the bootstrap token for the credential and configuration, once."""
+        if self.state.get("credential"):
+            return True
+        token = _bootstrap_token()
+        if token is None:
+            log.warning("no bootstrap token and no saved credential: heartbeats are off")
+            return False
+        url = self.config.api_url + self.config.bootstrap_path
+        delay = 1.0
+        while True:
+            status, body = await asyncio.to_thread(_post_json, url, token, {})
+            if status == 200 and isinstance(body, dict) and body.get("credential"):
+                self._save(body)
+                _forget_bootstrap_token()
+                log.info("bootstrapped", extra={"instance_id": self.config.instance_id})
+                return True
+            if status in _REFUSED:
+                log.error("bootstrap token refused (status %s)", status)
+                _forget_bootstrap_token()
+                return False
+            log.warning("bootstrap failed (status %s); retrying in %.0fs", status, delay)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
+            delay = min(delay * 2, 30.0)
+
+    async def heartbeats(self) -> None:
+        if not await self.bootstrap():
+            return
+        url = urllib.parse.urljoin(
+            self.config.api_url + "/",
+            str(self.state.get("heartbeat_url") or self.config.heartbeat_path),
+        )
+        interval = float(self.state.get("heartbeat_interval_seconds") or 30)
+        credential = str(self.state["credential"])
+        while True:
+            health = {"desktop": await self.desktop_healthy(), "agent": True}
+            status, _ = await asyncio.to_thread(_post_json, url, credential, health)
+            if status not in (200, 202, 204):
+                log.warning("heartbeat answered %s", status)
+            await asyncio.sleep(interval)
+
+    async def desktop_healthy(self) -> bool:
+        """The desktop is up when its VNC server greets like one (`RFB 003.00x`)."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.config.vnc_host, self.config.vnc_port), 2
+            )
+        except (OSError, asyncio.TimeoutError):
+            return False
+        try:
+            greeting = await asyncio.wait_for(reader.readexactly(12), 2)
+            return greeting.startswith(b"RFB ")
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            return False
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    # --- State on the machine's disk ----------------------------------------------------
+
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            data = json.loads((self.config.state_dir / _STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _save(self, body: dict[str, Any]) -> None:
+        self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        state = {
+            "credential": body["credential"],
+            "agent_token": body.get("agent_token"),
+            "heartbeat_url": body.get("heartbeat_url"),
+            "heartbeat_interval_seconds": body.get("heartbeat_interval_seconds"),
+        }
+        _write_private(self.config.state_dir / _STATE_FILE, json.dumps(state))
+        # The CloudBot configuration, provider keys included, for the agent's own use.
+        _write_private(self.config.state_dir / _CONFIG_FILE, json.dumps(body.get("config") or {}))
+        self.state = state
+        if body.get("agent_token"):
+            self.agent_token = str(body["agent_token"])
+
+
+def _constant_time_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _bootstrap_token() -> str | None:
+    token = os.environ.get("CLOUDBOT_BOOTSTRAP_TOKEN")
+    if token:
+        return token
+    path = os.environ.get("CLOUDBOT_BOOTSTRAP_TOKEN_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            return Path(path).read_text().strip() or None
+    return None
+
+
+def _forget_bootstrap_token() -> None:
+    os.environ.pop("CLOUDBOT_BOOTSTRAP_TOKEN", None)
+    path = os.environ.get("CLOUDBOT_BOOTSTRAP_TOKEN_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).unlink()
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
+
+
+def _post_json(url: str, bearer: str, payload: dict[str, Any]) -> tuple[int, Any]:
+    """POST JSON with a bearer token; (status, parsed body). Status 0: no answer."""
+    request = urllib.request.Request(  # noqa: S310 - the URL is the operator's API URL
+        url,
+        data=json.dumps(payload).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            raw = response.read()
+            status = int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except (OSError, ValueError):
+        return 0, None
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, None
+
+
+async def main() -> None:
+    config = AgentConfig.from_env()
+    agent = Agent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with serve(
+        agent.handle,
+        config.host,
+        config.port,
+        process_request=agent.process_request,
+        max_size=1 << 20,
+        max_queue=16,
+    ):
+        log.info("agent listening", extra={"port": config.port})
+        beats = asyncio.create_task(agent.heartbeats())
+        await stop.wait()
+        beats.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beats
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    asyncio.run(main())

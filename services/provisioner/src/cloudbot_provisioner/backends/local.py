@@ -1,0 +1,338 @@
+"""Machines as local desktop sandboxes, for LOCAL_DEV_MODE (no AWS account needed).
+
+Each machine is a directory under LOCAL_STATE_DIR named by its instance id, holding its
+spec (ports, name), its disk and its logs, and a detached process tree started by
+`local_machine` (Xvfb, x11vnc, a terminal and the agent). The directory is the machine:
+it survives a provisioner restart, `stop` ends the processes and keeps it, `terminate`
+removes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cloudbot_common import instance_contract as contract
+from cloudbot_common.security.opaque import agent_credential
+from cloudbot_common.settings import Settings
+from cloudbot_provisioner.backends.base import LaunchSpec, Machine, MachineState
+from cloudbot_provisioner.backends.local_machine import MACHINE_FILE, PID_FILE
+from cloudbot_provisioner.errors import PermanentError, TransientError
+
+HOST = "127.0.0.1"
+_ID_PREFIX = "local-"
+_PORTS_LOCK = ".ports.lock"
+
+
+def machine_id_of(instance_id: uuid.UUID | str) -> str:
+    return f"{_ID_PREFIX}{instance_id}"
+
+
+# --- Processes (Linux /proc; zombies count as dead, since nobody may reap them) ------------
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields after the command name: state, ppid, pgrp, session, ..."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw.rsplit(")", 1)[1].split()
+
+
+def _alive(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat is not None and stat[0] not in ("Z", "X") and int(stat[2]) == pgid:
+                members.append(int(entry.name))
+    return members
+
+
+def _is_machine_process(pid: int, directory: Path) -> bool:
+    """Guards against a recycled pid: the process must be this directory's init."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"cloudbot_provisioner.backends.local_machine" in cmdline and any(
+        arg.decode(errors="replace") == str(directory) for arg in cmdline
+    )
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialises port allocation between worker processes (and provisioner replicas)."""
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class LocalBackend:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._root = Path(settings.local_state_dir).resolve()
+
+    @property
+    def name(self) -> str:
+        return "local"
+
+    async def aclose(self) -> None:
+        return None
+
+    # --- Backend API (blocking work runs in threads) -----------------------------------
+
+    async def find(self, instance_id: uuid.UUID) -> list[Machine]:
+        machine = await self.describe(machine_id_of(instance_id))
+        return [machine] if machine is not None and machine.state is not MachineState.GONE else []
+
+    async def describe(self, machine_id: str) -> Machine | None:
+        directory = self._dir(machine_id)
+        spec = await asyncio.to_thread(self._read_spec, directory)
+        if spec is None or not spec.get("launched_at"):
+            return None
+        pid = await asyncio.to_thread(self._running_pid, directory)
+        if pid is None:
+            state = MachineState.STOPPED
+        elif await _vnc_greets(spec["vnc_port"]) and await _accepts(spec["agent_port"]):
+            state = MachineState.RUNNING
+        else:
+            state = MachineState.PENDING
+        return _machine(spec, state)
+
+    async def launch(self, spec: LaunchSpec) -> Machine:
+        machine_id = machine_id_of(spec.instance_id)
+        directory = self._dir(machine_id)
+        record = await asyncio.to_thread(self._prepare, directory, spec)
+        if not record.get("launched_at"):
+            await asyncio.to_thread(self._boot, directory, spec.bootstrap_token)
+            record = await asyncio.to_thread(self._mark_launched, directory)
+        return _machine(record, MachineState.PENDING)
+
+    async def stop(self, machine_id: str) -> None:
+        await asyncio.to_thread(self._halt, self._dir(machine_id))
+
+    async def start(self, machine_id: str) -> None:
+        directory = self._dir(machine_id)
+        if await asyncio.to_thread(self._read_spec, directory) is None:
+            raise PermanentError("Could not start the machine: its local directory is gone.")
+        if await asyncio.to_thread(self._running_pid, directory) is None:
+            await asyncio.to_thread(self._boot, directory, None)
+
+    async def terminate(self, machine_id: str) -> None:
+        directory = self._dir(machine_id)
+        await asyncio.to_thread(self._halt, directory)
+        await asyncio.to_thread(shutil.rmtree, directory, True)
+
+    async def list_ours(self) -> list[Machine]:
+        names = await asyncio.to_thread(self._list_dirs)
+        machines = []
+        for name in names:
+            machine = await self.describe(machine_id_of(name))
+            if machine is not None and machine.state is not MachineState.GONE:
+                machines.append(machine)
+        return machines
+
+    # --- On disk -------------------------------------------------------------------------
+
+    def _dir(self, machine_id: str) -> Path:
+        if not machine_id.startswith(_ID_PREFIX):
+            raise PermanentError(f"{machine_id!r} is not a local machine id.")
+        # Parsing as a UUID also keeps the path inside the state directory.
+        return self._root / str(uuid.UUID(machine_id.removeprefix(_ID_PREFIX)))
+
+    @staticmethod
+    def _read_spec(directory: Path) -> dict[str, Any] | None:
+        try:
+            data = json.loads((directory / MACHINE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    @staticmethod
+    def _write_spec(directory: Path, record: dict[str, Any]) -> None:
+        tmp = directory / (MACHINE_FILE + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(directory / MACHINE_FILE)
+
+    def _list_dirs(self) -> list[str]:
+        if not self._root.exists():
+            return []
+        names = []
+        for entry in self._root.iterdir():
+            spec = self._read_spec(entry)
+            if spec is not None and spec.get("control_plane_id") == self._settings.control_plane_id:
+                names.append(entry.name)
+        return names
+
+    def _prepare(self, directory: Path, spec: LaunchSpec) -> dict[str, Any]:
+        """The machine's record, with two ports of its own, written once."""
+        self._root.mkdir(parents=True, exist_ok=True)
+        with _locked(self._root / _PORTS_LOCK):
+            existing = self._read_spec(directory)
+            if existing is not None:
+                return existing
+            used: set[int] = set()
+            for entry in self._root.iterdir():
+                other = self._read_spec(entry)
+                if other is not None:
+                    used.update((int(other["vnc_port"]), int(other["agent_port"])))
+            ports: list[int] = []
+            port = self._settings.local_port_range_start
+            while len(ports) < 2:
+                if port > 65535:
+                    raise PermanentError("Could not launch the machine: no free local ports.")
+                if port not in used and _bindable(port):
+                    ports.append(port)
+                port += 1
+            directory.mkdir(mode=0o700, exist_ok=True)
+            record = {
+                "machine_id": machine_id_of(spec.instance_id),
+                "instance_id": str(spec.instance_id),
+                "owner_id": str(spec.owner_id),
+                "name": spec.name,
+                "control_plane_id": self._settings.control_plane_id,
+                "vnc_port": ports[0],
+                "agent_port": ports[1],
+                "api_url": self._settings.public_api_url.rstrip("/"),
+                "agent_ws_path": contract.AGENT_WS_PATH,
+                "bootstrap_path": contract.BOOTSTRAP_PATH,
+                "heartbeat_path": contract.HEARTBEAT_PATH,
+                "created_at": datetime.now(UTC).isoformat(),
+                "launched_at": None,
+            }
+            self._write_spec(directory, record)
+            return record
+
+    def _mark_launched(self, directory: Path) -> dict[str, Any]:
+        record = self._read_spec(directory) or {}
+        record["launched_at"] = datetime.now(UTC).isoformat()
+        self._write_spec(directory, record)
+        return record
+
+    def _running_pid(self, directory: Path) -> int | None:
+        try:
+            pid = int((directory / PID_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) and _is_machine_process(pid, directory) else None
+
+    def _boot(self, directory: Path, bootstrap_token: str | None) -> None:
+        """Starts the machine's init, detached; returns once it has recorded its pid."""
+        instance_id = uuid.UUID(directory.name)
+        env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "TZ") if k in os.environ}
+        # The credential the gateway will present; a real machine learns it at bootstrap.
+        env["CLOUDBOT_AGENT_TOKEN"] = agent_credential(
+            self._settings.agent_token_secret.get_secret_value(), instance_id
+        )
+        if bootstrap_token is not None:
+            env["CLOUDBOT_BOOTSTRAP_TOKEN"] = bootstrap_token
+        try:
+            subprocess.run(  # noqa: S603 - our own module, no user input on the command line
+                [
+                    sys.executable,
+                    "-m",
+                    "cloudbot_provisioner.backends.local_machine",
+                    "--daemon",
+                    str(directory),
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            raise TransientError(f"Could not start the local machine ({type(e).__name__}).") from e
+
+    def _halt(self, directory: Path) -> None:
+        """Ends the machine's whole process group: TERM, a short grace, then KILL."""
+        try:
+            pgid = int((directory / PID_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return
+        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            if not _group_members(pgid):
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, sig)
+            deadline = time.monotonic() + grace
+            while _group_members(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if _group_members(pgid):
+            raise TransientError("Could not stop the local machine: its processes linger.")
+        with contextlib.suppress(OSError):
+            (directory / PID_FILE).unlink()
+
+
+def _machine(record: dict[str, Any], state: MachineState) -> Machine:
+    launched = record.get("launched_at")
+    return Machine(
+        id=str(record["machine_id"]),
+        state=state,
+        instance_id=str(record["instance_id"]),
+        host=HOST,
+        vnc_port=int(record["vnc_port"]),
+        agent_port=int(record["agent_port"]),
+        launched_at=datetime.fromisoformat(launched) if launched else None,
+    )
+
+
+async def _accepts(port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 1)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def _vnc_greets(port: int) -> bool:
+    """Ready means the VNC server answers with its RFB greeting, not merely listens."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 1)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        return (await asyncio.wait_for(reader.readexactly(12), 2)).startswith(b"RFB ")
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()

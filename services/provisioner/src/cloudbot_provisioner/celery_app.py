@@ -1,0 +1,67 @@
+"""The provisioner's Celery app: configuration, beat schedule and process hooks.
+
+Settings are read here because Celery needs its broker and schedule at import; engines,
+clients and the event loop are made per worker process in `worker_process_init`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
+
+from cloudbot_common.commands import make_celery
+from cloudbot_common.logging import configure_logging
+from cloudbot_common.settings import get_settings
+from cloudbot_provisioner.runtime import close_runtime, open_runtime
+
+RELAY_TASK = "cloudbot.provisioner.relay_outbox"
+RECONCILE_TASK = "cloudbot.provisioner.reconcile"
+
+settings = get_settings()
+app = make_celery(settings, "cloudbot_provisioner")
+
+_relay_every = max(1.0, settings.outbox_relay_after_seconds / 3)
+_reconcile_every = float(max(1, settings.reconcile_interval_seconds))
+app.conf.update(
+    include=["cloudbot_provisioner.tasks"],
+    worker_hijack_root_logger=False,
+    # Opening the backend (botocore loads the EC2 model) can outlast Celery's 4 s default.
+    worker_proc_alive_timeout=30,
+    beat_schedule_filename=str(
+        Path(tempfile.gettempdir()) / f"cloudbot-beat-{settings.control_plane_id}"
+    ),
+    beat_schedule={
+        "outbox-relay": {
+            "task": RELAY_TASK,
+            "schedule": _relay_every,
+            # A run that waited longer than its period is superseded by the next one.
+            "options": {"expires": _relay_every},
+        },
+        "reconcile": {
+            "task": RECONCILE_TASK,
+            "schedule": _reconcile_every,
+            "options": {"expires": _reconcile_every},
+        },
+    },
+)
+
+
+def _configure_logging(**_: Any) -> None:
+    # Celery's own lines go through the same redacting pipeline as ours.
+    configure_logging("provisioner", level=settings.log_level, json_output=settings.log_json)
+
+
+def _open_runtime(**_: Any) -> None:
+    open_runtime(settings, app)
+
+
+def _close_runtime(**_: Any) -> None:
+    close_runtime()
+
+
+setup_logging.connect(_configure_logging, weak=False)
+worker_process_init.connect(_open_runtime, weak=False)
+worker_process_shutdown.connect(_close_runtime, weak=False)

@@ -1,0 +1,169 @@
+"""Celery tasks: thin wrappers that run a handler on the process's event loop and decide
+what happens next: done, look again later (the machine is settling), retry with backoff
+(throttling, 5xx, no capacity), or give up and mark the instance failed.
+
+Task arguments are ids only. The names are `cloudbot_common.commands.Command`'s.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, TypeVar, cast
+
+import structlog
+
+from cloudbot_common.commands import Command
+from cloudbot_common.db import unit_of_work
+from cloudbot_common.logging import get_logger
+from cloudbot_provisioner import outbox_relay, reconciler, repository
+from cloudbot_provisioner.celery_app import RECONCILE_TASK, RELAY_TASK, app, settings
+from cloudbot_provisioner.errors import PermanentError, TransientError
+from cloudbot_provisioner.instances import handlers
+from cloudbot_provisioner.runtime import Runtime, get_runtime
+
+log = get_logger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+_DOING = {
+    Command.PROVISION: "set up the machine",
+    Command.STOP: "stop the machine",
+    Command.START: "start the machine",
+    Command.TERMINATE: "terminate the machine",
+}
+
+
+def _task(name: str, **options: Any) -> Callable[[F], F]:
+    """`app.task`, typed (Celery ships no type information)."""
+    return cast(Callable[[F], F], app.task(name=name, **options))
+
+
+def _runtime() -> Runtime:
+    return get_runtime(settings, app)
+
+
+def backoff_seconds(attempt: int, cap: float) -> float:
+    """Exponential backoff with jitter: about 1, 2, 4, ... seconds, at most `cap`, spread
+    so that many instances throttled together do not all come back together."""
+    ceiling = min(float(cap), 2.0**attempt)
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
+
+
+async def _requeued(rt: Runtime, command_id: uuid.UUID, seconds: float) -> None:
+    async with unit_of_work(rt.sessions) as session:
+        await repository.command_requeued(session, command_id, seconds)
+
+
+def _run_command(
+    task: Any,
+    command: Command,
+    instance_id: str,
+    command_id: str,
+    waiting_since: float | None,
+) -> None:
+    rt = _runtime()
+    iid, cid = uuid.UUID(instance_id), uuid.UUID(command_id)
+    structlog.contextvars.bind_contextvars(
+        instance_id=instance_id, command_id=command_id, command=command.value
+    )
+    try:
+        try:
+            outcome = rt.run(handlers.handle(rt, command, iid, cid, waiting_since))
+        except PermanentError as e:
+            rt.run(handlers.give_up(rt, command, iid, cid, e.reason))
+            return
+        except TransientError as e:
+            _retry_or_give_up(task, rt, command, iid, cid, e.reason, e)
+            return
+        except Exception as e:
+            # Unknown errors (the database away, a bug) get the same bounded retries.
+            log.exception("command step failed unexpectedly")
+            reason = f"Could not {_DOING[command]}: an internal error ({type(e).__name__})."
+            _retry_or_give_up(task, rt, command, iid, cid, reason, e)
+            return
+        if isinstance(outcome, handlers.Wait):
+            # Look again later without holding this worker slot meanwhile.
+            rt.run(_requeued(rt, cid, outcome.seconds))
+            task.apply_async(
+                kwargs={
+                    "instance_id": instance_id,
+                    "command_id": command_id,
+                    "waiting_since": outcome.since,
+                },
+                countdown=outcome.seconds,
+                task_id=command_id,
+            )
+    finally:
+        structlog.contextvars.clear_contextvars()
+
+
+def _retry_or_give_up(
+    task: Any,
+    rt: Runtime,
+    command: Command,
+    instance_id: uuid.UUID,
+    command_id: uuid.UUID,
+    reason: str,
+    exc: Exception,
+) -> None:
+    attempt = int(task.request.retries)
+    limit = rt.settings.task_max_retries
+    if attempt >= limit:
+        final = f"{reason} Gave up after {attempt + 1} attempts."
+        rt.run(handlers.give_up(rt, command, instance_id, command_id, final))
+        return
+    countdown = backoff_seconds(attempt, rt.settings.task_retry_backoff_max_seconds)
+    log.warning("command step will be retried", reason=reason, attempt=attempt + 1)
+    rt.run(_requeued(rt, command_id, countdown))
+    raise task.retry(countdown=countdown, exc=exc, max_retries=limit)
+
+
+_COMMAND_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "ignore_result": True,
+}
+
+
+@_task(Command.PROVISION.value, **_COMMAND_OPTIONS)
+def provision(
+    self: Any, instance_id: str, command_id: str, waiting_since: float | None = None
+) -> None:
+    _run_command(self, Command.PROVISION, instance_id, command_id, waiting_since)
+
+
+@_task(Command.STOP.value, **_COMMAND_OPTIONS)
+def stop(self: Any, instance_id: str, command_id: str, waiting_since: float | None = None) -> None:
+    _run_command(self, Command.STOP, instance_id, command_id, waiting_since)
+
+
+@_task(Command.START.value, **_COMMAND_OPTIONS)
+def start(self: Any, instance_id: str, command_id: str, waiting_since: float | None = None) -> None:
+    _run_command(self, Command.START, instance_id, command_id, waiting_since)
+
+
+@_task(Command.TERMINATE.value, **_COMMAND_OPTIONS)
+def terminate(
+    self: Any, instance_id: str, command_id: str, waiting_since: float | None = None
+) -> None:
+    _run_command(self, Command.TERMINATE, instance_id, command_id, waiting_since)
+
+
+@_task(RELAY_TASK, ignore_result=True)
+def relay_outbox() -> int:
+    rt = _runtime()
+    return rt.run(outbox_relay.relay(rt))
+
+
+@_task(RECONCILE_TASK, ignore_result=True)
+def reconcile() -> dict[str, int]:
+    rt = _runtime()
+    try:
+        return asdict(rt.run(reconciler.reconcile(rt)))
+    except (TransientError, PermanentError) as e:
+        # The next run tries again; nothing is lost by skipping this one.
+        log.warning("reconciliation skipped", reason=e.reason)
+        return {}
