@@ -1,0 +1,352 @@
+"""Real peers for provisioner tests: a moto server as the EC2 endpoint, a fault-injecting
+proxy in front of it, Celery worker processes, and direct database access for seeding
+rows and watching them converge. Shared with the lifecycle tests in tests/e2e."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import threading
+import time
+import urllib.parse
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from cloudbot_common.commands import (
+    Command,
+    add_command,
+    make_celery,
+    mark_published,
+    send_command,
+)
+from cloudbot_common.db import create_session_factory, unit_of_work
+from cloudbot_common.lifecycle import lock_instance, record_initial_state, transition
+from cloudbot_common.models import Instance, InstanceEvent, InstanceState, OutboxCommand, User
+from cloudbot_common.settings import Settings
+from tests.support.processes import PYTHON, Process, free_port, running, tcp_open, wait_for
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# Retries and waits short enough for tests, long enough to show they happen.
+FAST_RETRIES = {
+    "TASK_MAX_RETRIES": "2",
+    "TASK_RETRY_BACKOFF_MAX_SECONDS": "1",
+    "OUTBOX_RELAY_AFTER_SECONDS": "3",
+    "RECONCILE_INTERVAL_SECONDS": "2",
+}
+
+
+# --- moto ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    port = free_port()
+    with running(
+        "moto",
+        [PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        {"MOTO_LOG_LEVEL": "WARNING"},
+        ready=tcp_open(port),
+    ):
+        yield f"http://127.0.0.1:{port}"
+
+
+def ec2_client(endpoint: str) -> Any:
+    return boto3.client(
+        "ec2",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def machines_tagged(ec2: Any, instance_id: str, *, include_gone: bool = False) -> list[dict]:
+    filters = [{"Name": "tag:cloudbot:instance-id", "Values": [instance_id]}]
+    if not include_gone:
+        filters.append(
+            {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}
+        )
+    pages = ec2.describe_instances(Filters=filters)
+    return [i for r in pages["Reservations"] for i in r["Instances"]]
+
+
+# --- A fault-injecting proxy between the provisioner and moto -----------------------------
+
+
+_ERROR_XML = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code>'
+    "<Message>{message}</Message></Error></Errors><RequestID>{rid}</RequestID></Response>"
+)
+
+
+@dataclass
+class Fault:
+    code: str
+    status: int
+    message: str
+    times: int | None  # None: every call
+
+
+class Ec2FaultProxy:
+    """Forwards EC2 query requests to moto, except for the actions told to fail (with the
+    error XML EC2 sends) or to hang after moto has acted (a response that never comes)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.calls: Counter[str] = Counter()
+        self._faults: dict[str, Fault] = {}
+        self._holds: dict[str, threading.Event] = {}
+        self.held = threading.Event()
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                action = urllib.parse.parse_qs(body.decode()).get("Action", [""])[0]
+                proxy._serve(self, action, body)
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Ec2FaultProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for event in self._holds.values():
+            event.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def fail(self, action: str, code: str, status: int = 503, *, times: int | None = None) -> None:
+        with self._lock:
+            self._faults[action] = Fault(code, status, f"Injected {code}", times)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self.calls.clear()
+            self.held.clear()
+
+    def hold(self, action: str) -> threading.Event:
+        """Let moto act on `action`, then keep the caller waiting until released."""
+        release = threading.Event()
+        self._holds[action] = release
+        return release
+
+    def _serve(self, handler: BaseHTTPRequestHandler, action: str, body: bytes) -> None:
+        with self._lock:
+            self.calls[action] += 1
+            fault = self._faults.get(action)
+            if fault is not None and fault.times is not None:
+                fault.times -= 1
+                if fault.times <= 0:
+                    del self._faults[action]
+        if fault is not None:
+            payload = _ERROR_XML.format(
+                code=fault.code, message=fault.message, rid=uuid.uuid4()
+            ).encode()
+            self._reply(handler, fault.status, payload, "text/xml")
+            return
+        headers = {
+            k: v for k, v in handler.headers.items() if k.lower() not in ("host", "content-length")
+        }
+        upstream = httpx.post(self.upstream + handler.path, content=body, headers=headers)
+        release = self._holds.pop(action, None)
+        if release is not None:
+            self.held.set()
+            release.wait(120)
+            return  # the caller is expected to have died meanwhile
+        self._reply(
+            handler,
+            upstream.status_code,
+            upstream.content,
+            upstream.headers.get("content-type", "text/xml"),
+        )
+
+    @staticmethod
+    def _reply(handler: BaseHTTPRequestHandler, status: int, body: bytes, ctype: str) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Type", ctype)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+
+# --- Celery worker processes ---------------------------------------------------------------
+
+
+def worker_argv(
+    name: str, state_dir: Path, *, concurrency: int = 2, beat: bool = True
+) -> list[str]:
+    argv = [
+        PYTHON,
+        "-m",
+        "celery",
+        "--app=cloudbot_provisioner.worker",
+        "worker",
+        "--queues=provisioning",
+        f"--concurrency={concurrency}",
+        f"--hostname={name}-{secrets.token_hex(3)}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel=INFO",
+    ]
+    if beat:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat", f"--schedule={state_dir / f'beat-{secrets.token_hex(3)}'}"]
+    return argv
+
+
+@contextlib.contextmanager
+def provisioner(
+    env: dict[str, str], state_dir: Path, *, name: str = "worker", beat: bool = True
+) -> Iterator[Process]:
+    """A real Celery worker (with embedded beat), ready to take tasks."""
+    proc = Process(name, worker_argv(name, state_dir, beat=beat), env)
+    try:
+        wait_for(lambda: not proc.alive() or "ready." in proc.log_text(), 60, name)
+        if not proc.alive():
+            raise RuntimeError(f"{name} exited early:\n{proc.log_text()[-4000:]}")
+        yield proc
+    finally:
+        proc.stop()
+
+
+# --- The database, seeded and watched directly -------------------------------------------
+
+
+class Db:
+    def __init__(self, database_url: str, settings: Settings) -> None:
+        self.engine: AsyncEngine = create_async_engine(database_url, poolclass=NullPool)
+        self.sessions = create_session_factory(self.engine)
+        self.celery = make_celery(settings, "tests")
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def user(self) -> uuid.UUID:
+        async with unit_of_work(self.sessions) as s:
+            user = User(
+                id=uuid.uuid4(), email=f"p-{uuid.uuid4().hex[:12]}@example.com", password_hash="x"
+            )
+            s.add(user)
+        return user.id
+
+    async def create_instance(
+        self, owner_id: uuid.UUID, backend: str, *, publish: bool = True, name: str = "desk"
+    ) -> tuple[uuid.UUID, uuid.UUID]:
+        """What the API does on POST /instances: a pending row, its history entry and a
+        provision command in one transaction, published after commit."""
+        async with unit_of_work(self.sessions) as s:
+            instance = Instance(
+                id=uuid.uuid4(),
+                owner_id=owner_id,
+                name=name,
+                size="small",
+                instance_type="t3.small",
+                backend=backend,
+                state=InstanceState.PENDING,
+            )
+            s.add(instance)
+            await s.flush()
+            await record_initial_state(s, instance)
+            command = add_command(s, Command.PROVISION, instance.id, None)
+        if publish:
+            await self.publish(command)
+        return instance.id, command.id
+
+    async def command(
+        self, instance_id: uuid.UUID, command: Command, new_state: InstanceState
+    ) -> uuid.UUID:
+        """What the API does on stop/start/delete: move the state and stage the command."""
+        async with unit_of_work(self.sessions) as s:
+            instance = await lock_instance(s, instance_id)
+            assert instance is not None
+            await transition(s, instance, new_state)
+            row = add_command(s, command, instance_id, None)
+        await self.publish(row)
+        return row.id
+
+    async def publish(self, row: OutboxCommand) -> None:
+        await asyncio.to_thread(send_command, self.celery, row)
+        async with unit_of_work(self.sessions) as s:
+            await mark_published(s, [row.id])
+
+    async def instance(self, instance_id: uuid.UUID) -> Instance:
+        async with self.sessions() as s:
+            row = await s.get(Instance, instance_id)
+            assert row is not None
+            return row
+
+    async def history(self, instance_id: uuid.UUID) -> list[str]:
+        async with self.sessions() as s:
+            rows = await s.scalars(
+                select(InstanceEvent.state)
+                .where(InstanceEvent.instance_id == instance_id)
+                .order_by(InstanceEvent.id)
+            )
+            return list(rows)
+
+    async def open_commands(self, instance_id: uuid.UUID) -> int:
+        async with self.sessions() as s:
+            count = await s.scalar(
+                select(func.count())
+                .select_from(OutboxCommand)
+                .where(
+                    OutboxCommand.instance_id == instance_id, OutboxCommand.completed_at.is_(None)
+                )
+            )
+            return int(count or 0)
+
+    async def wait_state(
+        self, instance_id: uuid.UUID, *states: InstanceState, timeout: float = 30
+    ) -> Instance:
+        """Poll until the row is in one of `states`; fail fast on an unexpected final state."""
+        wanted = {s.value for s in states}
+        deadline = time.monotonic() + timeout
+        while True:
+            row = await self.instance(instance_id)
+            if row.state in wanted:
+                return row
+            if row.state in ("failed", "terminated") or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"instance is {row.state} ({row.state_reason}), wanted {sorted(wanted)}"
+                )
+            await asyncio.sleep(0.1)
+
+
+async def eventually(check: Any, timeout: float = 20, what: str = "condition") -> None:
+    """Await an async or sync predicate until it holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
