@@ -186,6 +186,7 @@ async def test_reconciler_drives_a_stuck_instance_again(worker, db, ec2):
     # Stopping for an hour with no command behind it: the command was lost for good.
     async with unit_of_work(db.sessions) as s:
         instance = await lock_instance(s, instance_id)
+        assert instance is not None
         await transition(s, instance, S.STOPPING)
         await s.execute(
             update(Instance)

@@ -1,0 +1,138 @@
+"""LOCAL_DEV_MODE: each instance a real local desktop (Xvfb, x11vnc, a terminal naming
+it, the agent), driven by a real worker, calling back to the real API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import signal
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from cloudbot_common.commands import Command
+from cloudbot_common.instance_contract import AGENT_WS_PATH
+from cloudbot_common.models import InstanceState as S
+from cloudbot_common.security.opaque import agent_credential
+from tests.provisioner.harness import FAST_RETRIES, eventually, provisioner
+
+pytestmark = pytest.mark.vnc
+RFB = re.compile(rb"RFB 003\.00\d\n")
+
+
+@pytest.fixture
+def local_env(base_env, api_server, tmp_path):
+    return {
+        **base_env,
+        **FAST_RETRIES,
+        "LOCAL_DEV_MODE": "true",
+        "LOCAL_STATE_DIR": str(tmp_path / "instances"),
+        "LOCAL_PORT_RANGE_START": str(30000 + secrets.randbelow(20000)),
+        # The sandboxes bootstrap and heartbeat against the real API.
+        "PUBLIC_API_URL": api_server.url,
+    }
+
+
+async def rfb_greeting(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await asyncio.wait_for(reader.readexactly(12), 5)
+    finally:
+        writer.close()
+
+
+async def port_closed(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return True
+    writer.close()
+    return False
+
+
+def processes_of(directory: Path) -> list[str]:
+    """Command lines of every live process started for this machine (its process group)."""
+    try:
+        pgid = int((directory / "machine.pid").read_text())
+    except OSError:
+        pgid = -1
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if stat[0] != "Z" and (int(stat[2]) == pgid or str(directory) in cmdline):
+            found.append(cmdline)
+    return found
+
+
+async def agent_hello(port: int, credential: str) -> dict:
+    url = f"ws://127.0.0.1:{port}{AGENT_WS_PATH}"
+    async with connect(url, additional_headers={"Authorization": f"Bearer {credential}"}) as ws:
+        hello = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        await ws.send("ping from the test")
+        assert await asyncio.wait_for(ws.recv(), 5) == "ping from the test"
+        return hello
+
+
+async def test_local_desktop_lifecycle(db, local_env, settings, tmp_path, secret_registry):
+    owner = await db.user()
+    with provisioner(local_env, tmp_path / "a", name="local-worker-a") as first:
+        instance_id, _ = await db.create_instance(owner, "local", name="lab-desk")
+        row = await db.wait_state(instance_id, S.RUNNING)
+        # The worker dies; the desktop is not its child and lives on.
+        first.kill(signal.SIGKILL)
+
+    directory = Path(local_env["LOCAL_STATE_DIR"]) / str(instance_id)
+    vnc, agent = row.vnc_port, row.agent_port
+    assert row.host == "127.0.0.1"
+    assert row.backend_instance_id == f"local-{instance_id}"
+    assert RFB.fullmatch(await rfb_greeting(vnc))
+    assert any("xterm" in c and "CloudBot lab-desk" in c for c in processes_of(directory))
+
+    credential = agent_credential(settings.agent_token_secret.get_secret_value(), instance_id)
+    secret_registry.add(credential)
+    hello = await agent_hello(agent, credential)
+    assert hello["type"] == "hello"
+    assert hello["instance_id"] == str(instance_id)
+    with pytest.raises(InvalidStatus) as refused:
+        await agent_hello(agent, "cba_" + "0" * 64)
+    assert refused.value.response.status_code == 401
+
+    # The sandbox exchanged its bootstrap token (once) and reports health like a machine.
+    async def healthy() -> bool:
+        r = await db.instance(instance_id)
+        return bool(r.desktop_healthy and r.agent_healthy and r.credential_hash)
+
+    await eventually(healthy, what="heartbeat with desktop and agent up")
+    assert (await db.instance(instance_id)).bootstrap_token_hash is None
+
+    with provisioner(local_env, tmp_path / "b", name="local-worker-b"):
+        await db.command(instance_id, Command.STOP, S.STOPPING)
+        await db.wait_state(instance_id, S.STOPPED)
+        assert await port_closed(vnc)
+        assert await port_closed(agent)
+        assert processes_of(directory) == []
+        # The disk stays: the agent's credential survives the stop.
+        assert (directory / "disk" / "agent" / "agent.json").exists()
+
+        await db.command(instance_id, Command.START, S.STARTING)
+        row = await db.wait_state(instance_id, S.RUNNING)
+        assert (row.vnc_port, row.agent_port) == (vnc, agent)
+        assert RFB.fullmatch(await rfb_greeting(vnc))
+        assert (await agent_hello(agent, credential))["instance_id"] == str(instance_id)
+
+        await db.command(instance_id, Command.TERMINATE, S.TERMINATING)
+        await db.wait_state(instance_id, S.TERMINATED)
+        assert processes_of(directory) == []
+        assert not directory.exists()
+        assert await port_closed(vnc)
+        assert await port_closed(agent)
