@@ -35,7 +35,15 @@ from cloudbot_common.db import create_session_factory, unit_of_work
 from cloudbot_common.lifecycle import lock_instance, record_initial_state, transition
 from cloudbot_common.models import Instance, InstanceEvent, InstanceState, OutboxCommand, User
 from cloudbot_common.settings import Settings
-from tests.support.processes import PYTHON, Process, free_port, running, tcp_open, wait_for
+from tests.support.processes import (
+    PYTHON,
+    Process,
+    free_port,
+    http_ok,
+    running,
+    tcp_open,
+    wait_for,
+)
 
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -350,3 +358,42 @@ async def eventually(check: Any, timeout: float = 20, what: str = "condition") -
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- The real API, as a process, for lifecycle tests through HTTP ---------------------------
+
+
+@contextlib.contextmanager
+def api_process(env: dict[str, str], name: str = "api") -> Iterator[str]:
+    """The API with these settings; yields its base URL (also its PUBLIC_API_URL)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with running(
+        name,
+        [PYTHON, "-m", "cloudbot_api"],
+        {**env, "API_PORT": str(port), "PUBLIC_API_URL": url},
+        ready=http_ok(f"{url}/healthz"),
+    ):
+        yield url
+
+
+async def wait_api_state(
+    http: httpx.AsyncClient,
+    headers: dict[str, str],
+    instance_id: str,
+    state: str,
+    timeout: float = 30,
+) -> dict[str, Any]:
+    """Poll GET /api/instances/{id} until it shows `state`; fail fast on failed/terminated."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = await http.get(f"/api/instances/{instance_id}", headers=headers)
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        if body["state"] == state:
+            return body
+        if body["state"] in ("failed", "terminated") or time.monotonic() > deadline:
+            raise AssertionError(
+                f"instance is {body['state']} ({body['state_reason']}), wanted {state}"
+            )
+        await asyncio.sleep(0.1)
