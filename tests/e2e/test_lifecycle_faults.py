@@ -1,0 +1,115 @@
+"""Faults through the whole stack (API, worker, Postgres, a moto server behind a
+fault-injecting proxy): a worker SIGKILLed mid-provision, throttling, no capacity."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import make_user
+from tests.provisioner.harness import (
+    AWS_ENV,
+    FAST_RETRIES,
+    Ec2FaultProxy,
+    api_process,
+    ec2_client,
+    machines_tagged,
+    moto_server,
+    provisioner,
+    wait_api_state,
+)
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    with moto_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def proxy(moto_url) -> Iterator[Ec2FaultProxy]:
+    with Ec2FaultProxy(moto_url) as p:
+        yield p
+
+
+@pytest.fixture(autouse=True)
+def _fresh_proxy(proxy):
+    proxy.reset()
+
+
+@pytest.fixture(scope="module")
+def env(base_env, proxy) -> dict[str, str]:
+    return {
+        **base_env,
+        **AWS_ENV,
+        **FAST_RETRIES,
+        "LOCAL_DEV_MODE": "false",
+        "AWS_ENDPOINT_URL": proxy.url,
+    }
+
+
+@pytest.fixture(scope="module")
+def api_url(env) -> Iterator[str]:
+    with api_process(env, "api-faults") as url:
+        yield url
+
+
+@pytest.fixture
+async def client(api_url) -> AsyncIterator[httpx.AsyncClient]:
+    address = f"10.{secrets.randbelow(250)}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 1}"
+    async with httpx.AsyncClient(
+        base_url=api_url, timeout=15, headers={"X-Forwarded-For": address}
+    ) as c:
+        yield c
+
+
+async def create(client: httpx.AsyncClient, headers: dict[str, str]) -> str:
+    r = await client.post("/api/instances", json={"name": "desk", "size": "small"}, headers=headers)
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+async def test_worker_sigkilled_mid_provision(client, env, api_url, proxy, moto_url, tmp_path):
+    user = await make_user(client)
+    worker_env = {**env, "PUBLIC_API_URL": api_url}
+    # moto makes the machine; the answer is held until the worker is dead.
+    release = proxy.hold("RunInstances")
+    with provisioner(worker_env, tmp_path, name="e2e-doomed-worker") as doomed:
+        instance_id = await create(client, user.headers)
+        assert await asyncio.to_thread(proxy.held.wait, 30)
+        doomed.kill(signal.SIGKILL)
+        doomed.popen.wait(10)
+    release.set()
+    assert (await client.get(f"/api/instances/{instance_id}", headers=user.headers)).json()[
+        "state"
+    ] == "provisioning"
+
+    with provisioner(worker_env, tmp_path, name="e2e-next-worker"):
+        await wait_api_state(client, user.headers, instance_id, "running")
+    assert len(machines_tagged(ec2_client(moto_url), instance_id)) == 1
+    assert proxy.calls["RunInstances"] == 1
+
+
+async def test_throttling_and_no_capacity_are_retried_then_fail_with_a_reason(
+    client, env, api_url, proxy, moto_url, tmp_path
+):
+    user = await make_user(client)
+    with provisioner({**env, "PUBLIC_API_URL": api_url}, tmp_path, name="e2e-retry-worker"):
+        for code, status, words in (
+            ("RequestLimitExceeded", 503, "EC2 is throttling requests"),
+            ("InsufficientInstanceCapacity", 500, "EC2 has no capacity"),
+        ):
+            proxy.reset()
+            proxy.fail("RunInstances", code, status)
+            instance_id = await create(client, user.headers)
+            body = await wait_api_state(client, user.headers, instance_id, "failed", timeout=60)
+            assert words in body["state_reason"]
+            assert "Gave up after 3 attempts" in body["state_reason"]
+            # Each of the three attempts reached EC2 (botocore adds one quick retry).
+            assert proxy.calls["RunInstances"] >= 3
+            assert machines_tagged(ec2_client(moto_url), instance_id) == []
