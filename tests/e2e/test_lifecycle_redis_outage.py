@@ -1,0 +1,154 @@
+"""Redis goes away just as a create arrives. Either the request succeeds and the machine
+is provisioned once Redis is back (the command waited in the outbox), or it fails
+cleanly with nothing half-written."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from cloudbot_common.models import Instance, OutboxCommand
+from tests.conftest import make_user
+from tests.provisioner.harness import (
+    AWS_ENV,
+    FAST_RETRIES,
+    Db,
+    api_process,
+    ec2_client,
+    machines_tagged,
+    moto_server,
+    provisioner,
+    wait_api_state,
+)
+from tests.support.processes import Process, free_port, tcp_open, wait_for
+
+
+class RedisServer:
+    """A Redis of the test's own, to stop and start again on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: Process | None = None
+
+    def start(self) -> None:
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        self._proc = Process("redis-outage", [*argv, "--save", "", "--appendonly", "no"], {})
+        wait_for(tcp_open(self.port), 10, "redis-server")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.stop()
+            self._proc = None
+        wait_for(self._refused, 10, "redis-server to stop")
+
+    def _refused(self) -> bool:
+        try:
+            tcp_open(self.port)()
+        except OSError:
+            return True
+        return False
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    with moto_server() as url:
+        yield url
+
+
+@pytest.fixture
+def ec2_env(base_env, moto_url) -> dict[str, str]:
+    return {
+        **base_env,
+        **AWS_ENV,
+        **FAST_RETRIES,
+        "LOCAL_DEV_MODE": "false",
+        "AWS_ENDPOINT_URL": moto_url,
+    }
+
+
+@pytest.fixture
+async def db(database_url, settings) -> AsyncIterator[Db]:
+    database = Db(database_url, settings)
+    yield database
+    await database.close()
+
+
+async def counts(db: Db) -> tuple[int, int]:
+    """Instances and outbox commands in the whole database."""
+    async with db.sessions() as s:
+        instances = await s.scalar(select(func.count()).select_from(Instance))
+        commands = await s.scalar(select(func.count()).select_from(OutboxCommand))
+    return int(instances or 0), int(commands or 0)
+
+
+@contextlib.asynccontextmanager
+async def client_for(url: str) -> AsyncIterator[httpx.AsyncClient]:
+    address = f"10.{secrets.randbelow(250)}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 1}"
+    async with httpx.AsyncClient(
+        base_url=url, timeout=30, headers={"X-Forwarded-For": address}
+    ) as client:
+        yield client
+
+
+async def test_broker_down_at_create_then_provisioned_when_it_returns(
+    ec2_env, redis_server, moto_url, tmp_path
+):
+    env = {**ec2_env, "CELERY_BROKER_URL": redis_server.url}
+    with api_process(env, "api-broker-outage") as api_url:
+        worker_env = {**env, "PUBLIC_API_URL": api_url}
+        with provisioner(worker_env, tmp_path, name="outage-worker"):
+            async with client_for(api_url) as client:
+                user = await make_user(client)
+                redis_server.stop()
+                r = await client.post(
+                    "/api/instances", json={"name": "desk", "size": "small"}, headers=user.headers
+                )
+                assert r.status_code == 202, r.text
+                instance_id = r.json()["id"]
+                body = await client.get(f"/api/instances/{instance_id}", headers=user.headers)
+                assert body.json()["state"] == "pending"
+
+                redis_server.start()
+                await wait_api_state(client, user.headers, instance_id, "running", timeout=90)
+    assert len(machines_tagged(ec2_client(moto_url), instance_id)) == 1
+
+
+async def test_redis_down_at_create_either_provisions_later_or_writes_nothing(
+    ec2_env, redis_server, db, moto_url, tmp_path
+):
+    env = {**ec2_env, "REDIS_URL": redis_server.url}
+    with api_process(env, "api-redis-outage") as api_url:
+        worker_env = {**env, "PUBLIC_API_URL": api_url}
+        with provisioner(worker_env, tmp_path, name="redis-outage-worker"):
+            async with client_for(api_url) as client:
+                user = await make_user(client)
+                before = await counts(db)
+                redis_server.stop()
+                r = await client.post(
+                    "/api/instances", json={"name": "desk", "size": "small"}, headers=user.headers
+                )
+                redis_server.start()
+                if r.status_code == 202:
+                    instance_id = r.json()["id"]
+                    await wait_api_state(client, user.headers, instance_id, "running", timeout=90)
+                    assert len(machines_tagged(ec2_client(moto_url), instance_id)) == 1
+                    return
+    assert r.status_code == 503, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert await counts(db) == before
