@@ -397,3 +397,45 @@ async def wait_api_state(
                 f"instance is {body['state']} ({body['state_reason']}), wanted {state}"
             )
         await asyncio.sleep(0.1)
+
+
+# --- Local desktops ---------------------------------------------------------------------------
+
+
+async def rfb_greeting(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await asyncio.wait_for(reader.readexactly(12), 5)
+    finally:
+        writer.close()
+
+
+async def port_closed(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return True
+    writer.close()
+    return False
+
+
+def machine_group(directory: Path) -> int:
+    """The process group of a running local machine (its init's pid)."""
+    return int((directory / "machine.pid").read_text())
+
+
+def processes_of(directory: Path, group: int) -> list[str]:
+    """Command lines of every live process of this machine: its process group, and
+    anything naming its directory."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if stat[0] != "Z" and (int(stat[2]) == group or str(directory) in cmdline):
+            found.append(cmdline)
+    return found

@@ -18,7 +18,15 @@ from cloudbot_common.commands import Command
 from cloudbot_common.instance_contract import AGENT_WS_PATH
 from cloudbot_common.models import InstanceState as S
 from cloudbot_common.security.opaque import agent_credential
-from tests.provisioner.harness import FAST_RETRIES, eventually, provisioner
+from tests.provisioner.harness import (
+    FAST_RETRIES,
+    eventually,
+    machine_group,
+    port_closed,
+    processes_of,
+    provisioner,
+    rfb_greeting,
+)
 
 pytestmark = pytest.mark.vnc
 RFB = re.compile(rb"RFB 003\.00\d\n")
@@ -35,43 +43,6 @@ def local_env(base_env, api_server, tmp_path):
         # The sandboxes bootstrap and heartbeat against the real API.
         "PUBLIC_API_URL": api_server.url,
     }
-
-
-async def rfb_greeting(port: int) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        return await asyncio.wait_for(reader.readexactly(12), 5)
-    finally:
-        writer.close()
-
-
-async def port_closed(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return True
-    writer.close()
-    return False
-
-
-def processes_of(directory: Path) -> list[str]:
-    """Command lines of every live process started for this machine (its process group)."""
-    try:
-        pgid = int((directory / "machine.pid").read_text())
-    except OSError:
-        pgid = -1
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if stat[0] != "Z" and (int(stat[2]) == pgid or str(directory) in cmdline):
-            found.append(cmdline)
-    return found
 
 
 async def agent_hello(port: int, credential: str) -> dict:
@@ -96,7 +67,9 @@ async def test_local_desktop_lifecycle(db, local_env, settings, tmp_path, secret
     assert row.host == "127.0.0.1"
     assert row.backend_instance_id == f"local-{instance_id}"
     assert RFB.fullmatch(await rfb_greeting(vnc))
-    assert any("xterm" in c and "CloudBot lab-desk" in c for c in processes_of(directory))
+    group = machine_group(directory)
+    assert any("xterm" in c and "CloudBot lab-desk" in c for c in processes_of(directory, group))
+    assert any("Xvfb" in c for c in processes_of(directory, group))
 
     credential = agent_credential(settings.agent_token_secret.get_secret_value(), instance_id)
     secret_registry.add(credential)
@@ -120,7 +93,7 @@ async def test_local_desktop_lifecycle(db, local_env, settings, tmp_path, secret
         await db.wait_state(instance_id, S.STOPPED)
         assert await port_closed(vnc)
         assert await port_closed(agent)
-        assert processes_of(directory) == []
+        assert processes_of(directory, group) == []
         # The disk stays: the agent's credential survives the stop.
         assert (directory / "disk" / "agent" / "agent.json").exists()
 
@@ -129,10 +102,11 @@ async def test_local_desktop_lifecycle(db, local_env, settings, tmp_path, secret
         assert (row.vnc_port, row.agent_port) == (vnc, agent)
         assert RFB.fullmatch(await rfb_greeting(vnc))
         assert (await agent_hello(agent, credential))["instance_id"] == str(instance_id)
+        group = machine_group(directory)
 
         await db.command(instance_id, Command.TERMINATE, S.TERMINATING)
         await db.wait_state(instance_id, S.TERMINATED)
-        assert processes_of(directory) == []
+        assert processes_of(directory, group) == []
         assert not directory.exists()
         assert await port_closed(vnc)
         assert await port_closed(agent)
