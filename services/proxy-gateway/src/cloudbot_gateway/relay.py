@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection
@@ -66,9 +66,10 @@ class TcpUpstream(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(UPSTREAM_WRITE_LIMIT)
+        # uvloop's TCP transport has every asyncio.Transport method but does not subclass
+        # it, so an isinstance check would refuse every upstream under `cloudbot-gateway`.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(UPSTREAM_WRITE_LIMIT)
 
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)
