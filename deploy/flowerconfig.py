@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 from typing import Any
 
+from cloudbot_common.logging import redact_processor
 from cloudbot_common.settings import get_settings as _get_settings
 
 _settings = _get_settings()
@@ -30,25 +31,23 @@ tasks_columns = "name,kwargs,state,received,started,runtime,retries,worker,uuid"
 max_tasks = 20000
 purge_offline_workers = 3600
 
-# Provisioning tasks carry only these ids; anything else is hidden from the pages even if a
-# future task were to carry it.
-_SHOWN_KWARGS = ("instance_id", "command_id")
 
-
-def _only_ids(kwargs: Any) -> Any:
+def _shown(kwargs: Any) -> Any:
     try:
         parsed = ast.literal_eval(kwargs) if isinstance(kwargs, str) else kwargs
     except (ValueError, SyntaxError):
         return "[hidden]"
     if not isinstance(parsed, dict):
         return "[hidden]"
-    return repr({k: v for k, v in parsed.items() if k in _SHOWN_KWARGS})
+    return repr(dict(redact_processor(None, "", dict(parsed))))
 
 
 def format_task(task: Any) -> Any:
-    """Flower's hook for the task pages: show the ids, hide any other argument."""
+    """Flower's hook for the task pages. Provisioning tasks carry ids only; should one ever
+    carry more, the same redaction as the logs applies here (secret-named arguments and
+    token-shaped text are hidden), and positional arguments are not shown at all."""
     if getattr(task, "kwargs", None) is not None:
-        task.kwargs = _only_ids(task.kwargs)
+        task.kwargs = _shown(task.kwargs)
     if getattr(task, "args", None) not in (None, "()", "[]"):
         task.args = "[hidden]"
     return task

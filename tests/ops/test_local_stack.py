@@ -1,0 +1,235 @@
+"""The local process stack exactly as `make dev` runs it (honcho with Procfile.dev): create
+an instance through the API, see its command in Flower, open its desktop through the
+gateway, scrape both metrics endpoints, and stop everything with Ctrl-C."""
+
+from __future__ import annotations
+
+import ast
+import os
+import secrets
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import connect
+from websockets.typing import Origin, Subprotocol
+
+from tests.conftest import SECRETS
+from tests.ops.test_deploy import SECRET_NAME
+from tests.support.processes import PYTHON, Process, free_port, wait_for
+
+REDIS_SLOT = "stack"
+ORIGIN = "http://app.test"  # in ALLOWED_WS_ORIGINS of the test environment
+HONCHO = str(Path(PYTHON).with_name("honcho"))
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.vnc,
+    pytest.mark.skipif(
+        find_spec("cloudbot_provisioner.worker") is None
+        or find_spec("cloudbot_gateway.main") is None,
+        reason="needs the provisioner worker and the gateway",
+    ),
+    pytest.mark.skipif(
+        shutil.which("Xvfb") is None, reason="needs Xvfb and x11vnc (make dev installs them)"
+    ),
+]
+
+
+@dataclass
+class Stack:
+    api: str
+    gateway: str
+    flower: str
+    flower_auth: tuple[str, str]
+    honcho: Process
+    marker: str
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids whose environment carries `marker` (every process the stack started)."""
+    found = []
+    needle = marker.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def stack(private_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    api_port, gateway_port, flower_port = free_port(), free_port(), free_port()
+    marker = f"cloudbot-ops-stack-{secrets.token_hex(4)}"
+    flower_auth = ("ops", "flower-" + secrets.token_urlsafe(18))
+    SECRETS.add(flower_auth[1])
+    state = tmp_path_factory.mktemp("stack")
+    env = {
+        **private_env,
+        # What `make dev` sets, then what keeps this stack apart from anything else running.
+        "LOG_JSON": "false",
+        "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "CONTROL_PLANE_ID": marker,
+        "API_PORT": str(api_port),
+        "PUBLIC_API_URL": f"http://127.0.0.1:{api_port}",
+        "GATEWAY_PORT": str(gateway_port),
+        "PUBLIC_GATEWAY_URL": f"ws://127.0.0.1:{gateway_port}",
+        "GATEWAY_DRAIN_TIMEOUT_SECONDS": "2",
+        "FLOWER_PORT": str(flower_port),
+        "FLOWER_USER": flower_auth[0],
+        "FLOWER_PASSWORD": flower_auth[1],
+        "LOCAL_DEV_MODE": "true",
+        "LOCAL_STATE_DIR": str(state / "instances"),
+        "LOCAL_PORT_RANGE_START": str(52000 + secrets.randbelow(40) * 100),
+        "CELERY_BEAT_SCHEDULE": str(state / "celerybeat-schedule"),
+        "WORKER_CONCURRENCY": "1",
+    }
+    honcho = Process(
+        "dev-stack",
+        [HONCHO, "--procfile", "Procfile.dev", "--env", "/dev/null", "start"],
+        env,
+    )
+    stack = Stack(
+        api=f"http://127.0.0.1:{api_port}",
+        gateway=f"http://127.0.0.1:{gateway_port}",
+        flower=f"http://127.0.0.1:{flower_port}",
+        flower_auth=flower_auth,
+        honcho=honcho,
+        marker=marker,
+    )
+    try:
+        for url in (
+            f"{stack.api}/readyz",
+            f"{stack.gateway}/readyz",
+            f"{stack.flower}/healthcheck",
+        ):
+            wait_for(answering(honcho, url), 60, url)
+        yield stack
+    except Exception:
+        print(honcho.log_text()[-6000:])
+        raise
+    finally:
+        honcho.stop(timeout=20)
+
+
+def answering(honcho: Process, url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        if not honcho.alive():
+            raise RuntimeError(f"the stack exited:\n{honcho.log_text()[-6000:]}")
+        return httpx.get(url, timeout=1).status_code == 200
+
+    return check
+
+
+def wait_for_state(client: httpx.Client, instance_id: str, state: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        body = client.get(f"/api/instances/{instance_id}").json()
+        seen = body["state"]
+        if seen == state:
+            return body
+        assert seen != "failed", body
+        time.sleep(0.2)
+    raise AssertionError(f"instance stayed {seen}, never {state}")
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no sample {name}{labels}")
+
+
+def test_make_dev_stack_end_to_end(stack: Stack) -> None:
+    client = httpx.Client(base_url=stack.api, timeout=15, headers={"X-Forwarded-For": "10.9.8.7"})
+    email = f"stack-{secrets.token_hex(6)}@example.com"
+    password = "correct horse battery " + secrets.token_urlsafe(12)
+    assert (
+        client.post("/api/auth/signup", json={"email": email, "password": password}).status_code
+        == 201
+    )
+    tokens = client.post("/api/auth/login", json={"email": email, "password": password}).json()
+    SECRETS.add(password, tokens["access_token"], tokens["refresh_token"])
+    client.headers["Authorization"] = f"Bearer {tokens['access_token']}"
+
+    r = client.post("/api/instances", json={"name": "ops stack", "size": "small"})
+    assert r.status_code == 202, r.text
+    instance_id = r.json()["id"]
+    try:
+        wait_for_state(client, instance_id, "running", 120)
+
+        # Flower lists the provisioning command by name, with the instance id and no more.
+        def provision_task() -> dict | None:
+            tasks = httpx.get(f"{stack.flower}/api/tasks", auth=stack.flower_auth, timeout=5).json()
+            for task in tasks.values():
+                if task["name"] == "cloudbot.instances.provision" and instance_id in str(
+                    task["kwargs"]
+                ):
+                    return task
+            return None
+
+        wait_for(lambda: provision_task() is not None, 20, "the task in Flower")
+        task = provision_task()
+        assert task is not None
+        kwargs = ast.literal_eval(str(task["kwargs"]))
+        assert kwargs["instance_id"] == instance_id
+        assert "command_id" in kwargs
+        assert not [k for k in kwargs if SECRET_NAME.search(k)], kwargs
+
+        # The desktop, through the gateway, with a browser's one-time ticket.
+        ticket = client.post(f"/api/instances/{instance_id}/tickets", json={"channel": "vnc"})
+        assert ticket.status_code == 201, ticket.text
+        SECRETS.add(ticket.json()["ticket"])
+        with connect(
+            ticket.json()["url"],
+            subprotocols=[Subprotocol("binary")],
+            origin=Origin(ORIGIN),
+            open_timeout=10,
+        ) as ws:
+            greeting = ws.recv(timeout=10)
+        assert isinstance(greeting, bytes)
+        assert greeting.startswith(b"RFB 003.")
+
+        api_metrics = httpx.get(f"{stack.api}/metrics", timeout=5).text
+        assert metric_value(api_metrics, "cloudbot_instances", state="running") == 1
+        assert (
+            metric_value(
+                api_metrics,
+                "http_requests_total",
+                handler="/api/instances",
+                method="POST",
+                status="202",
+            )
+            == 1
+        )
+        gateway_metrics = httpx.get(f"{stack.gateway}/metrics", timeout=5).text
+        assert metric_value(gateway_metrics, "cloudbot_gateway_sessions_total", channel="vnc") >= 1
+    finally:
+        client.delete(f"/api/instances/{instance_id}")
+        wait_for_state(client, instance_id, "terminated", 60)
+        client.close()
+
+
+def test_ctrl_c_stops_every_process(stack: Stack) -> None:
+    assert stack.honcho.alive()
+    assert len(processes_with(stack.marker)) >= 5
+    # A terminal's Ctrl-C: SIGINT to the foreground process group, honcho's.
+    os.killpg(stack.honcho.pid, signal.SIGINT)
+    stack.honcho.popen.wait(30)
+    wait_for(lambda: not processes_with(stack.marker), 15, "every stack process to exit")
+    log = stack.honcho.log_text()
+    for name in ("api", "worker", "beat", "gateway", "flower"):
+        assert f"{name}.1 stopped" in log, name
