@@ -114,8 +114,12 @@ class EventHub:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(INSTANCE_EVENTS_CHANNEL, SESSION_EVENTS_CHANNEL)
                     self.ready.set()
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
+                    while True:
+                        # Polled with a timeout of our own: `listen()` would read under the
+                        # client's socket_timeout and drop the subscription whenever the
+                        # channels are quiet for that long.
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is not None and message.get("type") == "message":
                             self._dispatch(message["channel"], message["data"])
             except asyncio.CancelledError:
                 raise
