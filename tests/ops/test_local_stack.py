@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 import pytest
@@ -51,6 +52,13 @@ class Stack:
     flower_auth: tuple[str, str]
     honcho: Process
     marker: str
+    # Held open from the start: the log stays readable even if another test session
+    # sharing this work tree clears .test-logs meanwhile.
+    log: BinaryIO
+
+    def log_text(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
 
 def processes_with(marker: str) -> list[int]:
@@ -107,6 +115,7 @@ def stack(private_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
         flower_auth=flower_auth,
         honcho=honcho,
         marker=marker,
+        log=honcho.log_path.open("rb"),
     )
     try:
         for url in (
@@ -117,10 +126,11 @@ def stack(private_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
             wait_for(answering(honcho, url), 60, url)
         yield stack
     except Exception:
-        print(honcho.log_text()[-6000:])
+        print(stack.log_text()[-6000:])
         raise
     finally:
         honcho.stop(timeout=20)
+        stack.log.close()
 
 
 def answering(honcho: Process, url: str) -> Callable[[], bool]:
@@ -168,8 +178,18 @@ def test_make_dev_stack_end_to_end(stack: Stack) -> None:
     r = client.post("/api/instances", json={"name": "ops stack", "size": "small"})
     assert r.status_code == 202, r.text
     instance_id = r.json()["id"]
+    request_id = r.headers["X-Request-ID"]
     try:
         wait_for_state(client, instance_id, "running", 120)
+
+        # The worker's lines about this command carry the id of the request that caused it.
+        worker_lines = [
+            line
+            for line in stack.log_text().splitlines()
+            if line.split("|", 1)[0].strip().endswith("worker.1") and instance_id in line
+        ]
+        assert worker_lines
+        assert any(f"request_id={request_id}" in line for line in worker_lines), worker_lines
 
         # Flower lists the provisioning command by name, with the instance id and no more.
         def provision_task() -> dict | None:
@@ -230,6 +250,6 @@ def test_ctrl_c_stops_every_process(stack: Stack) -> None:
     os.killpg(stack.honcho.pid, signal.SIGINT)
     stack.honcho.popen.wait(30)
     wait_for(lambda: not processes_with(stack.marker), 15, "every stack process to exit")
-    log = stack.honcho.log_text()
+    log = stack.log_text()
     for name in ("api", "worker", "beat", "gateway", "flower"):
         assert f"{name}.1 stopped" in log, name

@@ -65,9 +65,14 @@ def _run_command(
 ) -> None:
     rt = _runtime()
     iid, cid = uuid.UUID(instance_id), uuid.UUID(command_id)
+    # The API request's id travels as a message header (`send_command`), so this task's
+    # lines, and the EC2 calls it makes, carry the id of the request that caused them.
+    request_id: str | None = getattr(task.request, "request_id", None)
     structlog.contextvars.bind_contextvars(
         instance_id=instance_id, command_id=command_id, command=command.value
     )
+    if request_id:
+        structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
         try:
             outcome = rt.run(handlers.handle(rt, command, iid, cid, waiting_since))
@@ -94,6 +99,7 @@ def _run_command(
                 },
                 countdown=outcome.seconds,
                 task_id=command_id,
+                headers={"request_id": request_id} if request_id else None,
             )
     finally:
         structlog.contextvars.clear_contextvars()
