@@ -1,0 +1,281 @@
+"""Fixtures for the gateway tests: the gateway as a real process, a real desktop (Xvfb and
+x11vnc), a real WebSocket server standing in for the agent, and instance rows written
+straight into the test database the way the provisioner fills them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.http11 import Request, Response
+
+from cloudbot_common.events import publish_instance_event
+from cloudbot_common.instance_contract import AGENT_WS_PATH
+from cloudbot_common.lifecycle import lock_instance, transition
+from cloudbot_common.models import Instance, InstanceState
+from cloudbot_common.security.jwt_tokens import TokenCodec, TokenType
+from cloudbot_common.security.opaque import agent_credential
+from cloudbot_common.settings import Settings
+from tests.conftest import SECRETS, User, make_user
+from tests.support.processes import PYTHON, free_port, http_ok, running, tcp_open, wait_for
+
+MAX_SESSIONS_PER_USER = 3
+ORIGIN = "http://app.test"  # in ALLOWED_WS_ORIGINS of the test environment
+
+
+@dataclass(frozen=True)
+class GatewayServer:
+    port: int
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def gateway_env(base_env: dict[str, str], port: int, **extra: str) -> dict[str, str]:
+    return {
+        **base_env,
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_MAX_SESSIONS_PER_USER": str(MAX_SESSIONS_PER_USER),
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def gateway(base_env: dict[str, str]) -> Iterator[GatewayServer]:
+    port = free_port()
+    with running(
+        "gateway",
+        [PYTHON, "-m", "cloudbot_gateway"],
+        gateway_env(base_env, port),
+        ready=http_ok(f"http://127.0.0.1:{port}/readyz"),
+    ):
+        yield GatewayServer(port)
+
+
+@dataclass(frozen=True)
+class Desktop:
+    display: str
+    vnc_port: int
+    width: int
+    height: int
+
+
+def _free_display() -> int:
+    base = 140 + 10 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    for n in range(base, base + 200):
+        if not Path(f"/tmp/.X{n}-lock").exists() and not Path(f"/tmp/.X11-unix/X{n}").exists():
+            return n
+    raise RuntimeError("no free X display number")
+
+
+@pytest.fixture(scope="session")
+def desktop() -> Iterator[Desktop]:
+    """A real X display painted red, served by a real x11vnc."""
+    missing = [b for b in ("Xvfb", "x11vnc", "xsetroot") if shutil.which(b) is None]
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"missing {', '.join(missing)} (apt-get install xvfb x11vnc x11-xserver-utils)")
+        pytest.skip(f"missing {', '.join(missing)}")
+    n = _free_display()
+    display, width, height = f":{n}", 320, 240
+    with running(
+        "xvfb",
+        ["Xvfb", display, "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp", "-noreset"],
+        {},
+        ready=lambda: Path(f"/tmp/.X11-unix/X{n}").exists(),
+    ):
+        subprocess.run(
+            ["xsetroot", "-solid", "red"], env={**os.environ, "DISPLAY": display}, check=True
+        )
+        port = free_port()
+        with running(
+            "x11vnc",
+            ["x11vnc", "-display", display, "-rfbport", str(port), "-localhost", "-nopw",
+             "-forever", "-shared", "-quiet", "-noxdamage"],
+            {},
+            ready=tcp_open(port),
+        ):
+            yield Desktop(display, port, width, height)
+
+
+@dataclass
+class FakeAgent:
+    """A real WebSocket server in the agent's place: it admits only the gateway presenting
+    the instance's agent credential, echoes what it gets, closes when told, and records
+    the close codes it receives."""
+
+    secret: str
+    port: int = 0
+    credentials: set[str] = field(default_factory=set)
+    closes: list[tuple[int | None, str | None]] = field(default_factory=list)
+    refused: int = 0
+
+    def allow(self, instance_id: uuid.UUID) -> None:
+        credential = agent_credential(self.secret, instance_id)
+        SECRETS.add(credential)
+        self.credentials.add(credential)
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+        if request.path != AGENT_WS_PATH or scheme != "Bearer" or credential not in self.credentials:
+            self.refused += 1
+            return connection.respond(401, "agent credential required\n")
+        return None
+
+    async def handler(self, ws: ServerConnection) -> None:
+        try:
+            async for message in ws:
+                if isinstance(message, str) and message.startswith("close "):
+                    _, code, reason = message.split(" ", 2)
+                    await ws.close(int(code), reason)
+                    return
+                await ws.send(message)
+        except ConnectionClosed:
+            pass
+        self.closes.append((ws.close_code, ws.close_reason))
+
+
+@pytest.fixture(scope="session")
+async def agent(settings: Settings) -> AsyncIterator[FakeAgent]:
+    fake = FakeAgent(settings.agent_token_secret.get_secret_value())
+    async with serve(
+        fake.handler, "127.0.0.1", 0, process_request=fake.process_request, compression=None
+    ) as server:
+        fake.port = server.sockets[0].getsockname()[1]
+        yield fake
+
+
+@pytest.fixture(scope="session")
+async def db(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(database_url, pool_size=2)
+    yield engine
+    await engine.dispose()
+
+
+@dataclass
+class Owner:
+    """A user signed up through the real API, with what the gateway tests need of them."""
+
+    user: User
+    id: uuid.UUID
+    session_id: uuid.UUID
+
+    @property
+    def bearer(self) -> dict[str, str]:
+        return self.user.headers
+
+
+async def make_owner(http: httpx.AsyncClient, settings: Settings) -> Owner:
+    user = await make_user(http)
+    me = await http.get("/api/auth/me", headers=user.headers)
+    assert me.status_code == 200, me.text
+    claims = TokenCodec(settings).decode(user.access_token, TokenType.ACCESS)
+    return Owner(user, uuid.UUID(me.json()["id"]), claims.session_id)
+
+
+@pytest.fixture
+async def owner(http: httpx.AsyncClient, settings: Settings) -> Owner:
+    return await make_owner(http, settings)
+
+
+async def add_instance(
+    db: AsyncEngine,
+    owner_id: uuid.UUID,
+    *,
+    state: InstanceState = InstanceState.RUNNING,
+    vnc_port: int | None = None,
+    agent_port: int | None = None,
+) -> uuid.UUID:
+    """An instance row as the provisioner leaves it once the machine is up."""
+    instance_id = uuid.uuid4()
+    async with db.begin() as conn:
+        await conn.execute(
+            insert(Instance).values(
+                id=instance_id,
+                owner_id=owner_id,
+                name="gateway-test",
+                size="small",
+                instance_type="t3.small",
+                backend="local",
+                state=state.value,
+                host="127.0.0.1",
+                vnc_port=vnc_port,
+                agent_port=agent_port,
+            )
+        )
+    return instance_id
+
+
+async def move_instance(
+    db: AsyncEngine, redis: Redis, instance_id: uuid.UUID, *states: InstanceState
+) -> None:
+    """Move the instance through `states` the one way the provisioner does: a transition
+    committed, then its event published."""
+    for state in states:
+        async with AsyncSession(db, expire_on_commit=False) as session:
+            async with session.begin():
+                instance = await lock_instance(session, instance_id)
+                assert instance is not None
+                event = await transition(session, instance, state)
+        await publish_instance_event(redis, event)
+
+
+async def ticket_for(
+    http: httpx.AsyncClient, owner: Owner, instance_id: uuid.UUID, channel: str
+) -> str:
+    r = await http.post(
+        f"/api/instances/{instance_id}/tickets", json={"channel": channel}, headers=owner.bearer
+    )
+    assert r.status_code == 201, r.text
+    ticket = r.json()["ticket"]
+    SECRETS.add(ticket)
+    return str(ticket)
+
+
+def ws_connect(url: str, **kwargs: object) -> connect:
+    kwargs.setdefault("compression", None)
+    kwargs.setdefault("proxy", None)
+    kwargs.setdefault("open_timeout", 10)
+    kwargs.setdefault("max_size", None)
+    return connect(url, **kwargs)  # type: ignore[arg-type]
+
+
+async def refused(url: str, **kwargs: object) -> Response:
+    """The HTTP response with which the gateway refused the upgrade."""
+    with pytest.raises(InvalidStatus) as info:
+        async with ws_connect(url, **kwargs):
+            pass
+    return info.value.response
+
+
+async def wait_closed(ws: ClientConnection, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        await ws.wait_closed()
+
+
+async def until(check, timeout: float = 10, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.02)
+
+
+__all__ = ["wait_for"]
