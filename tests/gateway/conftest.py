@@ -9,9 +9,10 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -31,7 +32,7 @@ from cloudbot_common.security.jwt_tokens import TokenCodec, TokenType
 from cloudbot_common.security.opaque import agent_credential
 from cloudbot_common.settings import Settings
 from tests.conftest import SECRETS, User, make_user
-from tests.support.processes import PYTHON, free_port, http_ok, running, tcp_open, wait_for
+from tests.support.processes import PYTHON, free_port, http_ok, running, tcp_open
 
 MAX_SESSIONS_PER_USER = 3
 ORIGIN = "http://app.test"  # in ALLOWED_WS_ORIGINS of the test environment
@@ -93,7 +94,9 @@ def desktop() -> Iterator[Desktop]:
     missing = [b for b in ("Xvfb", "x11vnc", "xsetroot") if shutil.which(b) is None]
     if missing:
         if os.environ.get("CI"):
-            pytest.fail(f"missing {', '.join(missing)} (apt-get install xvfb x11vnc x11-xserver-utils)")
+            pytest.fail(
+                f"missing {', '.join(missing)}: apt-get install xvfb x11vnc x11-xserver-utils"
+            )
         pytest.skip(f"missing {', '.join(missing)}")
     n = _free_display()
     display, width, height = f":{n}", 320, 240
@@ -109,8 +112,19 @@ def desktop() -> Iterator[Desktop]:
         port = free_port()
         with running(
             "x11vnc",
-            ["x11vnc", "-display", display, "-rfbport", str(port), "-localhost", "-nopw",
-             "-forever", "-shared", "-quiet", "-noxdamage"],
+            [
+                "x11vnc",
+                "-display",
+                display,
+                "-rfbport",
+                str(port),
+                "-localhost",
+                "-nopw",
+                "-forever",
+                "-shared",
+                "-quiet",
+                "-noxdamage",
+            ],
             {},
             ready=tcp_open(port),
         ):
@@ -136,7 +150,8 @@ class FakeAgent:
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
-        if request.path != AGENT_WS_PATH or scheme != "Bearer" or credential not in self.credentials:
+        presented = scheme == "Bearer" and credential in self.credentials
+        if request.path != AGENT_WS_PATH or not presented:
             self.refused += 1
             return connection.respond(401, "agent credential required\n")
         return None
@@ -231,11 +246,10 @@ async def move_instance(
     """Move the instance through `states` the one way the provisioner does: a transition
     committed, then its event published."""
     for state in states:
-        async with AsyncSession(db, expire_on_commit=False) as session:
-            async with session.begin():
-                instance = await lock_instance(session, instance_id)
-                assert instance is not None
-                event = await transition(session, instance, state)
+        async with AsyncSession(db, expire_on_commit=False) as session, session.begin():
+            instance = await lock_instance(session, instance_id)
+            assert instance is not None
+            event = await transition(session, instance, state)
         await publish_instance_event(redis, event)
 
 
@@ -251,15 +265,18 @@ async def ticket_for(
     return str(ticket)
 
 
-def ws_connect(url: str, **kwargs: object) -> connect:
-    kwargs.setdefault("compression", None)
-    kwargs.setdefault("proxy", None)
-    kwargs.setdefault("open_timeout", 10)
-    kwargs.setdefault("max_size", None)
-    return connect(url, **kwargs)  # type: ignore[arg-type]
+def ws_connect(url: str, **kwargs: Any) -> connect:
+    """A plain client: no compression, no proxy from the environment, any message size."""
+    options: dict[str, Any] = {
+        "compression": None,
+        "proxy": None,
+        "open_timeout": 10,
+        "max_size": None,
+    }
+    return connect(url, **(options | kwargs))
 
 
-async def refused(url: str, **kwargs: object) -> Response:
+async def refused(url: str, **kwargs: Any) -> Response:
     """The HTTP response with which the gateway refused the upgrade."""
     with pytest.raises(InvalidStatus) as info:
         async with ws_connect(url, **kwargs):
@@ -272,10 +289,11 @@ async def wait_closed(ws: ClientConnection, timeout: float = 10) -> None:
         await ws.wait_closed()
 
 
-async def until(check, timeout: float = 10, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.02)
-
-
-__all__ = ["wait_for"]
+async def until(check: Callable[[], bool], timeout: float = 10, what: str = "condition") -> None:
+    """Poll `check` until it holds; fail after `timeout` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not check():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")

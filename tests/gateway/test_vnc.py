@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Literal
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -58,13 +59,15 @@ async def rfb_session(ws: ClientConnection, desktop: Desktop) -> None:
     await ws.send(struct.pack(">BxHi", 2, 1, 0))  # SetEncodings: raw only
     await ws.send(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))  # full update request
     msg_type, _pad, rects = struct.unpack(">BBH", await stream.read(4))
-    assert msg_type == 0 and rects >= 1  # FramebufferUpdate
+    assert msg_type == 0  # FramebufferUpdate
+    assert rects >= 1
     covered = red = 0
     for _ in range(rects):
-        x, y, w, h, encoding = struct.unpack(">HHHHi", await stream.read(12))
+        _x, _y, w, h, encoding = struct.unpack(">HHHHi", await stream.read(12))
         assert encoding == 0
         pixels = await stream.read(w * h * bpp // 8)
-        size, order = bpp // 8, "big" if big_endian else "little"
+        size = bpp // 8
+        order: Literal["big", "little"] = "big" if big_endian else "little"
         values = (int.from_bytes(pixels[i : i + size], order) for i in range(0, len(pixels), size))
         red += sum(1 for v in values if (v >> red_shift) & red_max == red_max)
         covered += w * h
