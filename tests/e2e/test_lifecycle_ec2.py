@@ -21,6 +21,7 @@ from tests.provisioner.harness import (
     machines_tagged,
     moto_server,
     provisioner,
+    redis_server,
     wait_api_state,
 )
 
@@ -34,11 +35,18 @@ def moto_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def api_url(base_env, moto_url, tmp_path_factory) -> Iterator[str]:
+def broker_url() -> Iterator[str]:
+    with redis_server() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def api_url(base_env, broker_url, moto_url, tmp_path_factory) -> Iterator[str]:
     env = {
         **base_env,
         **AWS_ENV,
         **FAST_RETRIES,
+        "CELERY_BROKER_URL": broker_url,
         "LOCAL_DEV_MODE": "false",
         "AWS_ENDPOINT_URL": moto_url,
     }

@@ -21,6 +21,7 @@ from tests.provisioner.harness import (
     machines_tagged,
     moto_server,
     provisioner,
+    redis_server,
     wait_api_state,
 )
 
@@ -43,11 +44,18 @@ def _fresh_proxy(proxy):
 
 
 @pytest.fixture(scope="module")
-def env(base_env, proxy) -> dict[str, str]:
+def broker_url() -> Iterator[str]:
+    with redis_server() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def env(base_env, broker_url, proxy) -> dict[str, str]:
     return {
         **base_env,
         **AWS_ENV,
         **FAST_RETRIES,
+        "CELERY_BROKER_URL": broker_url,
         "LOCAL_DEV_MODE": "false",
         "AWS_ENDPOINT_URL": proxy.url,
     }

@@ -18,10 +18,12 @@ from tests.provisioner.harness import (
     FAST_RETRIES,
     Db,
     api_process,
+    kill_local_machines,
     machine_group,
     port_closed,
     processes_of,
     provisioner,
+    redis_server,
     rfb_greeting,
     wait_api_state,
 )
@@ -31,21 +33,29 @@ RFB = re.compile(rb"RFB 003\.00\d\n")
 
 
 @pytest.fixture
-async def db(database_url, settings) -> AsyncIterator[Db]:
-    database = Db(database_url, settings)
+def broker_url() -> Iterator[str]:
+    with redis_server() as server:
+        yield server.url
+
+
+@pytest.fixture
+async def db(database_url, broker_url) -> AsyncIterator[Db]:
+    database = Db(database_url, broker_url)
     yield database
     await database.close()
 
 
 @pytest.fixture
-def local_env(base_env, tmp_path) -> dict[str, str]:
-    return {
+def local_env(base_env, broker_url, tmp_path) -> Iterator[dict[str, str]]:
+    yield {
         **base_env,
         **FAST_RETRIES,
+        "CELERY_BROKER_URL": broker_url,
         "LOCAL_DEV_MODE": "true",
         "LOCAL_STATE_DIR": str(tmp_path / "instances"),
         "LOCAL_PORT_RANGE_START": str(30000 + secrets.randbelow(20000)),
     }
+    kill_local_machines(tmp_path / "instances")
 
 
 @pytest.fixture

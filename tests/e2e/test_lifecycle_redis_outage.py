@@ -18,51 +18,21 @@ from tests.provisioner.harness import (
     AWS_ENV,
     FAST_RETRIES,
     Db,
+    RedisServer,
     api_process,
     ec2_client,
     machines_tagged,
     moto_server,
     provisioner,
+    redis_server,
     wait_api_state,
 )
-from tests.support.processes import Process, free_port, tcp_open, wait_for
-
-
-class RedisServer:
-    """A Redis of the test's own, to stop and start again on the same port."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._proc: Process | None = None
-
-    def start(self) -> None:
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        self._proc = Process("redis-outage", [*argv, "--save", "", "--appendonly", "no"], {})
-        wait_for(tcp_open(self.port), 10, "redis-server")
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.stop()
-            self._proc = None
-        wait_for(self._refused, 10, "redis-server to stop")
-
-    def _refused(self) -> bool:
-        try:
-            tcp_open(self.port)()
-        except OSError:
-            return True
-        return False
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
+def outage_redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +53,8 @@ def ec2_env(base_env, moto_url) -> dict[str, str]:
 
 
 @pytest.fixture
-async def db(database_url, settings) -> AsyncIterator[Db]:
-    database = Db(database_url, settings)
+async def db(database_url, outage_redis) -> AsyncIterator[Db]:
+    database = Db(database_url, outage_redis.url)
     yield database
     await database.close()
 
@@ -107,15 +77,15 @@ async def client_for(url: str) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def test_broker_down_at_create_then_provisioned_when_it_returns(
-    ec2_env, redis_server, moto_url, tmp_path
+    ec2_env, outage_redis, moto_url, tmp_path
 ):
-    env = {**ec2_env, "CELERY_BROKER_URL": redis_server.url}
+    env = {**ec2_env, "CELERY_BROKER_URL": outage_redis.url}
     with api_process(env, "api-broker-outage") as api_url:
         worker_env = {**env, "PUBLIC_API_URL": api_url}
         with provisioner(worker_env, tmp_path, name="outage-worker"):
             async with client_for(api_url) as client:
                 user = await make_user(client)
-                redis_server.stop()
+                outage_redis.stop()
                 r = await client.post(
                     "/api/instances", json={"name": "desk", "size": "small"}, headers=user.headers
                 )
@@ -124,26 +94,26 @@ async def test_broker_down_at_create_then_provisioned_when_it_returns(
                 body = await client.get(f"/api/instances/{instance_id}", headers=user.headers)
                 assert body.json()["state"] == "pending"
 
-                redis_server.start()
+                outage_redis.start()
                 await wait_api_state(client, user.headers, instance_id, "running", timeout=90)
     assert len(machines_tagged(ec2_client(moto_url), instance_id)) == 1
 
 
 async def test_redis_down_at_create_either_provisions_later_or_writes_nothing(
-    ec2_env, redis_server, db, moto_url, tmp_path
+    ec2_env, outage_redis, db, moto_url, tmp_path
 ):
-    env = {**ec2_env, "REDIS_URL": redis_server.url}
+    env = {**ec2_env, "REDIS_URL": outage_redis.url, "CELERY_BROKER_URL": outage_redis.url}
     with api_process(env, "api-redis-outage") as api_url:
         worker_env = {**env, "PUBLIC_API_URL": api_url}
         with provisioner(worker_env, tmp_path, name="redis-outage-worker"):
             async with client_for(api_url) as client:
                 user = await make_user(client)
                 before = await counts(db)
-                redis_server.stop()
+                outage_redis.stop()
                 r = await client.post(
                     "/api/instances", json={"name": "desk", "size": "small"}, headers=user.headers
                 )
-                redis_server.start()
+                outage_redis.start()
                 if r.status_code == 202:
                     instance_id = r.json()["id"]
                     await wait_api_state(client, user.headers, instance_id, "running", timeout=90)

@@ -4,8 +4,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from cloudbot_common.settings import Settings
-from tests.provisioner.harness import AWS_ENV, FAST_RETRIES, Db, moto_server
+from tests.provisioner.harness import AWS_ENV, FAST_RETRIES, Db, moto_server, redis_server
 
 
 @pytest.fixture(scope="session")
@@ -15,19 +14,30 @@ def moto_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def ec2_env(base_env: dict[str, str], moto_url: str) -> dict[str, str]:
+def broker_url() -> Iterator[str]:
+    """A Celery broker of this run's own: the queue is shared with nobody else."""
+    with redis_server() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def worker_env(base_env: dict[str, str], broker_url: str) -> dict[str, str]:
+    return {**base_env, **FAST_RETRIES, "CELERY_BROKER_URL": broker_url}
+
+
+@pytest.fixture(scope="session")
+def ec2_env(worker_env: dict[str, str], moto_url: str) -> dict[str, str]:
     """A provisioner driving EC2, with moto as the endpoint."""
     return {
-        **base_env,
+        **worker_env,
         **AWS_ENV,
-        **FAST_RETRIES,
         "LOCAL_DEV_MODE": "false",
         "AWS_ENDPOINT_URL": moto_url,
     }
 
 
 @pytest.fixture
-async def db(database_url: str, settings: Settings) -> AsyncIterator[Db]:
-    database = Db(database_url, settings)
+async def db(database_url: str, broker_url: str) -> AsyncIterator[Db]:
+    database = Db(database_url, broker_url)
     yield database
     await database.close()

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import signal
+import socket
 import threading
 import time
 import urllib.parse
@@ -58,6 +61,47 @@ FAST_RETRIES = {
     "OUTBOX_RELAY_AFTER_SECONDS": "3",
     "RECONCILE_INTERVAL_SECONDS": "2",
 }
+
+
+# --- A Redis of the tests' own -------------------------------------------------------------
+
+
+class RedisServer:
+    """A redis-server on a free port, to use as the Celery broker (so no other test run on
+    the machine shares the queue) or to stop and start again in outage tests."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: Process | None = None
+
+    def start(self) -> None:
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        self._proc = Process("redis", [*argv, "--save", "", "--appendonly", "no"], {})
+        wait_for(tcp_open(self.port), 10, "redis-server")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.stop()
+            self._proc = None
+        wait_for(self._refused, 10, "redis-server to stop")
+
+    def _refused(self) -> bool:
+        try:
+            tcp_open(self.port)()
+        except OSError:
+            return True
+        return False
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # --- moto ---------------------------------------------------------------------------------
@@ -208,7 +252,7 @@ class Ec2FaultProxy:
 
 
 def worker_argv(
-    name: str, state_dir: Path, *, concurrency: int = 2, beat: bool = True
+    node: str, state_dir: Path, *, concurrency: int = 2, beat: bool = True
 ) -> list[str]:
     argv = [
         PYTHON,
@@ -218,7 +262,7 @@ def worker_argv(
         "worker",
         "--queues=provisioning",
         f"--concurrency={concurrency}",
-        f"--hostname={name}-{secrets.token_hex(3)}@%h",
+        f"--hostname={node}",
         "--without-gossip",
         "--without-mingle",
         "--loglevel=INFO",
@@ -233,10 +277,16 @@ def worker_argv(
 def provisioner(
     env: dict[str, str], state_dir: Path, *, name: str = "worker", beat: bool = True
 ) -> Iterator[Process]:
-    """A real Celery worker (with embedded beat), ready to take tasks."""
-    proc = Process(name, worker_argv(name, state_dir, beat=beat), env)
+    """A real Celery worker (with embedded beat), ready to take tasks: it answers a ping
+    through the broker."""
+    node = f"{name}-{secrets.token_hex(3)}@{socket.gethostname()}"
+    broker = env.get("CELERY_BROKER_URL") or env["REDIS_URL"]
+    control = make_celery(
+        Settings(redis_url=broker, celery_broker_url=broker), "tests-control"
+    ).control
+    proc = Process(name, worker_argv(node, state_dir, beat=beat), env)
     try:
-        wait_for(lambda: not proc.alive() or "ready." in proc.log_text(), 60, name)
+        wait_for(lambda: not proc.alive() or bool(control.ping([node], timeout=0.5)), 60, name)
         if not proc.alive():
             raise RuntimeError(f"{name} exited early:\n{proc.log_text()[-4000:]}")
         yield proc
@@ -248,10 +298,12 @@ def provisioner(
 
 
 class Db:
-    def __init__(self, database_url: str, settings: Settings) -> None:
+    def __init__(self, database_url: str, broker_url: str) -> None:
         self.engine: AsyncEngine = create_async_engine(database_url, poolclass=NullPool)
         self.sessions = create_session_factory(self.engine)
-        self.celery = make_celery(settings, "tests")
+        self.celery = make_celery(
+            Settings(redis_url=broker_url, celery_broker_url=broker_url), "tests"
+        )
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -417,6 +469,13 @@ async def port_closed(port: int) -> bool:
         return True
     writer.close()
     return False
+
+
+def kill_local_machines(root: Path) -> None:
+    """Leave nothing running when a test ends early: SIGKILL every machine under `root`."""
+    for pid_file in root.glob("*/machine.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def machine_group(directory: Path) -> int:

@@ -19,8 +19,8 @@ from cloudbot_common.instance_contract import AGENT_WS_PATH
 from cloudbot_common.models import InstanceState as S
 from cloudbot_common.security.opaque import agent_credential
 from tests.provisioner.harness import (
-    FAST_RETRIES,
     eventually,
+    kill_local_machines,
     machine_group,
     port_closed,
     processes_of,
@@ -33,16 +33,16 @@ RFB = re.compile(rb"RFB 003\.00\d\n")
 
 
 @pytest.fixture
-def local_env(base_env, api_server, tmp_path):
-    return {
-        **base_env,
-        **FAST_RETRIES,
+def local_env(worker_env, api_server, tmp_path):
+    yield {
+        **worker_env,
         "LOCAL_DEV_MODE": "true",
         "LOCAL_STATE_DIR": str(tmp_path / "instances"),
         "LOCAL_PORT_RANGE_START": str(30000 + secrets.randbelow(20000)),
         # The sandboxes bootstrap and heartbeat against the real API.
         "PUBLIC_API_URL": api_server.url,
     }
+    kill_local_machines(tmp_path / "instances")
 
 
 async def agent_hello(port: int, credential: str) -> dict:
