@@ -11,6 +11,7 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -175,7 +176,8 @@ class Ec2Backend:
                 {"Name": "instance-state-name", "Values": _NOT_GONE},
             ],
         )
-        return sorted(machines, key=lambda m: (m.launched_at is None, m.launched_at, m.id))
+        never = datetime.max.replace(tzinfo=UTC)
+        return sorted(machines, key=lambda m: (m.launched_at or never, m.id))
 
     async def describe(self, machine_id: str) -> Machine | None:
         page: dict[str, Any] = {}

@@ -36,6 +36,18 @@ from cloudbot_provisioner.errors import PermanentError, TransientError
 HOST = "127.0.0.1"
 _ID_PREFIX = "local-"
 _PORTS_LOCK = ".ports.lock"
+# Programs a local desktop needs, and the Debian packages that provide them.
+REQUIRED_PROGRAMS = {
+    "Xvfb": "xvfb",
+    "x11vnc": "x11vnc",
+    "xterm": "xterm",
+    "xsetroot": "x11-xserver-utils",
+}
+
+
+def missing_programs() -> list[str]:
+    """Debian packages to install before local desktops can run."""
+    return sorted({pkg for prog, pkg in REQUIRED_PROGRAMS.items() if shutil.which(prog) is None})
 
 
 def machine_id_of(instance_id: uuid.UUID | str) -> str:
@@ -251,6 +263,12 @@ class LocalBackend:
 
     def _boot(self, directory: Path, bootstrap_token: str | None) -> None:
         """Starts the machine's init, detached; returns once it has recorded its pid."""
+        missing = missing_programs()
+        if missing:
+            raise PermanentError(
+                "Local desktops need programs this host lacks; install them with "
+                f"`apt-get install {' '.join(missing)}`."
+            )
         instance_id = uuid.UUID(directory.name)
         env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "TZ") if k in os.environ}
         # The credential the gateway will present; a real machine learns it at bootstrap.
