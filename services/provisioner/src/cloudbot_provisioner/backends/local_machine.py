@@ -80,7 +80,19 @@ class Sandbox:
         try:
             self._spawn(
                 "xvfb",
-                ["Xvfb", "-displayfd", str(write_fd), "-screen", "0", SCREEN, "-nolisten", "tcp"],
+                [
+                    "Xvfb",
+                    "-displayfd",
+                    str(write_fd),
+                    "-screen",
+                    "0",
+                    SCREEN,
+                    "-nolisten",
+                    "tcp",
+                    # Without it the server resets when its last client leaves, and
+                    # takes the root colour with it.
+                    "-noreset",
+                ],
                 self._base_env(),
                 pass_fds=(write_fd,),
             )

@@ -63,7 +63,7 @@ cat > /etc/systemd/system/cloudbot-xvfb.service <<UNIT
 Description=CloudBot virtual display
 [Service]
 User=cloudbot
-ExecStart=/usr/bin/Xvfb :${DISPLAY_NUMBER} -screen 0 1280x800x24 -nolisten tcp
+ExecStart=/usr/bin/Xvfb :${DISPLAY_NUMBER} -screen 0 1280x800x24 -nolisten tcp -noreset
 Restart=always
 [Install]
 WantedBy=multi-user.target
