@@ -1,1 +1,17 @@
+"""The CloudBot provisioner: a Celery worker and beat, the only writer of instance state.
 
+    worker.py / celery_app.py   the Celery app, its beat schedule, per-process start-up
+    runtime.py                  the event loop, engine, Redis and backend of one process
+    tasks.py                    tasks named after cloudbot_common.commands.Command; retries
+    instances/handlers.py       what provision, stop, start and terminate do, idempotently
+    instances/guard.py          one handler per instance at a time (Postgres advisory lock)
+    outbox_relay.py             republishes outbox commands nobody picked up
+    reconciler.py               makes Postgres and the backend agree again
+    backends/                   where machines run: ec2.py (aiobotocore), local.py with
+                                local_machine.py (LOCAL_DEV_MODE desktops), user_data.py
+    agent.py                    the agent every machine runs (shipped in the user data)
+    templates/user_data.sh      the EC2 boot script
+
+Run: `celery -A cloudbot_provisioner.worker worker -Q provisioning` and, exactly once per
+deployment, `celery -A cloudbot_provisioner.worker beat`.
+"""
