@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class Stack:
     flower_auth: tuple[str, str]
     honcho: Process
     marker: str
+    env: dict[str, str]
     # Held open from the start: the log stays readable even if another test session
     # sharing this work tree clears .test-logs meanwhile.
     log: BinaryIO
@@ -115,6 +117,7 @@ def stack(private_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
         flower_auth=flower_auth,
         honcho=honcho,
         marker=marker,
+        env=env,
         log=honcho.log_path.open("rb"),
     )
     try:
@@ -142,7 +145,9 @@ def answering(honcho: Process, url: str) -> Callable[[], bool]:
     return check
 
 
-def wait_for_state(client: httpx.Client, instance_id: str, state: str, timeout: float) -> dict:
+def wait_for_state(
+    client: httpx.Client, instance_id: str, state: str, timeout: float, stack: Stack
+) -> dict:
     deadline = time.monotonic() + timeout
     seen = None
     while time.monotonic() < deadline:
@@ -152,7 +157,10 @@ def wait_for_state(client: httpx.Client, instance_id: str, state: str, timeout: 
             return body
         assert seen != "failed", body
         time.sleep(0.2)
-    raise AssertionError(f"instance stayed {seen}, never {state}")
+    worker = [line for line in stack.log_text().splitlines() if "worker.1" in line]
+    raise AssertionError(
+        f"instance stayed {seen}, never {state}; the worker said:\n" + "\n".join(worker[-60:])
+    )
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
@@ -180,7 +188,7 @@ def test_make_dev_stack_end_to_end(stack: Stack) -> None:
     instance_id = r.json()["id"]
     request_id = r.headers["X-Request-ID"]
     try:
-        wait_for_state(client, instance_id, "running", 120)
+        wait_for_state(client, instance_id, "running", 120, stack)
 
         # The worker's lines about this command carry the id of the request that caused it.
         worker_lines = [
@@ -239,8 +247,30 @@ def test_make_dev_stack_end_to_end(stack: Stack) -> None:
         assert metric_value(gateway_metrics, "cloudbot_gateway_sessions_total", channel="vnc") >= 1
     finally:
         client.delete(f"/api/instances/{instance_id}")
-        wait_for_state(client, instance_id, "terminated", 60)
+        wait_for_state(client, instance_id, "terminated", 60, stack)
         client.close()
+
+
+def test_the_worker_answers_celerys_ping(stack: Stack) -> None:
+    """What the worker image's HEALTHCHECK asks."""
+    result = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "celery",
+            "--app=cloudbot_provisioner.worker",
+            "inspect",
+            "ping",
+            "--timeout=10",
+        ],
+        env={**os.environ, **stack.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pong" in result.stdout
 
 
 def test_ctrl_c_stops_every_process(stack: Stack) -> None:
