@@ -14,10 +14,15 @@ from __future__ import annotations
 import ast
 from typing import Any
 
-from cloudbot_common.logging import redact_processor
+from cloudbot_common.logging import configure_logging, redact_processor
 from cloudbot_common.settings import get_settings as _get_settings
 
 _settings = _get_settings()
+
+# Flower's lines go through the same pipeline as every other service (JSON when LOG_JSON,
+# redacted), instead of tornado's own console format.
+logging = "none"
+configure_logging("flower", level=_settings.log_level, json_output=_settings.log_json)
 
 basic_auth = [f"{_settings.flower_user}:{_settings.flower_password.get_secret_value()}"]
 # Flower alone would listen on every interface; compose passes --address=0.0.0.0 inside

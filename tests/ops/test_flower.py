@@ -4,6 +4,7 @@ command by name and instance id through its own API, behind its login."""
 from __future__ import annotations
 
 import ast
+import json
 import secrets
 import time
 import uuid
@@ -18,7 +19,7 @@ from cloudbot_common.commands import Command, make_celery, send_command
 from cloudbot_common.models import OutboxCommand
 from cloudbot_common.settings import Settings
 from tests.conftest import SECRETS
-from tests.support.processes import PYTHON, free_port, http_ok, running, wait_for
+from tests.support.processes import PYTHON, Process, free_port, http_ok, running, wait_for
 
 REDIS_SLOT = "flower"
 
@@ -27,6 +28,7 @@ REDIS_SLOT = "flower"
 class Flower:
     url: str
     auth: tuple[str, str]
+    process: Process
 
 
 def event_receiver_subscribed(redis_url: str) -> bool:
@@ -50,9 +52,10 @@ def start_flower(env: dict[str, str], app: str) -> Iterator[Flower]:
         PYTHON, "-m", "celery", "-A", app, "flower",
         "--conf=deploy/flowerconfig.py", f"--port={port}",
     ]  # fmt: skip
-    with running("flower", argv, env, ready=http_ok(f"http://127.0.0.1:{port}/healthcheck")):
+    ready = http_ok(f"http://127.0.0.1:{port}/healthcheck")
+    with running("flower", argv, env, ready=ready) as process:
         wait_for(lambda: event_receiver_subscribed(env["REDIS_URL"]), 20, "Flower's events")
-        yield Flower(f"http://127.0.0.1:{port}", (user, password))
+        yield Flower(f"http://127.0.0.1:{port}", (user, password), process)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,15 @@ def test_flower_lists_a_provisioning_command(flower: Flower, private_env: dict[s
     # Ids only: nothing else, and so no secret, travels with a command.
     assert kwargs == {"instance_id": str(instance_id), "command_id": str(command_id)}
     assert ast.literal_eval(str(task["args"])) in ((), [])
+
+
+def test_flower_logs_like_every_service(flower: Flower) -> None:
+    lines = [line for line in flower.process.log_text().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        record = json.loads(line)
+        assert record["service"] == "flower"
+    assert any("Connected to redis" in json.loads(line)["event"] for line in lines)
 
 
 def test_flower_requires_its_login(flower: Flower) -> None:
