@@ -155,9 +155,20 @@ def test_compose_publishes_on_loopback_only(compose: dict[str, Any]) -> None:
 def test_compose_builds_each_image_from_the_repository_root(compose: dict[str, Any]) -> None:
     builds = {s["build"]["dockerfile"] for s in compose["services"].values() if "build" in s}
     assert builds == {f"services/{d}/Dockerfile" for d in IMAGES}
-    for service in compose["services"].values():
+    images = {
+        "cloudbot-api": "api",
+        "cloudbot-provisioner": "provisioner",
+        "cloudbot-gateway": "proxy-gateway",
+    }
+    for name, service in compose["services"].items():
         if "build" in service:
             assert Path(service["build"]["context"]) == ROOT
+        repository = service["image"].split(":")[0]
+        if repository in images:
+            # A local tag is built, never pulled.
+            assert service["build"]["dockerfile"] == f"services/{images[repository]}/Dockerfile", (
+                name
+            )
 
 
 # --- Dockerfiles -----------------------------------------------------------------------
