@@ -214,6 +214,9 @@ class OutboxCommand(Base):
     created_at: Mapped[datetime] = _created_at()
     published_at: Mapped[datetime | None]
     publish_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Failed attempts at the work, counted here rather than per Celery message, so that a
+    # command delivered twice (relay and retry) still gives up after the same bound.
+    failed_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     completed_at: Mapped[datetime | None]
 
 

@@ -30,6 +30,17 @@ async def complete_command(session: AsyncSession, command_id: uuid.UUID) -> None
     )
 
 
+async def record_failed_attempt(session: AsyncSession, command_id: uuid.UUID) -> int:
+    """Count one failed attempt at the command; returns how many there have been."""
+    count = await session.scalar(
+        update(OutboxCommand)
+        .where(OutboxCommand.id == command_id)
+        .values(failed_attempts=OutboxCommand.failed_attempts + 1)
+        .returning(OutboxCommand.failed_attempts)
+    )
+    return int(count or 1)
+
+
 async def command_requeued(
     session: AsyncSession, command_id: uuid.UUID, due_in_seconds: float
 ) -> None:

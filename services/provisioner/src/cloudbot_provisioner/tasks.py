@@ -56,6 +56,11 @@ async def _requeued(rt: Runtime, command_id: uuid.UUID, seconds: float) -> None:
         await repository.command_requeued(session, command_id, seconds)
 
 
+async def _failed_attempt(rt: Runtime, command_id: uuid.UUID) -> int:
+    async with unit_of_work(rt.sessions) as session:
+        return await repository.record_failed_attempt(session, command_id)
+
+
 def _run_command(
     task: Any,
     command: Command,
@@ -114,16 +119,17 @@ def _retry_or_give_up(
     reason: str,
     exc: Exception,
 ) -> None:
-    attempt = int(task.request.retries)
+    failures = rt.run(_failed_attempt(rt, command_id))
     limit = rt.settings.task_max_retries
-    if attempt >= limit:
-        final = f"{reason} Gave up after {attempt + 1} attempts."
+    if failures > limit:
+        final = f"{reason} Gave up after {failures} attempts."
         rt.run(handlers.give_up(rt, command, instance_id, command_id, final))
         return
-    countdown = backoff_seconds(attempt, rt.settings.task_retry_backoff_max_seconds)
-    log.warning("command step will be retried", reason=reason, attempt=attempt + 1)
+    countdown = backoff_seconds(failures - 1, rt.settings.task_retry_backoff_max_seconds)
+    log.warning("command step will be retried", reason=reason, attempt=failures)
     rt.run(_requeued(rt, command_id, countdown))
-    raise task.retry(countdown=countdown, exc=exc, max_retries=limit)
+    # The bound is kept in the database (`failures`), not by Celery's per-message count.
+    raise task.retry(countdown=countdown, exc=exc, max_retries=None)
 
 
 _COMMAND_OPTIONS: dict[str, Any] = {
