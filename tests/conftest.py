@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from cloudbot_common.settings import Settings
+from tests.support.clients import api_client
 from tests.support.leaks import find_leaks
 from tests.support.processes import LOG_DIR, PYTHON, free_port, http_ok, running
 
@@ -128,11 +129,7 @@ def api_server(base_env: dict[str, str]) -> Iterator[ApiServer]:
 
 @pytest.fixture
 async def http(api_server: ApiServer) -> AsyncIterator[httpx.AsyncClient]:
-    # A fresh client address per test, so per-address rate limits never couple tests.
-    address = f"10.{secrets.randbelow(250)}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 1}"
-    async with httpx.AsyncClient(
-        base_url=api_server.url, timeout=15, headers={"X-Forwarded-For": address}
-    ) as client:
+    async with api_client(api_server.url) as client:
         yield client
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import base64
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.conftest import make_user
@@ -19,25 +18,11 @@ from tests.provisioner.harness import (
     api_process,
     ec2_client,
     machines_tagged,
-    moto_server,
     provisioner,
-    redis_server,
     wait_api_state,
 )
 
 TOKEN = re.compile(r"cbb_[A-Za-z0-9_-]{20,}")
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    with moto_server() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def broker_url() -> Iterator[str]:
-    with redis_server() as server:
-        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +39,6 @@ def api_url(base_env, broker_url, moto_url, tmp_path_factory) -> Iterator[str]:
         worker_env = {**env, "PUBLIC_API_URL": url}
         with provisioner(worker_env, tmp_path_factory.mktemp("e2e-ec2"), name="e2e-ec2-worker"):
             yield url
-
-
-@pytest.fixture
-async def client(api_url) -> AsyncIterator[httpx.AsyncClient]:
-    address = f"10.{secrets.randbelow(250)}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 1}"
-    async with httpx.AsyncClient(
-        base_url=api_url, timeout=15, headers={"X-Forwarded-For": address}
-    ) as c:
-        yield c
 
 
 def user_data_of(ec2: Any, machine_id: str) -> str:

@@ -4,9 +4,8 @@ fault-injecting proxy): a worker SIGKILLed mid-provision, throttling, no capacit
 from __future__ import annotations
 
 import asyncio
-import secrets
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -19,17 +18,9 @@ from tests.provisioner.harness import (
     api_process,
     ec2_client,
     machines_tagged,
-    moto_server,
     provisioner,
-    redis_server,
     wait_api_state,
 )
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    with moto_server() as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +32,6 @@ def proxy(moto_url) -> Iterator[Ec2FaultProxy]:
 @pytest.fixture(autouse=True)
 def _fresh_proxy(proxy):
     proxy.reset()
-
-
-@pytest.fixture(scope="module")
-def broker_url() -> Iterator[str]:
-    with redis_server() as server:
-        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +50,6 @@ def env(base_env, broker_url, proxy) -> dict[str, str]:
 def api_url(env) -> Iterator[str]:
     with api_process(env, "api-faults") as url:
         yield url
-
-
-@pytest.fixture
-async def client(api_url) -> AsyncIterator[httpx.AsyncClient]:
-    address = f"10.{secrets.randbelow(250)}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 1}"
-    async with httpx.AsyncClient(
-        base_url=api_url, timeout=15, headers={"X-Forwarded-For": address}
-    ) as c:
-        yield c
 
 
 async def create(client: httpx.AsyncClient, headers: dict[str, str]) -> str:

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import make_user
@@ -23,19 +22,12 @@ from tests.provisioner.harness import (
     port_closed,
     processes_of,
     provisioner,
-    redis_server,
     rfb_greeting,
     wait_api_state,
 )
 
 pytestmark = pytest.mark.vnc
 RFB = re.compile(rb"RFB 003\.00\d\n")
-
-
-@pytest.fixture
-def broker_url() -> Iterator[str]:
-    with redis_server() as server:
-        yield server.url
 
 
 @pytest.fixture
@@ -64,15 +56,6 @@ def api_url(local_env, tmp_path) -> Iterator[str]:
         worker_env = {**local_env, "PUBLIC_API_URL": url}
         with provisioner(worker_env, tmp_path, name="e2e-local-worker"):
             yield url
-
-
-@pytest.fixture
-async def client(api_url) -> AsyncIterator[httpx.AsyncClient]:
-    address = f"10.{secrets.randbelow(250)}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 1}"
-    async with httpx.AsyncClient(
-        base_url=api_url, timeout=15, headers={"X-Forwarded-For": address}
-    ) as c:
-        yield c
 
 
 async def test_local_desktop_through_the_api(client, local_env, db):

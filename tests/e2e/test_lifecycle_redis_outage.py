@@ -4,11 +4,8 @@ cleanly with nothing half-written."""
 
 from __future__ import annotations
 
-import contextlib
-import secrets
 from collections.abc import AsyncIterator, Iterator
 
-import httpx
 import pytest
 from sqlalchemy import func, select
 
@@ -22,23 +19,17 @@ from tests.provisioner.harness import (
     api_process,
     ec2_client,
     machines_tagged,
-    moto_server,
     provisioner,
     redis_server,
     wait_api_state,
 )
+from tests.support.clients import api_client
 
 
 @pytest.fixture
 def outage_redis() -> Iterator[RedisServer]:
     with redis_server() as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    with moto_server() as url:
-        yield url
 
 
 @pytest.fixture
@@ -67,15 +58,6 @@ async def counts(db: Db) -> tuple[int, int]:
     return int(instances or 0), int(commands or 0)
 
 
-@contextlib.asynccontextmanager
-async def client_for(url: str) -> AsyncIterator[httpx.AsyncClient]:
-    address = f"10.{secrets.randbelow(250)}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 1}"
-    async with httpx.AsyncClient(
-        base_url=url, timeout=30, headers={"X-Forwarded-For": address}
-    ) as client:
-        yield client
-
-
 async def test_broker_down_at_create_then_provisioned_when_it_returns(
     ec2_env, outage_redis, moto_url, tmp_path
 ):
@@ -83,7 +65,7 @@ async def test_broker_down_at_create_then_provisioned_when_it_returns(
     with api_process(env, "api-broker-outage") as api_url:
         worker_env = {**env, "PUBLIC_API_URL": api_url}
         with provisioner(worker_env, tmp_path, name="outage-worker"):
-            async with client_for(api_url) as client:
+            async with api_client(api_url, timeout=30) as client:
                 user = await make_user(client)
                 outage_redis.stop()
                 r = await client.post(
@@ -106,7 +88,7 @@ async def test_redis_down_at_create_either_provisions_later_or_writes_nothing(
     with api_process(env, "api-redis-outage") as api_url:
         worker_env = {**env, "PUBLIC_API_URL": api_url}
         with provisioner(worker_env, tmp_path, name="redis-outage-worker"):
-            async with client_for(api_url) as client:
+            async with api_client(api_url, timeout=30) as client:
                 user = await make_user(client)
                 before = await counts(db)
                 outage_redis.stop()
