@@ -251,32 +251,20 @@ async def _launch(step: Step, snap: Snapshot) -> Machine | None:
 
 
 async def stop(step: Step) -> Outcome:
-    async with step.locked() as tx:
-        if tx.instance is None or not tx.is_in(S.STOPPING):
-            await tx.complete(step.command_id)
-            return Done()
-        step.check_backend(tx.instance)
-        snap = Snapshot.of(tx.instance)
-
-    machine = await step.machine_of(snap)
-    if machine is None or machine.state is MachineState.GONE:
-        return await _vanished(step)
-    if machine.state is MachineState.RUNNING:
-        await step.backend.stop(machine.id)
-        machine = await step.refreshed(machine)
-    if machine.state is MachineState.STOPPED:
-        async with step.locked() as tx:
-            if tx.is_in(S.STOPPING):
-                await tx.move(S.STOPPED)
-            await tx.complete(step.command_id)
-        log.info("instance stopped", instance_id=str(snap.id))
-        return Done()
-    return step.wait("stop")
+    return await _power(step, S.STOPPING, MachineState.RUNNING, MachineState.STOPPED, S.STOPPED)
 
 
 async def start(step: Step) -> Outcome:
+    return await _power(step, S.STARTING, MachineState.STOPPED, MachineState.RUNNING, S.RUNNING)
+
+
+async def _power(
+    step: Step, moving: S, from_machine: MachineState, to_machine: MachineState, arrived: S
+) -> Outcome:
+    """Stop or start: ask the backend once the machine is in `from_machine`, and move the
+    instance from `moving` to `arrived` once the machine shows `to_machine`."""
     async with step.locked() as tx:
-        if tx.instance is None or not tx.is_in(S.STARTING):
+        if tx.instance is None or not tx.is_in(moving):
             await tx.complete(step.command_id)
             return Done()
         step.check_backend(tx.instance)
@@ -285,19 +273,20 @@ async def start(step: Step) -> Outcome:
     machine = await step.machine_of(snap)
     if machine is None or machine.state is MachineState.GONE:
         return await _vanished(step)
-    if machine.state is MachineState.STOPPED:
-        await step.backend.start(machine.id)
+    stopping = to_machine is MachineState.STOPPED
+    if machine.state is from_machine:
+        await (step.backend.stop if stopping else step.backend.start)(machine.id)
         machine = await step.refreshed(machine)
-    if machine.state is MachineState.RUNNING:
+    if machine.state is to_machine:
         async with step.locked() as tx:
-            if tx.instance is not None and tx.is_in(S.STARTING):
+            if tx.instance is not None and tx.is_in(moving):
                 # A started EC2 machine may come back on another address.
                 _record_machine(tx.instance, machine)
-                await tx.move(S.RUNNING)
+                await tx.move(arrived)
             await tx.complete(step.command_id)
-        log.info("instance running again", instance_id=str(snap.id))
+        log.info("instance power state changed", instance_id=str(snap.id), state=arrived.value)
         return Done()
-    return step.wait("start")
+    return step.wait("stop" if stopping else "start")
 
 
 async def terminate(step: Step) -> Outcome:
