@@ -1,32 +1,29 @@
-"""The hot path: moving bytes between a client's WebSocket and the instance.
+"""What both relays share, and the agent relay: WebSocket <-> WebSocket.
 
-Each session runs two pumps, one per direction, and waits for the first of them (or a
-stop request) to finish, then cancels the other and closes both ends. Nothing is logged
-or allocated per frame beyond the chunk the kernel handed us; counters are plain ints on
-the session. Flow control is end to end: a pump does not read its source while the write
-to its sink is blocked, so a slow reader slows the upstream read instead of growing memory.
+The agent channel carries messages, not a byte stream: text and binary frames keep their
+type, and close codes are passed on both ways. It runs two pumps, one per direction, and
+waits for the first of them (or a stop request) to finish, then cancels the other and
+closes both ends. Flow control is websockets' own: a pump does not receive while its send
+is blocked, and each connection bounds its queue (`max_queue`) and write buffer
+(`write_limit`). Nothing is logged per message; counters are plain ints on the session.
+(The desktop relay, which carries far more bytes, works differently: see `vnc`.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
 from collections.abc import Coroutine
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.protocol import State
 
 from cloudbot_common.instance_contract import AGENT_AUTH_HEADER, AGENT_WS_PATH
 
-# Bytes buffered from the upstream socket before it stops being read (one uvloop read is
-# up to 256 KiB). With the client's `write_limit` this bounds a session's buffering.
-UPSTREAM_HIGH_WATER = 256 * 1024
 UPSTREAM_WRITE_LIMIT = 64 * 1024
 
 
@@ -45,112 +42,6 @@ class Stop(Exception):
         self.code = code
         self.reason = reason
         self.cause = cause
-
-
-class TcpUpstream(asyncio.Protocol):
-    """A TCP connection read chunk by chunk, with reading paused while a chunk waits.
-
-    Lighter than StreamReader: chunks are handed over as the transport delivered them,
-    without copying them through an intermediate buffer.
-    """
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._eof = False
-        self._error: Exception | None = None
-        self._read_waiter: asyncio.Future[None] | None = None
-        self._reading_paused = False
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TCP transport has every asyncio.Transport method but does not subclass
-        # it, so an isinstance check would refuse every upstream under `cloudbot-gateway`.
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(UPSTREAM_WRITE_LIMIT)
-
-    def data_received(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered >= UPSTREAM_HIGH_WATER and not self._reading_paused:
-            assert self.transport is not None
-            self.transport.pause_reading()
-            self._reading_paused = True
-        self._wake_reader()
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        self._wake_reader()
-        return False  # close our side too: a VNC session is over when the server ends it
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._eof = True
-        self._error = exc
-        self._wake_reader()
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _wake_reader(self) -> None:
-        waiter, self._read_waiter = self._read_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def read(self) -> bytes:
-        """Everything received so far (at least one byte), or b"" at end of stream."""
-        while not self._chunks:
-            if self._eof:
-                if self._error is not None:
-                    raise self._error
-                return b""
-            self._read_waiter = asyncio.get_running_loop().create_future()
-            await self._read_waiter
-        chunks = self._chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._buffered = 0
-        if self._reading_paused:
-            self._reading_paused = False
-            assert self.transport is not None
-            self.transport.resume_reading()
-        return data
-
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
-
-    @property
-    def must_drain(self) -> bool:
-        return self._write_paused
-
-    async def drain(self) -> None:
-        if self._write_paused and not self._eof:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-            await self._drain_waiter
-        if self._eof:
-            raise ConnectionResetError("upstream closed")
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-async def open_tcp(host: str, port: int, connect_timeout: float) -> TcpUpstream:
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(connect_timeout):
-        _, upstream = await loop.create_connection(TcpUpstream, host, port)
-    return upstream
 
 
 async def open_agent(
@@ -178,55 +69,6 @@ async def open_agent(
         close_timeout=5,
         logger=logger,
     )
-
-
-# --- VNC: binary WebSocket <-> TCP, like websockify -----------------------------------
-
-
-async def _ws_to_tcp(ws: ServerConnection, upstream: TcpUpstream, meter: Meter) -> None:
-    async for message in ws:
-        if isinstance(message, str):
-            raise Stop(CloseCode.UNSUPPORTED_DATA, "binary frames only", "protocol")
-        upstream.write(message)
-        meter.bytes_up += len(message)
-        if upstream.must_drain:
-            await upstream.drain()
-
-
-async def _tcp_to_ws(upstream: TcpUpstream, ws: ServerConnection, meter: Meter) -> None:
-    read, send = upstream.read, ws.send
-    while data := await read():
-        meter.bytes_down += len(data)
-        await send(data)
-
-
-async def relay_vnc(
-    ws: ServerConnection, upstream: TcpUpstream, meter: Meter, stop: asyncio.Future[Stop]
-) -> str:
-    """Relay until either end closes or `stop` is set. Returns why the session ended."""
-    try:
-        first, error = await _run_pumps(
-            _ws_to_tcp(ws, upstream, meter), _tcp_to_ws(upstream, ws, meter), stop
-        )
-    finally:
-        upstream.close()
-    if first is _STOP:
-        ended = stop.result()
-        await ws.close(ended.code, ended.reason)
-        return ended.cause
-    if isinstance(error, Stop):
-        await ws.close(error.code, error.reason)
-        return error.cause
-    if isinstance(error, ConnectionClosed):
-        return "client"
-    if first is _DOWN and error is None:
-        await ws.close(CloseCode.NORMAL_CLOSURE, "desktop closed the connection")
-        return "upstream"
-    if error is not None:
-        # Reading from or writing to the desktop failed: it went away.
-        await ws.close(CloseCode.BAD_GATEWAY, "desktop connection lost")
-        return "upstream_error"
-    return "client"
 
 
 # --- Agent: WebSocket <-> WebSocket, frames and close codes passed through ---------------

@@ -32,9 +32,10 @@ from cloudbot_common.tickets import Channel
 from cloudbot_gateway.auth import Authenticator
 from cloudbot_gateway.metrics import Metrics
 from cloudbot_gateway.refusals import Refusal, http_response, not_found
-from cloudbot_gateway.relay import TcpUpstream, open_agent, open_tcp, relay_agent, relay_vnc
+from cloudbot_gateway.relay import open_agent, relay_agent
 from cloudbot_gateway.sessions import CLOSE_SHUTDOWN, Session, SessionRegistry
 from cloudbot_gateway.targets import TargetDirectory
+from cloudbot_gateway.vnc import CLIENT_WRITE_LIMIT, TcpUpstream, VncConnection, open_tcp, relay_vnc
 
 _log = get_logger(__name__)
 
@@ -45,10 +46,9 @@ PING_INTERVAL = 20.0
 # Frames queued per direction before the socket stops being read; with max_size this
 # bounds what one client can make us hold.
 MAX_QUEUE = 4
-WRITE_LIMIT = 64 * 1024
 
 
-class GatewayConnection(ServerConnection):
+class GatewayConnection(VncConnection):
     """A client connection, carrying the session its upgrade request was granted."""
 
     session: Session | None = None
@@ -107,7 +107,7 @@ class Gateway:
             server_header=None,
             max_size=s.gateway_max_message_bytes,
             max_queue=MAX_QUEUE,
-            write_limit=WRITE_LIMIT,
+            write_limit=CLIENT_WRITE_LIMIT,
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_INTERVAL,
             close_timeout=5,
@@ -163,6 +163,8 @@ class Gateway:
             ).response()
         assert isinstance(connection, GatewayConnection)
         connection.session = session
+        if isinstance(session.upstream, TcpUpstream):
+            session.upstream.attach(connection, session)
         # If the handshake never completes (client gone, server closing), the handler does
         # not run: release what the session holds when the connection goes.
         connection.connection_lost_waiter.add_done_callback(lambda _: self._abandon(session))
@@ -296,7 +298,7 @@ class Gateway:
         cause = "error"
         try:
             if isinstance(session.upstream, TcpUpstream):
-                cause = await relay_vnc(connection, session.upstream, session, session.stop)
+                cause = await relay_vnc(connection, session.upstream, session.stop)
             else:
                 cause = await relay_agent(connection, session.upstream, session, session.stop)
         finally:

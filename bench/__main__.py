@@ -1,0 +1,291 @@
+"""Run the gateway benchmarks and print each figure beside its anchors.
+
+    python -m bench            full run (a few minutes)
+    python -m bench --quick    the same scenarios, small and short (CI runs this)
+    python -m bench --json F   also write the figures to F
+
+Needs Postgres and Redis as for the tests (DATABASE_URL's server; REDIS_URL with db
+BENCH_REDIS_DB, default 15). It makes a throwaway database and drops it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from urllib.parse import urlsplit
+
+from bench.stack import PYTHON, Stack, _children, cpu_seconds, pss_bytes_tree, rss_bytes, stack
+from bench.wsclient import Counter, open_counter
+from cloudbot_common.settings import Settings
+
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Plan:
+    single_seconds: float
+    streams: int
+    streams_seconds: float
+    samples: int
+    idle: int
+    websockify_idle: int
+
+
+FULL = Plan(single_seconds=5, streams=200, streams_seconds=8, samples=3000, idle=5000,
+            websockify_idle=100)  # fmt: skip
+QUICK = Plan(single_seconds=0.5, streams=20, streams_seconds=1, samples=200, idle=300,
+             websockify_idle=10)  # fmt: skip
+
+
+@dataclass
+class Throughput:
+    mb_per_s: float
+    cpu_s_per_gb: float | None
+
+
+# --- scenarios -----------------------------------------------------------------------
+
+
+def _opener(s: Stack, target: str, hello: bytes) -> Callable[[], Awaitable[Counter]]:
+    if target == "direct":
+        return lambda: open_counter(s.source_port, hello=hello)
+    if target == "gateway":
+        return lambda: open_counter(s.gateway_port, hello=hello, path=s.vnc_path, headers=s.auth)
+    return lambda: open_counter(s.websockify_port, hello=hello, path="/")
+
+
+async def _open_many(opener: Callable[[], Awaitable[Counter]], n: int) -> list[Counter]:
+    limit = asyncio.Semaphore(50)
+
+    async def one() -> Counter:
+        async with limit:
+            for attempt in range(5):
+                try:
+                    return await opener()
+                except ConnectionError:
+                    # websockify accepts slowly (a fork per connection) and its listen
+                    # backlog is short: a burst of connects can be reset. Try again.
+                    if attempt == 4:
+                        raise
+                    await asyncio.sleep(0.1 * (attempt + 1))
+            raise AssertionError("unreachable")
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def _close_all(counters: list[Counter]) -> None:
+    for c in counters:
+        c.close()
+    if counters:
+        await asyncio.wait([c.closed for c in counters], timeout=10)
+
+
+def _relay_pid(s: Stack, target: str) -> int | None:
+    return {"gateway": s.gateway.pid, "websockify": s.websockify.pid}.get(target)
+
+
+async def _settle_websockify(s: Stack) -> None:
+    # websockify forks per connection; let the last ones exit and be reaped.
+    deadline = time.monotonic() + 15
+    while _children(s.websockify.pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def throughput(s: Stack, target: str, n: int, seconds: float) -> Throughput:
+    # Open every connection first, then start them all: a relay saturated by the first
+    # streams would otherwise be measured on how fast it accepts the last ones.
+    counters = await _open_many(_opener(s, target, b""), n)
+    for c in counters:
+        c.say(b"S")
+    try:
+        await asyncio.sleep(0.3)  # past connection set-up and slow start
+        pid = _relay_pid(s, target)
+        cpu0 = cpu_seconds(pid) if pid else 0.0
+        bytes0, t0 = sum(c.bytes for c in counters), time.perf_counter()
+        await asyncio.sleep(seconds)
+        bytes1, t1 = sum(c.bytes for c in counters), time.perf_counter()
+        cpu1 = cpu_seconds(pid) if pid else 0.0
+    finally:
+        await _close_all(counters)
+        if target == "websockify":
+            await _settle_websockify(s)
+    relayed = bytes1 - bytes0
+    return Throughput(
+        mb_per_s=relayed / (t1 - t0) / MB,
+        cpu_s_per_gb=(cpu1 - cpu0) / (relayed / 1e9) if pid and relayed else None,
+    )
+
+
+async def probe(s: Stack, samples: int) -> dict[str, list[float]]:
+    process = await asyncio.create_subprocess_exec(
+        PYTHON, "-m", "bench.probe", str(s.gateway_port), s.vnc_path, s.token,
+        str(s.source_port), str(samples),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError("latency probe failed")
+    result: dict[str, list[float]] = json.loads(out)
+    return result
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return q[49], q[98]
+
+
+@dataclass
+class Latency:
+    load_streams: int
+    gateway_p50_ms: float
+    gateway_p99_ms: float
+    direct_p50_ms: float
+    direct_p99_ms: float
+
+    @property
+    def added_p50_ms(self) -> float:
+        return self.gateway_p50_ms - self.direct_p50_ms
+
+    @property
+    def added_p99_ms(self) -> float:
+        return self.gateway_p99_ms - self.direct_p99_ms
+
+
+async def latency(s: Stack, load_streams: int, samples: int, mode: bytes = b"P") -> Latency:
+    """Round trips of small messages while `load_streams` other sessions stream through the
+    gateway, paced like busy desktops (mode b"P") or as fast as they can (b"S")."""
+    load = await _open_many(_opener(s, "gateway", b""), load_streams)
+    for c in load:
+        c.say(mode)
+    try:
+        result = await probe(s, samples)
+    finally:
+        await _close_all(load)
+    gw50, gw99 = _percentiles(result["gateway"])
+    d50, d99 = _percentiles(result["direct"])
+    return Latency(load_streams, gw50 * 1e3, gw99 * 1e3, d50 * 1e3, d99 * 1e3)
+
+
+async def idle_memory(s: Stack, target: str, n: int) -> float:
+    """Memory per idle authenticated connection, in bytes: the relay's growth with `n`
+    connections open (RSS of the gateway; PSS of websockify's process tree)."""
+    opener = _opener(s, target, b"")
+    measure = rss_bytes if target == "gateway" else pss_bytes_tree
+    pid = _relay_pid(s, target)
+    assert pid is not None
+    await _close_all(await _open_many(opener, 50))  # warm up the code paths
+    await asyncio.sleep(0.5)
+    before = measure(pid)
+    counters = await _open_many(opener, n)
+    try:
+        await asyncio.sleep(1.0)
+        after = measure(pid)
+    finally:
+        await _close_all(counters)
+        if target == "websockify":
+            await _settle_websockify(s)
+    return (after - before) / n
+
+
+async def run(s: Stack, plan: Plan) -> dict[str, object]:
+    figures: dict[str, object] = {"plan": asdict(plan), "cpus": os.cpu_count()}
+    # Memory first, on a fresh gateway, before anything else has grown its heap.
+    figures["idle_bytes_per_connection"] = {
+        "gateway": await idle_memory(s, "gateway", plan.idle),
+        "websockify": await idle_memory(s, "websockify", plan.websockify_idle),
+    }
+    figures["single_stream"] = {
+        t: asdict(await throughput(s, t, 1, plan.single_seconds))
+        for t in ("direct", "websockify", "gateway")
+    }
+    figures["streams"] = {
+        t: asdict(await throughput(s, t, plan.streams, plan.streams_seconds))
+        for t in ("direct", "websockify", "gateway")
+    }
+    idle = await latency(s, 0, plan.samples)
+    loaded = await latency(s, plan.streams, plan.samples)
+    figures["latency"] = {
+        name: {**asdict(v), "added_p50_ms": v.added_p50_ms, "added_p99_ms": v.added_p99_ms}
+        for name, v in (("idle", idle), ("under_load", loaded))
+    }
+    return figures
+
+
+# --- report --------------------------------------------------------------------------
+
+
+def report(f: dict[str, object], plan: Plan) -> str:
+    single: dict[str, dict[str, float]] = f["single_stream"]  # type: ignore[assignment]
+    streams: dict[str, dict[str, float]] = f["streams"]  # type: ignore[assignment]
+    lat: dict[str, dict[str, float]] = f["latency"]  # type: ignore[assignment]
+    mem: dict[str, float] = f["idle_bytes_per_connection"]  # type: ignore[assignment]
+    gw, ws, direct = (single[k]["mb_per_s"] for k in ("gateway", "websockify", "direct"))
+    agw, aws, adirect = (streams[k]["mb_per_s"] for k in ("gateway", "websockify", "direct"))
+    cgw, cws = streams["gateway"]["cpu_s_per_gb"], streams["websockify"]["cpu_s_per_gb"]
+    scgw, scws = single["gateway"]["cpu_s_per_gb"], single["websockify"]["cpu_s_per_gb"]
+    under, idle = lat["under_load"], lat["idle"]
+    n = plan.streams
+    rows = [
+        ("single stream", f"{gw:8.0f} MB/s", f"websockify {ws:.0f} MB/s ({gw / ws:.2f}x)",
+         f"direct {direct:.0f} MB/s ({gw / direct:.2f}x)", ">= 1x websockify"),
+        ("  CPU per GB", f"{scgw:8.2f} s", f"websockify {scws:.2f} s ({scgw / scws:.2f}x)", "", ""),
+        (f"{n} streams, aggregate", f"{agw:8.0f} MB/s",
+         f"websockify {aws:.0f} MB/s ({agw / aws:.2f}x)",
+         f"direct {adirect:.0f} MB/s ({agw / adirect:.2f}x)", ">= 2x websockify"),
+        (f"{n} streams, CPU per GB", f"{cgw:8.2f} s",
+         f"websockify {cws:.2f} s ({cgw / cws:.2f}x)", "", "<= 0.5x websockify"),
+        (f"RTT added, {n} streams", f"{under['added_p50_ms']:8.3f} ms p50",
+         f"gateway {under['gateway_p50_ms']:.3f} / direct {under['direct_p50_ms']:.3f} ms",
+         "", ""),
+        ("", f"{under['added_p99_ms']:8.3f} ms p99",
+         f"gateway {under['gateway_p99_ms']:.3f} / direct {under['direct_p99_ms']:.3f} ms",
+         "", "p99 added < 1 ms"),
+        ("RTT added, no load", f"{idle['added_p50_ms']:8.3f} ms p50",
+         f"p99 {idle['added_p99_ms']:.3f} ms (gateway {idle['gateway_p99_ms']:.3f} / "
+         f"direct {idle['direct_p99_ms']:.3f})", "", ""),
+        (f"memory per idle conn ({plan.idle})", f"{mem['gateway'] / 1024:8.1f} KB",
+         f"websockify {mem['websockify'] / 1024:.0f} KB ({plan.websockify_idle} open, PSS)",
+         f"({mem['gateway'] / mem['websockify']:.3f}x)", "< 40 KB"),
+    ]  # fmt: skip
+    width = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [f"gateway benchmark, {f['cpus']} CPUs, Python {sys.version.split()[0]}"]
+    lines += ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(r)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small and short (CI)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < 2 * plan.idle + 1000:
+        sys.exit(f"open file limit {hard} is too low for {plan.idle} connections")
+    # On SIGTERM, unwind through the stack's clean-up (stop processes, drop the database).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    settings = Settings()
+    redis_db = os.environ.get("BENCH_REDIS_DB", "15")
+    redis_url = urlsplit(settings.redis_url)._replace(path=f"/{redis_db}").geturl()
+    with stack(settings, redis_url) as s:
+        import uvloop
+
+        figures = uvloop.run(run(s, plan))
+    print(report(figures, plan))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(figures, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()

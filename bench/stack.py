@@ -1,0 +1,260 @@
+"""What the benchmark runs against: a throwaway database with a user and a running
+instance pointed at the TCP source, a real access token, and the three processes
+(source, gateway, websockify), plus CPU and memory readings from /proc."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+from sqlalchemy import insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from cloudbot_common.models import Instance, InstanceState, User
+from cloudbot_common.security.jwt_tokens import TokenCodec, TokenType
+from cloudbot_common.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- /proc readings ------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str]:
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of `pid` and all its descendants, the exited (reaped) ones included."""
+    try:
+        fields = _stat_fields(pid)
+    except FileNotFoundError:
+        return 0.0
+    # utime, stime, cutime, cstime are fields 14-17 of stat, 12-15 after the command.
+    total = sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
+    for child in _children(pid):
+        total += cpu_seconds(child)
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    with contextlib.suppress(FileNotFoundError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                kids += [int(p) for p in (task / "children").read_text().split()]
+    return kids
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def pss_bytes_tree(pid: int) -> int:
+    """Proportional set size of `pid` and its descendants (shared pages split fairly)."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+    return total + sum(pss_bytes_tree(c) for c in _children(pid))
+
+
+# --- processes -----------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+
+
+def _wait(check: object, proc: Proc, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited early (code {proc.popen.returncode})")
+        with contextlib.suppress(Exception):
+            if check():  # type: ignore[operator]
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.name} not ready after {timeout} s")
+
+
+def _tcp_open(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+
+
+def start(name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+    log_dir = ROOT / ".bench-logs"
+    log_dir.mkdir(exist_ok=True)
+    log = (log_dir / f"{name}.log").open("wb")
+    popen = subprocess.Popen(
+        argv,
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    return Proc(name, popen)
+
+
+@dataclass(frozen=True)
+class Stack:
+    source_port: int
+    gateway_port: int
+    websockify_port: int
+    gateway: Proc
+    websockify: Proc
+    source: Proc
+    instance_id: uuid.UUID
+    token: str
+
+    @property
+    def vnc_path(self) -> str:
+        return f"/api/instances/{self.instance_id}/vnc"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+async def _prepare_database(
+    settings: Settings, source_port: int
+) -> tuple[str, uuid.UUID, uuid.UUID]:
+    url = make_url(settings.database_url)
+    admin = url.set(drivername="postgresql", database="postgres").render_as_string(
+        hide_password=False
+    )
+    name = f"cloudbot_bench_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    database_url = url.set(database=name).render_as_string(hide_password=False)
+    migrate = await asyncio.create_subprocess_exec(
+        PYTHON, "-m", "cloudbot_common.migrate", "upgrade", "head",
+        env={**os.environ, "DATABASE_URL": database_url},
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    if await migrate.wait() != 0:
+        raise RuntimeError("migration failed")
+    engine = create_async_engine(database_url)
+    user_id, instance_id = uuid.uuid4(), uuid.uuid4()
+    async with engine.begin() as db:
+        await db.execute(
+            insert(User).values(id=user_id, email=f"bench-{user_id.hex[:8]}@example.com",
+                                password_hash="!unusable")
+        )  # fmt: skip
+        await db.execute(
+            insert(Instance).values(
+                id=instance_id, owner_id=user_id, name="bench", size="small",
+                instance_type="t3.small", backend="local", state=InstanceState.RUNNING.value,
+                host="127.0.0.1", vnc_port=source_port, agent_port=None,
+            )
+        )  # fmt: skip
+    await engine.dispose()
+    return database_url, user_id, instance_id
+
+
+async def _drop_database(settings: Settings, database_url: str) -> None:
+    url = make_url(settings.database_url)
+    admin = url.set(drivername="postgresql", database="postgres").render_as_string(
+        hide_password=False
+    )
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(
+            f'DROP DATABASE IF EXISTS "{make_url(database_url).database}" WITH (FORCE)'
+        )
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def stack(settings: Settings, redis_url: str) -> Iterator[Stack]:
+    source_port, gateway_port, websockify_port = free_port(), free_port(), free_port()
+    database_url, user_id, instance_id = asyncio.run(_prepare_database(settings, source_port))
+    token = TokenCodec(settings).issue(TokenType.ACCESS, user_id, uuid.uuid4()).token
+    procs: list[Proc] = []
+    try:
+        source = start("source", [PYTHON, "-m", "bench.source", str(source_port)])
+        procs.append(source)
+        _wait(lambda: _tcp_open(source_port), source)
+        gateway = start(
+            "gateway",
+            [PYTHON, "-m", "cloudbot_gateway"],
+            {
+                "DATABASE_URL": database_url,
+                "REDIS_URL": redis_url,
+                "GATEWAY_PORT": str(gateway_port),
+                "GATEWAY_MAX_SESSIONS_PER_USER": "1000000",
+                "GATEWAY_IDLE_TIMEOUT_SECONDS": "3600",
+                "LOG_LEVEL": os.environ.get("BENCH_GATEWAY_LOG_LEVEL", "WARNING"),
+            },
+        )
+        procs.append(gateway)
+        _wait(
+            lambda: (
+                httpx.get(f"http://127.0.0.1:{gateway_port}/readyz", timeout=1).status_code == 200
+            ),
+            gateway,
+        )
+        websockify = start(
+            "websockify",
+            [PYTHON, "-m", "websockify", f"127.0.0.1:{websockify_port}",
+             f"127.0.0.1:{source_port}"],
+        )  # fmt: skip
+        procs.append(websockify)
+        _wait(lambda: _tcp_open(websockify_port), websockify)
+        yield Stack(
+            source_port, gateway_port, websockify_port, gateway, websockify, source,
+            instance_id, token,
+        )  # fmt: skip
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        asyncio.run(_drop_database(settings, database_url))

@@ -1,0 +1,253 @@
+"""The desktop relay: binary WebSocket frames <-> the VNC server's TCP stream, like
+websockify. This is the hot path: every desktop frame crosses it.
+
+Bytes are moved in the transports' own callbacks rather than by pump tasks awaiting
+`recv()` and `send()`. A chunk read from the VNC server is framed and written to the
+client in the same callback that received it, and a frame from the client is written
+upstream in the callback that parsed it. That saves two task switches and an event loop
+pass per hop. Chunks are read into one process-wide buffer and written as a frame header
+plus a view of that buffer (`writelines`), so in user space nothing is allocated or
+copied per chunk; what remains is the kernel's two copies (see bench/RESULTS.md).
+
+Flow control is end to end: while the client's socket is above its write limit, the VNC
+server's socket is not read; while the VNC server's socket is above its limit, the
+client's is not read. A slow reader slows the desktop down instead of growing memory;
+a session holds at most one read chunk plus the transports' write limits.
+
+The two ends are attached as soon as the upgrade request is granted, so nothing the
+client sends after the handshake can miss the relay. Until the session starts, what the
+VNC server says (it speaks first) is held and its socket not read; `relay_vnc` flushes it
+and lets bytes flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import cast
+
+from websockets.asyncio.server import ServerConnection
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.protocol import State
+
+from cloudbot_gateway.relay import Meter, Stop
+
+# The client's socket write limit; above it we stop reading the VNC server.
+CLIENT_WRITE_LIMIT = 64 * 1024
+# The VNC server's socket write limit; above it we stop reading the client.
+UPSTREAM_WRITE_LIMIT = 64 * 1024
+# At most this much is read from the VNC server at once, and sent as one frame.
+READ_SIZE = 256 * 1024
+
+_OPEN = State.OPEN
+_BINARY, _CONT, _TEXT = Opcode.BINARY, Opcode.CONT, Opcode.TEXT
+_SHORT = struct.Struct("!BB")
+_MEDIUM = struct.Struct("!BBH")
+_LONG = struct.Struct("!BBQ")
+_FIN_BINARY = 0x82
+
+
+def _header(n: int) -> bytes:
+    """Header of an unmasked (server to client) final binary frame of `n` bytes."""
+    if n < 126:
+        return _SHORT.pack(_FIN_BINARY, n)
+    if n < 65536:
+        return _MEDIUM.pack(_FIN_BINARY, 126, n)
+    return _LONG.pack(_FIN_BINARY, 127, n)
+
+
+class VncConnection(ServerConnection):
+    """A client WebSocket whose binary frames can go straight to a TCP upstream."""
+
+    upstream: TcpUpstream | None = None
+
+    def process_event(self, event: object) -> None:
+        upstream = self.upstream
+        if upstream is not None and isinstance(event, Frame):
+            opcode = event.opcode
+            if opcode is _BINARY or opcode is _CONT:
+                upstream.from_client(event.data)
+                return
+            if opcode is _TEXT:
+                upstream.fail(Stop(CloseCode.UNSUPPORTED_DATA, "binary frames only", "protocol"))
+                return
+        super().process_event(event)  # type: ignore[arg-type]
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.upstream is not None:
+            self.upstream.client_drained()
+
+
+class _ReadBuffer:
+    """The one buffer every upstream socket of the process is read into.
+
+    A read chunk is framed and written to its client before the next read of any socket,
+    so one buffer serves them all: no allocation and no copy per chunk. The exception is
+    a write the client's socket cannot take at once: the transport then keeps a view of
+    the unsent part, so the buffer is handed over to it and a new one made.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(READ_SIZE)
+        self.view = memoryview(self.buffer)
+
+    def renew(self) -> None:
+        self.buffer = bytearray(READ_SIZE)
+        self.view = memoryview(self.buffer)
+
+
+_read_buffer: _ReadBuffer | None = None
+
+
+def _shared_buffer() -> _ReadBuffer:
+    global _read_buffer
+    if _read_buffer is None:
+        _read_buffer = _ReadBuffer()
+    return _read_buffer
+
+
+class TcpUpstream(asyncio.BufferedProtocol):
+    """The TCP connection to the VNC server, relaying to and from one VncConnection."""
+
+    transport: asyncio.Transport
+    # Set by attach(), before any byte is relayed.
+    client: VncConnection
+    meter: Meter
+
+    def __init__(self) -> None:
+        self.flowing = False
+        self.ended: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self._buffer = _shared_buffer()
+        self._early: list[bytes] = []
+        self._reading_paused = False
+        self._client_paused = False
+
+    # --- set-up ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCP transport has every asyncio.Transport method but does not subclass
+        # it, so no isinstance check here.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(UPSTREAM_WRITE_LIMIT)
+
+    def attach(self, client: VncConnection, meter: Meter) -> None:
+        """Pair with the client connection whose upgrade request was granted."""
+        self.client, self.meter = client, meter
+        client.upstream = self
+
+    def start(self) -> None:
+        """The handshake is done: flush what the VNC server said meanwhile, then flow."""
+        self.flowing = True
+        early, self._early = self._early, []
+        for chunk in early:
+            self._to_client(chunk)
+        if not self.client.paused:
+            self._resume_reading()
+
+    # --- VNC server -> client --------------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        chunk = self._buffer.view[:nbytes]
+        if not self.flowing:
+            self._early.append(bytes(chunk))
+            self._pause_reading()
+            return
+        self._to_client(chunk)
+        if self.client.paused:
+            self._pause_reading()  # until client_drained()
+
+    def _to_client(self, data: bytes | memoryview) -> None:
+        client = self.client
+        if client.protocol.state is not _OPEN:
+            return  # closing: the relay is ending, the rest has nowhere to go
+        n = len(data)
+        self.meter.bytes_down += n
+        transport = client.transport
+        transport.writelines((_header(n), data))
+        if transport.get_write_buffer_size() and isinstance(data, memoryview):
+            self._buffer.renew()
+
+    def client_drained(self) -> None:
+        self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # --- client -> VNC server --------------------------------------------------------
+
+    def from_client(self, data: bytes | bytearray | memoryview) -> None:
+        if type(data) is not bytes:
+            data = bytes(data)  # a transport may hold on to what it is given
+        self.meter.bytes_up += len(data)
+        self.transport.write(data)  # calls pause_writing() when over the limit
+
+    def pause_writing(self) -> None:
+        if not self._client_paused:
+            self._client_paused = True
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._client_paused:
+            self._client_paused = False
+            self.client.transport.resume_reading()
+
+    # --- the end ---------------------------------------------------------------------
+
+    def fail(self, stop: Stop) -> None:
+        if not self.ended.done():
+            self.ended.set_result(stop)
+
+    def eof_received(self) -> bool:
+        return False  # the VNC server ended the session: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(exc)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+async def open_tcp(host: str, port: int, connect_timeout: float) -> TcpUpstream:
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(connect_timeout):
+        _, upstream = await loop.create_connection(TcpUpstream, host, port)
+    return upstream
+
+
+async def relay_vnc(
+    client: VncConnection, upstream: TcpUpstream, stop: asyncio.Future[Stop]
+) -> str:
+    """Relay until either end closes or `stop` is set. Returns why the session ended."""
+    upstream.start()
+    client_gone = client.connection_lost_waiter
+    try:
+        await asyncio.wait((upstream.ended, client_gone, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        client.upstream = None
+        upstream.close()
+    if stop.done():
+        ended = stop.result()
+    elif client_gone.done():
+        return "client"
+    else:
+        outcome = upstream.ended.result()
+        if isinstance(outcome, Stop):
+            ended = outcome
+        elif outcome is None:
+            ended = Stop(CloseCode.NORMAL_CLOSURE, "desktop closed the connection", "upstream")
+        else:
+            ended = Stop(CloseCode.BAD_GATEWAY, "desktop connection lost", "upstream_error")
+    await client.close(ended.code, ended.reason)
+    return ended.cause
