@@ -9,8 +9,8 @@ like a VNC server with nothing to draw.
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import sys
+from typing import cast
 
 CHUNK = bytes(256 * 1024)
 PACED_RATE = 2_000_000

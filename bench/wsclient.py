@@ -8,10 +8,10 @@ client can drive the gateway, websockify and (without framing) the source direct
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import base64
 import os
 import struct
+from typing import cast
 
 _HANDSHAKE_END = b"\r\n\r\n"
 
@@ -144,7 +144,8 @@ class Counter(asyncio.Protocol):
                 self._control = None
 
     def _control_done(self) -> None:
-        assert self.transport is not None and self._control is not None
+        assert self.transport is not None
+        assert self._control is not None
         if self._control_opcode == 0x9:  # ping: answer, or the gateway drops us
             self.transport.write(mask_frame(bytes(self._control), opcode=0xA))
         elif self._control_opcode == 0x8:
@@ -173,7 +174,7 @@ async def open_counter(
     straight from the source otherwise. `hello` picks the source's mode."""
     loop = asyncio.get_running_loop()
     framed = path is not None
-    request = upgrade_request("127.0.0.1", port, path, headers or {}) if framed else b""
+    request = upgrade_request("127.0.0.1", port, path, headers or {}) if path is not None else b""
     _, protocol = await loop.create_connection(
         lambda: Counter(framed, hello, request), "127.0.0.1", port
     )

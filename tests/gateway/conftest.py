@@ -41,6 +41,7 @@ ORIGIN = "http://app.test"  # in ALLOWED_WS_ORIGINS of the test environment
 @dataclass(frozen=True)
 class GatewayServer:
     port: int
+    pid: int
 
     @property
     def ws_url(self) -> str:
@@ -68,8 +69,8 @@ def gateway(base_env: dict[str, str]) -> Iterator[GatewayServer]:
         [PYTHON, "-m", "cloudbot_gateway"],
         gateway_env(base_env, port),
         ready=http_ok(f"http://127.0.0.1:{port}/readyz"),
-    ):
-        yield GatewayServer(port)
+    ) as process:
+        yield GatewayServer(port, process.pid)
 
 
 @dataclass(frozen=True)

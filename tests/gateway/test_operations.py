@@ -61,7 +61,7 @@ def impatient_gateway(base_env: dict[str, str]):
         env,
         ready=http_ok(f"http://127.0.0.1:{port}/readyz"),
     ) as process:
-        yield GatewayServer(port), process
+        yield GatewayServer(port, process.pid), process
 
 
 async def test_idle_sessions_are_closed(

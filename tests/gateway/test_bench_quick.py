@@ -1,0 +1,46 @@
+"""The benchmark in its short mode, so that it cannot rot. Its figures are not asserted
+against targets here (a shared CI machine is no place for timing); `make bench` is."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from tests.support.processes import PYTHON, ROOT
+
+
+def test_quick_benchmark_runs_end_to_end(
+    base_env: dict[str, str], redis_url: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "figures.json"
+    result = subprocess.run(
+        [PYTHON, "-m", "bench", "--quick", "--json", str(out)],
+        env={
+            **os.environ,
+            "DATABASE_URL": base_env["DATABASE_URL"],  # the bench makes its own database there
+            "REDIS_URL": redis_url,
+            "BENCH_REDIS_DB": redis_url.rsplit("/", 1)[1],
+        },
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for line in (
+        "single stream",
+        "streams, aggregate",
+        "CPU per GB",
+        "RTT added",
+        "memory per idle",
+    ):
+        assert line in result.stdout
+    figures = json.loads(out.read_text())
+    for target in ("direct", "websockify", "gateway"):
+        assert figures["single_stream"][target]["mb_per_s"] > 0
+        assert figures["streams"][target]["mb_per_s"] > 0
+    assert figures["streams"]["gateway"]["cpu_s_per_gb"] > 0
+    assert figures["latency"]["under_load"]["gateway_p99_ms"] > 0
+    assert figures["idle_bytes_per_connection"]["gateway"] > 0
