@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
+from bench.source import PACED_RATE
 from bench.stack import PYTHON, Stack, _children, cpu_seconds, pss_bytes_tree, rss_bytes, stack
 from bench.wsclient import Counter, open_counter
 from cloudbot_common.settings import Settings
@@ -36,14 +37,15 @@ class Plan:
     streams: int
     streams_seconds: float
     samples: int
+    saturated_samples: int
     idle: int
     websockify_idle: int
 
 
-FULL = Plan(single_seconds=5, streams=200, streams_seconds=8, samples=3000, idle=5000,
-            websockify_idle=100)  # fmt: skip
-QUICK = Plan(single_seconds=0.5, streams=20, streams_seconds=1, samples=200, idle=300,
-             websockify_idle=10)  # fmt: skip
+FULL = Plan(single_seconds=5, streams=200, streams_seconds=8, samples=3000,
+            saturated_samples=100, idle=5000, websockify_idle=100)  # fmt: skip
+QUICK = Plan(single_seconds=0.5, streams=20, streams_seconds=1, samples=200,
+             saturated_samples=20, idle=300, websockify_idle=10)  # fmt: skip
 
 
 @dataclass
@@ -125,13 +127,21 @@ async def throughput(s: Stack, target: str, n: int, seconds: float) -> Throughpu
     )
 
 
-async def probe(s: Stack, samples: int) -> dict[str, list[float]]:
+async def _start_probe(s: Stack, samples: int) -> asyncio.subprocess.Process:
+    """The probe process, connected (through the gateway and directly) and waiting."""
     process = await asyncio.create_subprocess_exec(
         PYTHON, "-m", "bench.probe", str(s.gateway_port), s.vnc_path, s.token,
         str(s.source_port), str(samples),
-        stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, _ = await process.communicate()
+    assert process.stdout is not None
+    if await process.stdout.readline() != b"ready\n":
+        raise RuntimeError("latency probe failed to connect")
+    return process
+
+
+async def _run_probe(process: asyncio.subprocess.Process) -> dict[str, list[float]]:
+    out, _ = await process.communicate(b"go\n")
     if process.returncode != 0:
         raise RuntimeError("latency probe failed")
     result: dict[str, list[float]] = json.loads(out)
@@ -164,10 +174,13 @@ async def latency(s: Stack, load_streams: int, samples: int, mode: bytes = b"P")
     """Round trips of small messages while `load_streams` other sessions stream through the
     gateway, paced like busy desktops (mode b"P") or as fast as they can (b"S")."""
     load = await _open_many(_opener(s, "gateway", b""), load_streams)
-    for c in load:
-        c.say(mode)
     try:
-        result = await probe(s, samples)
+        # Connected before the load starts: a saturated gateway is slow to accept.
+        process = await _start_probe(s, samples)
+        for c in load:
+            c.say(mode)
+        await asyncio.sleep(0.3)
+        result = await _run_probe(process)
     finally:
         await _close_all(load)
     gw50, gw99 = _percentiles(result["gateway"])
@@ -212,10 +225,12 @@ async def run(s: Stack, plan: Plan) -> dict[str, object]:
         for t in ("direct", "websockify", "gateway")
     }
     idle = await latency(s, 0, plan.samples)
-    loaded = await latency(s, plan.streams, plan.samples)
+    loaded = await latency(s, plan.streams, plan.samples, b"P")
+    # Round trips are long when the gateway is saturated: fewer samples.
+    saturated = await latency(s, plan.streams, plan.saturated_samples, b"S")
     figures["latency"] = {
         name: {**asdict(v), "added_p50_ms": v.added_p50_ms, "added_p99_ms": v.added_p99_ms}
-        for name, v in (("idle", idle), ("under_load", loaded))
+        for name, v in (("idle", idle), ("under_load", loaded), ("saturated", saturated))
     }
     return figures
 
@@ -232,7 +247,7 @@ def report(f: dict[str, object], plan: Plan) -> str:
     agw, aws, adirect = (streams[k]["mb_per_s"] for k in ("gateway", "websockify", "direct"))
     cgw, cws = streams["gateway"]["cpu_s_per_gb"], streams["websockify"]["cpu_s_per_gb"]
     scgw, scws = single["gateway"]["cpu_s_per_gb"], single["websockify"]["cpu_s_per_gb"]
-    under, idle = lat["under_load"], lat["idle"]
+    under, idle, sat = lat["under_load"], lat["idle"], lat["saturated"]
     n = plan.streams
     rows = [
         ("single stream", f"{gw:8.0f} MB/s", f"websockify {ws:.0f} MB/s ({gw / ws:.2f}x)",
@@ -243,12 +258,14 @@ def report(f: dict[str, object], plan: Plan) -> str:
          f"direct {adirect:.0f} MB/s ({agw / adirect:.2f}x)", ">= 2x websockify"),
         (f"{n} streams, CPU per GB", f"{cgw:8.2f} s",
          f"websockify {cws:.2f} s ({cgw / cws:.2f}x)", "", "<= 0.5x websockify"),
-        (f"RTT added, {n} streams", f"{under['added_p50_ms']:8.3f} ms p50",
+        (f"RTT added, {n} x {PACED_RATE / MB:g} MB/s", f"{under['added_p50_ms']:8.3f} ms p50",
          f"gateway {under['gateway_p50_ms']:.3f} / direct {under['direct_p50_ms']:.3f} ms",
          "", ""),
         ("", f"{under['added_p99_ms']:8.3f} ms p99",
          f"gateway {under['gateway_p99_ms']:.3f} / direct {under['direct_p99_ms']:.3f} ms",
          "", "p99 added < 1 ms"),
+        (f"RTT added, {n} streams flat out", f"{sat['added_p50_ms']:8.3f} ms p50",
+         f"p99 {sat['added_p99_ms']:.3f} ms (gateway saturated: queueing)", "", ""),
         ("RTT added, no load", f"{idle['added_p50_ms']:8.3f} ms p50",
          f"p99 {idle['added_p99_ms']:.3f} ms (gateway {idle['gateway_p99_ms']:.3f} / "
          f"direct {idle['direct_p99_ms']:.3f})", "", ""),

@@ -3,7 +3,8 @@ measured alternately so both see the same load (run as its own process, blocking
 sockets, so that the load generator's event loop is not part of the figure).
 
     python -m bench.probe GATEWAY_PORT PATH TOKEN SOURCE_PORT SAMPLES
-prints {"gateway": [seconds...], "direct": [seconds...]} as JSON.
+connects, prints "ready", waits for a line on stdin (the load is on), then prints
+{"gateway": [seconds...], "direct": [seconds...]} as JSON.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def _ws_round_trip(sock: socket.socket, frame: bytes, buffer: bytearray) -> None
 def main() -> None:
     gw_port, path, token, source_port, samples = sys.argv[1:6]
     gw = _connect(int(gw_port))
+    gw.settimeout(120)  # a saturated gateway answers slowly
     gw.sendall(
         upgrade_request("127.0.0.1", int(gw_port), path, {"Authorization": f"Bearer {token}"})
     )
@@ -69,6 +71,8 @@ def main() -> None:
     direct.sendall(b"E")
     direct_buffer = bytearray()
 
+    print("ready", flush=True)
+    sys.stdin.readline()
     frame = mask_frame(MESSAGE)
     results: dict[str, list[float]] = {"gateway": [], "direct": []}
     for i in range(int(samples) + 20):
