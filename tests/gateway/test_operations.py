@@ -29,7 +29,12 @@ async def test_health_and_readiness(gateway: GatewayServer) -> None:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         r = await client.get("/readyz")
         assert r.status_code == 200
-        assert r.json()["checks"] == {"postgres": "ok", "redis": "ok", "events": "ok"}
+        assert r.json()["checks"] == {
+            "postgres": "ok",
+            "migrations": "ok",
+            "redis": "ok",
+            "events": "ok",
+        }
 
 
 async def test_metrics(

@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from redis.asyncio import Redis
-from sqlalchemy import text
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import InvalidHandshake
@@ -24,6 +23,7 @@ from websockets.typing import Subprotocol
 
 from cloudbot_common.db import create_engine
 from cloudbot_common.events import EventHub
+from cloudbot_common.health import check_database, check_redis
 from cloudbot_common.logging import get_logger
 from cloudbot_common.security.jwt_tokens import TokenCodec
 from cloudbot_common.security.opaque import agent_credential
@@ -256,20 +256,7 @@ class Gateway:
         return not_found().response()
 
     async def _readyz(self) -> Response:
-        checks: dict[str, str] = {}
-        try:
-            async with asyncio.timeout(2):
-                async with self.engine.connect() as conn:
-                    await conn.execute(text("SELECT 1"))
-            checks["postgres"] = "ok"
-        except Exception as exc:
-            checks["postgres"] = f"unreachable: {type(exc).__name__}"
-        try:
-            async with asyncio.timeout(2):
-                await self.redis.ping()
-            checks["redis"] = "ok"
-        except Exception as exc:
-            checks["redis"] = f"unreachable: {type(exc).__name__}"
+        checks = {**await check_database(self.engine), **await check_redis(self.redis)}
         checks["events"] = "ok" if self.hub.ready.is_set() else "subscribing"
         if self.draining:
             checks["gateway"] = "draining"
