@@ -7,7 +7,7 @@ client in the same callback that received it, and a frame from the client is wri
 upstream in the callback that parsed it. That saves two task switches and an event loop
 pass per hop. Chunks are read into one process-wide buffer and written as a frame header
 plus a view of that buffer (`writelines`), so in user space nothing is allocated or
-copied per chunk; what remains is the kernel's two copies (see bench/RESULTS.md).
+copied per chunk; what remains is the kernel's two copies (README, Performance).
 
 Flow control is end to end: while the client's socket is above its write limit, the VNC
 server's socket is not read; while the VNC server's socket is above its limit, the
