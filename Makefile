@@ -57,7 +57,7 @@ test: install ## Run the full test suite (creates its own databases)
 lint: install ## ruff and mypy
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
-	$(UV) run --frozen mypy libs/common/src services/api/src services/provisioner/src services/proxy-gateway/src tests
+	$(UV) run --frozen mypy libs/common/src services/api/src services/provisioner/src services/proxy-gateway/src tests bench
 
 .PHONY: fmt
 fmt: install ## Format and auto-fix
