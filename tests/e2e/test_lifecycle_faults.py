@@ -4,6 +4,7 @@ fault-injecting proxy): a worker SIGKILLed mid-provision, throttling, no capacit
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Iterator
 
@@ -21,6 +22,7 @@ from tests.provisioner.harness import (
     provisioner,
     wait_api_state,
 )
+from tests.support.processes import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,33 @@ async def test_worker_sigkilled_mid_provision(client, env, api_url, proxy, moto_
         await wait_api_state(client, user.headers, instance_id, "running")
     assert len(machines_tagged(ec2_client(moto_url), instance_id)) == 1
     assert proxy.calls["RunInstances"] == 1
+
+
+async def test_worker_sigterm_finishes_the_step_under_way(
+    client, env, api_url, proxy, moto_url, tmp_path
+):
+    """A warm shutdown: the worker stops taking work but finishes the EC2 call it is in."""
+    user = await make_user(client)
+    worker_env = {**env, "PUBLIC_API_URL": api_url}
+    release = proxy.hold("RunInstances")
+    with provisioner(worker_env, tmp_path, name="e2e-stopping-worker") as stopping:
+        instance_id = await create(client, user.headers)
+        assert await asyncio.to_thread(proxy.held.wait, 30)
+        os.kill(stopping.pid, signal.SIGTERM)
+        await asyncio.sleep(1)
+        assert stopping.alive(), "the worker must wait for the task under way"
+        release.set()
+        await asyncio.to_thread(stopping.popen.wait, 30)
+        assert stopping.popen.returncode == 0
+    with provisioner(worker_env, tmp_path, name="e2e-after-worker"):
+        await wait_api_state(client, user.headers, instance_id, "running")
+        # The held answer never came, so botocore sent RunInstances again with the same
+        # ClientToken. EC2 would return the first machine; moto makes a second one, which
+        # the reconciler terminates because no row owns it.
+        ec2 = ec2_client(moto_url)
+        await asyncio.to_thread(
+            wait_for, lambda: len(machines_tagged(ec2, instance_id)) == 1, 30, "one machine"
+        )
 
 
 async def test_throttling_and_no_capacity_are_retried_then_fail_with_a_reason(
