@@ -4,7 +4,6 @@ start, delete, and nothing left running."""
 
 from __future__ import annotations
 
-import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -15,6 +14,7 @@ import pytest
 from tests.conftest import make_user
 from tests.provisioner.harness import (
     FAST_RETRIES,
+    RFB,
     Db,
     api_process,
     kill_local_machines,
@@ -27,7 +27,6 @@ from tests.provisioner.harness import (
 )
 
 pytestmark = pytest.mark.vnc
-RFB = re.compile(rb"RFB 003\.00\d\n")
 
 
 @pytest.fixture

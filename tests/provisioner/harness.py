@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import signal
 import socket
@@ -452,6 +453,9 @@ async def wait_api_state(
 
 
 # --- Local desktops ---------------------------------------------------------------------------
+
+
+RFB = re.compile(rb"RFB 003\.00\d\n")
 
 
 async def rfb_greeting(port: int) -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import secrets
 import signal
 from pathlib import Path
@@ -19,6 +18,7 @@ from cloudbot_common.instance_contract import AGENT_WS_PATH
 from cloudbot_common.models import InstanceState as S
 from cloudbot_common.security.opaque import agent_credential
 from tests.provisioner.harness import (
+    RFB,
     eventually,
     kill_local_machines,
     machine_group,
@@ -29,7 +29,6 @@ from tests.provisioner.harness import (
 )
 
 pytestmark = pytest.mark.vnc
-RFB = re.compile(rb"RFB 003\.00\d\n")
 
 
 @pytest.fixture
