@@ -6,6 +6,7 @@ import ipaddress
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -85,12 +86,19 @@ async def get_principal(
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
+@lru_cache(maxsize=8)
+def _networks(
+    proxies: tuple[str, ...],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(p, strict=False) for p in proxies)
+
+
 def client_address(request: Request, settings: SettingsDep) -> str:
     """The client's address, believing X-Forwarded-For only from configured proxies."""
     peer = request.client.host if request.client else "unknown"
     if not settings.trusted_proxies:
         return peer
-    trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
+    trusted = _networks(tuple(settings.trusted_proxies))
 
     def is_trusted(addr: str) -> bool:
         try:

@@ -39,7 +39,3 @@ class RateLimiter:
                     "Too many requests; try again later.",
                     headers={"Retry-After": str(retry_after)},
                 )
-
-    async def close(self) -> None:
-        # The storage owns a connection pool; nothing to release explicitly in limits 5.
-        return None

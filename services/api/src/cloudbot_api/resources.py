@@ -33,6 +33,5 @@ class Resources:
     async def close(self) -> None:
         await self.events.stop()
         self.passwords.close()
-        await self.limiter.close()
         await self.redis.aclose()
         await self.engine.dispose()

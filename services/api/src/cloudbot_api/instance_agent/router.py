@@ -7,11 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select
 
 from cloudbot_api.deps import ResourcesDep, UowDep
 from cloudbot_api.errors import ProblemError, problem_responses
 from cloudbot_api.instance_agent.config import render_config
+from cloudbot_api.instance_agent.repository import InstanceAgentRepository
 from cloudbot_api.instance_agent.schemas import BootstrapOut, HeartbeatIn
 from cloudbot_common.instance_contract import (
     BOOTSTRAP_PATH,
@@ -19,7 +19,7 @@ from cloudbot_common.instance_contract import (
     HEARTBEAT_PATH,
 )
 from cloudbot_common.logging import get_logger
-from cloudbot_common.models import ApiKey, Instance, InstanceState
+from cloudbot_common.models import InstanceState
 from cloudbot_common.providers import Provider
 from cloudbot_common.security.opaque import agent_credential, new_token, token_digest
 from cloudbot_common.security.vault import VaultError
@@ -48,13 +48,8 @@ def _refuse(code: str) -> ProblemError:
 async def bootstrap(creds: BearerDep, uow: UowDep, resources: ResourcesDep) -> BootstrapOut:
     if creds is None:
         raise _refuse("invalid_bootstrap_token")
-    instance = (
-        await uow.session.scalars(
-            select(Instance)
-            .where(Instance.bootstrap_token_hash == token_digest(creds.credentials))
-            .with_for_update()
-        )
-    ).one_or_none()
+    repo = InstanceAgentRepository(uow.session)
+    instance = await repo.by_bootstrap_digest_for_update(token_digest(creds.credentials))
     now = datetime.now(UTC)
     if (
         instance is None
@@ -69,8 +64,7 @@ async def bootstrap(creds: BearerDep, uow: UowDep, resources: ResourcesDep) -> B
     instance.credential_hash = token_digest(credential)
 
     keys: dict[Provider, str] = {}
-    rows = await uow.session.scalars(select(ApiKey).where(ApiKey.user_id == instance.owner_id))
-    for row in rows:
+    for row in await repo.owner_keys(instance.owner_id):
         try:
             keys[Provider(row.provider)] = resources.vault.decrypt(
                 row.user_id, row.provider, row.ciphertext
@@ -99,11 +93,8 @@ async def bootstrap(creds: BearerDep, uow: UowDep, resources: ResourcesDep) -> B
 async def heartbeat(body: HeartbeatIn, creds: BearerDep, uow: UowDep) -> Response:
     if creds is None:
         raise _refuse("invalid_instance_credential")
-    instance = (
-        await uow.session.scalars(
-            select(Instance).where(Instance.credential_hash == token_digest(creds.credentials))
-        )
-    ).one_or_none()
+    repo = InstanceAgentRepository(uow.session)
+    instance = await repo.by_credential_digest(token_digest(creds.credentials))
     if instance is None or instance.state in _GONE:
         raise _refuse("invalid_instance_credential")
     instance.desktop_healthy = body.desktop
