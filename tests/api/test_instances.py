@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from cloudbot_api.instances.router import SSE_KEEPALIVE_SECONDS
 from cloudbot_common.commands import Command
 from cloudbot_common.db import create_session_factory, unit_of_work
 from cloudbot_common.events import publish_instance_event
@@ -227,9 +228,13 @@ async def test_tickets_only_for_running_instances(http, user, engine, redis_url,
 
 
 async def read_sse(response: httpx.Response, count: int) -> list[dict]:
+    return await read_sse_lines(response.aiter_lines(), count)
+
+
+async def read_sse_lines(lines: AsyncIterator[str], count: int) -> list[dict]:
     events: list[dict] = []
     current: dict[str, str] = {}
-    async for line in response.aiter_lines():
+    async for line in lines:
         if line == "":
             if "data" in current:
                 events.append(current)
@@ -253,10 +258,14 @@ async def test_events_stream_and_resume(http, user, engine, redis_url):
             return await asyncio.wait_for(read_sse(r, count), 20)
 
     # Live: the stream starts with history, then follows changes as they are published.
-    task = asyncio.create_task(collect(3))
-    await asyncio.sleep(0.3)
-    await move(engine, redis_url, iid, InstanceState.PROVISIONING, InstanceState.RUNNING)
-    events = await task
+    # The later events must come from the event hub's wake-up, within a deadline shorter
+    # than the stream's fallback re-read, so a broken push cannot pass unnoticed.
+    async with http.stream("GET", url, headers=user.headers) as r:
+        lines = r.aiter_lines()
+        first = await asyncio.wait_for(read_sse_lines(lines, 1), 10)
+        await move(engine, redis_url, iid, InstanceState.PROVISIONING, InstanceState.RUNNING)
+        rest = await asyncio.wait_for(read_sse_lines(lines, 2), SSE_KEEPALIVE_SECONDS / 3)
+    events = first + rest
     assert [json.loads(e["data"])["state"] for e in events] == [
         "pending",
         "provisioning",
