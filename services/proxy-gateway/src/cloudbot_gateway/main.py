@@ -17,9 +17,11 @@ _log = get_logger(__name__)
 def _raise_fd_limit() -> None:
     # Each session holds two sockets; the default soft limit (often 1024) is far too low.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    # An unlimited hard limit cannot be the soft one (the kernel caps it at nr_open).
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft < target:
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 async def serve(settings: Settings) -> None:

@@ -24,7 +24,10 @@ from websockets.protocol import State
 
 from cloudbot_common.instance_contract import AGENT_AUTH_HEADER, AGENT_WS_PATH
 
+# Write limit of every socket the gateway writes to the instance on (VNC and agent).
 UPSTREAM_WRITE_LIMIT = 64 * 1024
+# Frames a WebSocket peer may have queued before we stop reading it (client and agent).
+MAX_QUEUE = 4
 
 
 class Meter(Protocol):
@@ -62,7 +65,7 @@ async def open_agent(
         proxy=None,
         open_timeout=connect_timeout,
         max_size=max_size,
-        max_queue=4,
+        max_queue=MAX_QUEUE,
         write_limit=UPSTREAM_WRITE_LIMIT,
         ping_interval=30,
         ping_timeout=30,
@@ -74,15 +77,13 @@ async def open_agent(
 # --- Agent: WebSocket <-> WebSocket, frames and close codes passed through ---------------
 
 
-async def _ws_to_ws_up(src: Connection, dst: Connection, meter: Meter) -> None:
+async def _pump(src: Connection, dst: Connection, meter: Meter, *, up: bool) -> None:
     async for message in src:
-        meter.bytes_up += len(message)
-        await dst.send(message)
-
-
-async def _ws_to_ws_down(src: Connection, dst: Connection, meter: Meter) -> None:
-    async for message in src:
-        meter.bytes_down += len(message)
+        # Text frames count their characters: the same as bytes for the usual ASCII JSON.
+        if up:
+            meter.bytes_up += len(message)
+        else:
+            meter.bytes_down += len(message)
         await dst.send(message)
 
 
@@ -101,8 +102,8 @@ async def relay_agent(
 ) -> str:
     """Relay until either end closes or `stop` is set. Returns why the session ended."""
     try:
-        first, _ = await _run_pumps(
-            _ws_to_ws_up(ws, agent, meter), _ws_to_ws_down(agent, ws, meter), stop
+        first = await _run_pumps(
+            _pump(ws, agent, meter, up=True), _pump(agent, ws, meter, up=False), stop
         )
         if first is _STOP:
             ended = stop.result()
@@ -134,11 +135,10 @@ async def _run_pumps(
     up: Coroutine[Any, Any, None],
     down: Coroutine[Any, Any, None],
     stop: asyncio.Future[Stop],
-) -> tuple[str, BaseException | None]:
+) -> str:
     """Run both pumps until one ends or `stop` is set, then cancel the rest.
 
-    Returns which finished first (_UP, _DOWN or _STOP) and the exception that ended that
-    pump, if any.
+    Returns which finished first: _UP, _DOWN or _STOP.
     """
     up_task = asyncio.create_task(up)
     down_task = asyncio.create_task(down)
@@ -150,16 +150,11 @@ async def _run_pumps(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+    # Retrieve the pumps' exceptions, so that none is reported as never retrieved; how the
+    # session ended is read from the connections' close states instead.
+    for task in (up_task, down_task):
+        if not task.cancelled():
+            task.exception()
     if stop.done():
-        return _STOP, None
-    if up_task.done() and not up_task.cancelled():
-        first, task = _UP, up_task
-    else:
-        first, task = _DOWN, down_task
-    if task.cancelled():
-        return first, None
-    # Retrieve the other's exception too, so that none is reported as never retrieved.
-    for other in (up_task, down_task):
-        if not other.cancelled():
-            other.exception()
-    return first, task.exception()
+        return _STOP
+    return _UP if up_task.done() and not up_task.cancelled() else _DOWN

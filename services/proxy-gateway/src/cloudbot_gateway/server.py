@@ -32,7 +32,7 @@ from cloudbot_common.tickets import Channel
 from cloudbot_gateway.auth import Authenticator
 from cloudbot_gateway.metrics import Metrics
 from cloudbot_gateway.refusals import Refusal, http_response, not_found
-from cloudbot_gateway.relay import open_agent, relay_agent
+from cloudbot_gateway.relay import MAX_QUEUE, open_agent, relay_agent
 from cloudbot_gateway.sessions import CLOSE_SHUTDOWN, Session, SessionRegistry
 from cloudbot_gateway.targets import TargetDirectory
 from cloudbot_gateway.vnc import CLIENT_WRITE_LIMIT, TcpUpstream, VncConnection, open_tcp, relay_vnc
@@ -45,7 +45,6 @@ UPSTREAM_CONNECT_TIMEOUT = 5.0
 PING_INTERVAL = 20.0
 # Frames queued per direction before the socket stops being read; with max_size this
 # bounds what one client can make us hold.
-MAX_QUEUE = 4
 
 
 class GatewayConnection(VncConnection):

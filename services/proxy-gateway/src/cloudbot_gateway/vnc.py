@@ -6,8 +6,10 @@ Bytes are moved in the transports' own callbacks rather than by pump tasks await
 client in the same callback that received it, and a frame from the client is written
 upstream in the callback that parsed it. That saves two task switches and an event loop
 pass per hop. Chunks are read into one process-wide buffer and written as a frame header
-plus a view of that buffer (`writelines`), so in user space nothing is allocated or
-copied per chunk; what remains is the kernel's two copies (README, Performance).
+plus a view of that buffer (`writelines`), so while the client keeps up nothing but the
+small frame header is allocated per chunk, and nothing is copied; what remains is the
+kernel's two copies (README, Performance). A chunk that must queue behind earlier data
+is copied (only its own bytes), so a lagging client never pins read buffers.
 
 Flow control is end to end: while the client's socket is above its write limit, the VNC
 server's socket is not read; while the VNC server's socket is above its limit, the
@@ -30,12 +32,10 @@ from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 
-from cloudbot_gateway.relay import Meter, Stop
+from cloudbot_gateway.relay import UPSTREAM_WRITE_LIMIT, Meter, Stop
 
 # The client's socket write limit; above it we stop reading the VNC server.
 CLIENT_WRITE_LIMIT = 64 * 1024
-# The VNC server's socket write limit; above it we stop reading the client.
-UPSTREAM_WRITE_LIMIT = 64 * 1024
 # At most this much is read from the VNC server at once, and sent as one frame.
 READ_SIZE = 256 * 1024
 
@@ -129,6 +129,7 @@ class TcpUpstream(asyncio.BufferedProtocol):
         # uvloop's TCP transport has every asyncio.Transport method but does not subclass
         # it, so no isinstance check here.
         self.transport = cast(asyncio.Transport, transport)
+        # Above this we stop reading the client.
         self.transport.set_write_buffer_limits(UPSTREAM_WRITE_LIMIT)
 
     def attach(self, client: VncConnection, meter: Meter) -> None:
@@ -167,8 +168,15 @@ class TcpUpstream(asyncio.BufferedProtocol):
         n = len(data)
         self.meter.bytes_down += n
         transport = client.transport
+        if transport.get_write_buffer_size():
+            # Queued behind earlier data, this chunk will be kept by the transport: give it
+            # a copy of just these bytes, not a view that pins the whole shared buffer.
+            transport.writelines((_header(n), bytes(data)))
+            return
         transport.writelines((_header(n), data))
         if transport.get_write_buffer_size() and isinstance(data, memoryview):
+            # Partly sent into an empty buffer: the transport keeps the view, so the next
+            # reads go to a fresh buffer.
             self._buffer.renew()
 
     def client_drained(self) -> None:
