@@ -61,7 +61,7 @@ async def test_sessions_end_when_the_instance_stops(
     await until(lambda: len(agent.closes) > closes_before, what="the agent side to be closed")
     assert agent.closes[-1][0] == 1001
 
-    # The event also reached the ownership cache: no database read could say otherwise.
+    # Refused again now that the row is no longer running.
     response = await refused(f"{base}/vnc", additional_headers=owner.bearer)
     assert response.status_code == 409
 
