@@ -6,11 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
+from cloudbot_common.models import Instance
 from tests.conftest import make_user
 from tests.provisioner.harness import (
     AWS_ENV,
@@ -77,7 +82,7 @@ async def test_worker_sigkilled_mid_provision(client, env, api_url, proxy, moto_
 
     with provisioner(worker_env, tmp_path, name="e2e-next-worker"):
         await wait_api_state(client, user.headers, instance_id, "running")
-    assert len(machines_tagged(ec2_client(moto_url), instance_id)) == 1
+    assert len(machines_tagged(ec2_client(moto_url), instance_id, include_gone=True)) == 1
     assert proxy.calls["RunInstances"] == 1
 
 
@@ -97,11 +102,20 @@ async def test_worker_sigterm_finishes_the_step_under_way(
         release.set()
         await asyncio.to_thread(stopping.popen.wait, 30)
         assert stopping.popen.returncode == 0
+    # The stopping worker finished its step before exiting: its launch got through (on
+    # botocore's retry, the held answer never came) and the machine is on the row.
+    assert proxy.calls["RunInstances"] == 2
+    engine = create_async_engine(env["DATABASE_URL"], poolclass=NullPool)
+    async with engine.connect() as conn:
+        recorded = await conn.scalar(
+            select(Instance.backend_instance_id).where(Instance.id == uuid.UUID(instance_id))
+        )
+    await engine.dispose()
+    assert recorded is not None
     with provisioner(worker_env, tmp_path, name="e2e-after-worker"):
         await wait_api_state(client, user.headers, instance_id, "running")
-        # The held answer never came, so botocore sent RunInstances again with the same
-        # ClientToken. EC2 would return the first machine; moto makes a second one, which
-        # the reconciler terminates because no row owns it.
+        # botocore's retry carried the same ClientToken: EC2 would return the first
+        # machine; moto made a second one, which the reconciler terminates (no row owns it).
         ec2 = ec2_client(moto_url)
         await asyncio.to_thread(
             wait_for, lambda: len(machines_tagged(ec2, instance_id)) == 1, 30, "one machine"

@@ -78,7 +78,7 @@ async def test_broker_down_at_create_then_provisioned_when_it_returns(
 
                 outage_redis.start()
                 await wait_api_state(client, user.headers, instance_id, "running", timeout=90)
-    assert len(machines_tagged(ec2_client(moto_url), instance_id)) == 1
+    assert len(machines_tagged(ec2_client(moto_url), instance_id, include_gone=True)) == 1
 
 
 async def test_redis_down_at_create_either_provisions_later_or_writes_nothing(
@@ -99,7 +99,10 @@ async def test_redis_down_at_create_either_provisions_later_or_writes_nothing(
                 if r.status_code == 202:
                     instance_id = r.json()["id"]
                     await wait_api_state(client, user.headers, instance_id, "running", timeout=90)
-                    assert len(machines_tagged(ec2_client(moto_url), instance_id)) == 1
+                    assert (
+                        len(machines_tagged(ec2_client(moto_url), instance_id, include_gone=True))
+                        == 1
+                    )
                     return
     assert r.status_code == 503, r.text
     assert r.headers["content-type"].startswith("application/problem+json")

@@ -38,7 +38,7 @@ async def test_a_transient_error_that_heals_is_ridden_out(worker, db, proxy, mot
     instance_id, _ = await db.create_instance(await db.user(), "ec2")
     await db.wait_state(instance_id, S.RUNNING, timeout=60)
     assert proxy.calls["RunInstances"] == 4
-    assert len(machines_tagged(ec2_client(moto_url), str(instance_id))) == 1
+    assert len(machines_tagged(ec2_client(moto_url), str(instance_id), include_gone=True)) == 1
 
 
 async def test_errors_that_will_not_heal_fail_at_once(worker, db, proxy):

@@ -121,7 +121,7 @@ async def test_duplicate_deliveries_launch_one_machine(worker, db, ec2):
     await asyncio.gather(*(db.publish(command) for _ in range(4)))
 
     await db.wait_state(instance_id, S.RUNNING)
-    assert len(machines_tagged(ec2, str(instance_id))) == 1
+    assert len(machines_tagged(ec2, str(instance_id), include_gone=True)) == 1
     assert await db.history(instance_id) == ["pending", "provisioning", "running"]
 
 

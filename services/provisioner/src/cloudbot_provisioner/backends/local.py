@@ -149,7 +149,10 @@ class LocalBackend:
         directory = self._dir(machine_id)
         record = await asyncio.to_thread(self._prepare, directory, spec)
         if not record.get("launched_at"):
-            await asyncio.to_thread(self._boot, directory, spec.bootstrap_token)
+            # A launch that booted but died before recording it must not boot a second
+            # desktop on the same ports.
+            if self._running_pid(directory) is None:
+                await asyncio.to_thread(self._boot, directory, spec.bootstrap_token)
             record = await asyncio.to_thread(self._mark_launched, directory)
         return _machine(record, MachineState.PENDING)
 
@@ -301,6 +304,12 @@ class LocalBackend:
         try:
             pgid = int((directory / PID_FILE).read_text().strip())
         except (OSError, ValueError):
+            return
+        if _alive(pgid) and not _is_machine_process(pgid, directory):
+            # The recorded leader's pid now belongs to some other process: its group is
+            # not ours to signal, and ours is long gone.
+            with contextlib.suppress(OSError):
+                (directory / PID_FILE).unlink()
             return
         for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             if not _group_members(pgid):
