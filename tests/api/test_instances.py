@@ -327,6 +327,16 @@ async def test_bootstrap_token_works_once_and_heartbeats_show_health(http, user,
     assert health["desktop"] is True
     assert health["agent"] is False
     assert health["last_heartbeat_at"] is not None
+
+    # A machine that stopped reporting has unknown health, not its last "up".
+    async with unit_of_work(create_session_factory(engine)) as session:
+        row = await session.get(Instance, uuid.UUID(iid))
+        assert row is not None
+        row.last_heartbeat_at = datetime.now(UTC) - timedelta(seconds=121)
+    health = (await http.get(f"/api/instances/{iid}", headers=user.headers)).json()["health"]
+    assert health["desktop"] is None
+    assert health["agent"] is None
+    assert health["last_heartbeat_at"] is not None
     # A user's access token is not an instance credential.
     r = await http.post(
         "/api/agent/heartbeat", json={"desktop": True, "agent": True}, headers=user.headers

@@ -18,32 +18,25 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
-from cloudbot_common.commands import Command, add_command, mark_published, send_command
+from cloudbot_common.commands import add_command, mark_published, send_command
 from cloudbot_common.db import unit_of_work
 from cloudbot_common.lifecycle import lock_instance
 from cloudbot_common.logging import get_logger
-from cloudbot_common.models import Instance
+from cloudbot_common.models import LIVE_STATES, Instance
 from cloudbot_common.models import InstanceState as S
 from cloudbot_provisioner import repository
 from cloudbot_provisioner.backends.base import Machine, MachineState
 from cloudbot_provisioner.instances.guard import exclusive
-from cloudbot_provisioner.instances.handlers import locked
+from cloudbot_provisioner.instances.handlers import DRIVES, locked
 from cloudbot_provisioner.runtime import Runtime
 
 log = get_logger(__name__)
 
 DRIFTED = "The machine was stopped outside CloudBot."
-_COMMAND_FOR = {
-    S.PENDING: Command.PROVISION,
-    S.PROVISIONING: Command.PROVISION,
-    S.STOPPING: Command.STOP,
-    S.STARTING: Command.START,
-    S.TERMINATING: Command.TERMINATE,
-}
+# The command that drives each transitional state, read off the handlers' own table.
+_COMMAND_FOR = {state: command for command, states in DRIVES.items() for state in states}
 # States in which a machine belongs to its row; a machine of any other row is an orphan.
-_OWNS_MACHINE = frozenset(
-    {S.PENDING, S.PROVISIONING, S.RUNNING, S.STOPPING, S.STOPPED, S.STARTING, S.TERMINATING}
-)
+_OWNS_MACHINE = LIVE_STATES | {S.TERMINATING}
 
 
 @dataclass(slots=True)

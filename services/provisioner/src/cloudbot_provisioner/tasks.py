@@ -132,12 +132,8 @@ def _retry_or_give_up(
     raise task.retry(countdown=countdown, exc=exc, max_retries=None)
 
 
-_COMMAND_OPTIONS: dict[str, Any] = {
-    "bind": True,
-    "acks_late": True,
-    "reject_on_worker_lost": True,
-    "ignore_result": True,
-}
+# acks_late and reject_on_worker_lost are set for the whole app by `make_celery`.
+_COMMAND_OPTIONS: dict[str, Any] = {"bind": True, "ignore_result": True}
 
 
 @_task(Command.PROVISION.value, **_COMMAND_OPTIONS)

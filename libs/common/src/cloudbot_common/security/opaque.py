@@ -7,6 +7,8 @@ import hmac
 import secrets
 import uuid
 
+from cloudbot_common.instance_contract import AGENT_PREFIX
+
 
 def new_token(prefix: str = "") -> str:
     return prefix + secrets.token_urlsafe(32)
@@ -24,4 +26,4 @@ def agent_credential(secret: str, instance_id: uuid.UUID) -> str:
     receives it once, at bootstrap. Rotating AGENT_TOKEN_SECRET rotates every credential.
     """
     mac = hmac.new(secret.encode(), b"agent:" + instance_id.bytes, hashlib.sha256)
-    return "cba_" + mac.hexdigest()
+    return AGENT_PREFIX + mac.hexdigest()

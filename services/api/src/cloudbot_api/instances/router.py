@@ -20,7 +20,7 @@ from cloudbot_api.instances.schemas import (
     TicketCreate,
     TicketOut,
 )
-from cloudbot_api.instances.service import InstanceService, not_found, to_out
+from cloudbot_api.instances.service import InstanceService, not_found
 from cloudbot_common.models import InstanceState
 
 router = APIRouter(prefix="/instances", tags=["instances"])
@@ -44,7 +44,7 @@ async def list_instances(
     include_terminated: Annotated[bool, Query()] = False,
 ) -> InstanceList:
     rows = await service.list(principal.user_id, include_terminated)
-    return InstanceList(items=[to_out(i) for i in rows])
+    return InstanceList(items=[service.out(i) for i in rows])
 
 
 @router.post(
@@ -89,14 +89,14 @@ async def create_instance(
 async def get_instance(
     instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
 ) -> InstanceOut:
-    return to_out(await service.get(principal.user_id, instance_id))
+    return service.out(await service.get(principal.user_id, instance_id))
 
 
 def _action_route(action: str) -> Any:
     async def handler(
         instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
     ) -> InstanceOut:
-        return to_out(await service.act(principal.user_id, instance_id, action))
+        return service.out(await service.act(principal.user_id, instance_id, action))
 
     handler.__name__ = f"{action}_instance"
     return handler

@@ -7,6 +7,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
 from cloudbot_api.errors import ProblemError
 from cloudbot_api.instances.repository import InstanceRepository
@@ -45,7 +46,11 @@ def state_conflict(instance: Instance, wanted: str) -> ProblemError:
     )
 
 
-def to_out(instance: Instance) -> InstanceOut:
+def to_out(instance: Instance, stale_after: timedelta) -> InstanceOut:
+    """The instance as users see it. Health is unknown (null) once the machine has not
+    reported for `stale_after`: an old "up" must not pass for a current one."""
+    beat = instance.last_heartbeat_at
+    fresh = beat is not None and datetime.now(UTC) - beat <= stale_after
     return InstanceOut(
         id=instance.id,
         name=instance.name,
@@ -54,9 +59,9 @@ def to_out(instance: Instance) -> InstanceOut:
         state_reason=instance.state_reason,
         state_changed_at=instance.state_changed_at,
         health=Health(
-            desktop=instance.desktop_healthy,
-            agent=instance.agent_healthy,
-            last_heartbeat_at=instance.last_heartbeat_at,
+            desktop=instance.desktop_healthy if fresh else None,
+            agent=instance.agent_healthy if fresh else None,
+            last_heartbeat_at=beat,
         ),
         created_at=instance.created_at,
         updated_at=instance.updated_at,
@@ -69,6 +74,9 @@ class InstanceService:
         self.repo = InstanceRepository(uow.session)
         self.r = resources
         self.request_id = request_id
+
+    def out(self, instance: Instance) -> InstanceOut:
+        return to_out(instance, timedelta(seconds=self.r.settings.heartbeat_stale_seconds))
 
     async def list(self, owner_id: uuid.UUID, include_terminated: bool) -> Sequence[Instance]:
         return await self.repo.list_for_owner(owner_id, include_terminated=include_terminated)
@@ -125,7 +133,7 @@ class InstanceService:
         command = add_command(self.uow.session, Command.PROVISION, instance.id, self.request_id)
         await self.uow.session.flush()
         await self.uow.session.refresh(instance)
-        body_out = to_out(instance).model_dump(mode="json")
+        body_out = self.out(instance).model_dump(mode="json")
         if idempotency_key is not None:
             await self.repo.save_idempotent_response(owner_id, idempotency_key, 202, body_out)
         self._after_commit(command, event)

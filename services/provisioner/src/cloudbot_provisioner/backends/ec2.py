@@ -7,7 +7,6 @@ from anybody else's.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -25,6 +24,7 @@ from botocore.exceptions import (
 )
 
 from cloudbot_common import instance_contract as contract
+from cloudbot_common.security.opaque import token_digest
 from cloudbot_common.settings import Settings
 from cloudbot_provisioner.backends.base import LaunchSpec, Machine, MachineState
 from cloudbot_provisioner.backends.user_data import render_user_data
@@ -65,7 +65,7 @@ def client_token(spec: LaunchSpec) -> str:
     token, hence different user data, which EC2 would refuse under the old token
     (IdempotentParameterMismatch); the tag lookup before launching covers that case.
     """
-    fingerprint = hashlib.sha256(spec.bootstrap_token.encode()).hexdigest()[:12]
+    fingerprint = token_digest(spec.bootstrap_token)[:12]
     return f"cb-{spec.instance_id.hex}-{fingerprint}"
 
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -119,7 +120,8 @@ class Sandbox:
     def start_terminal(self) -> None:
         name, instance_id = self.spec["name"], self.spec["instance_id"]
         banner = (
-            f'printf "CloudBot instance %s\\nid %s\\n\\n" {_sh(name)} {_sh(instance_id)}'
+            'printf "CloudBot instance %s\\nid %s\\n\\n" '
+            f"{shlex.quote(name)} {shlex.quote(instance_id)}"
             "; exec /bin/bash -i"
         )
         self._spawn(
@@ -222,10 +224,6 @@ class Sandbox:
 
     def _on_signal(self, _signum: int, _frame: object) -> None:
         self.stopping = True
-
-
-def _sh(text: str) -> str:
-    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 def _daemonize(directory: Path) -> None:

@@ -109,7 +109,6 @@ class Snapshot:
     owner_id: uuid.UUID
     name: str
     instance_type: str
-    backend: str
     backend_instance_id: str | None
 
     @classmethod
@@ -119,7 +118,6 @@ class Snapshot:
             owner_id=instance.owner_id,
             name=instance.name,
             instance_type=instance.instance_type,
-            backend=instance.backend,
             backend_instance_id=instance.backend_instance_id,
         )
 
@@ -127,7 +125,6 @@ class Snapshot:
 @dataclass(frozen=True, slots=True)
 class Step:
     rt: Runtime
-    command: Command
     instance_id: uuid.UUID
     command_id: uuid.UUID
     waiting_since: float | None
@@ -354,7 +351,7 @@ async def handle(
             if await repository.command_completed(session, command_id):
                 log.info("command already done; duplicate delivery dropped")
                 return Done()
-        return await _HANDLERS[command](Step(rt, command, instance_id, command_id, waiting_since))
+        return await _HANDLERS[command](Step(rt, instance_id, command_id, waiting_since))
 
 
 async def give_up(
