@@ -28,13 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from cloudbot_common.commands import (
-    Command,
-    add_command,
-    make_celery,
-    mark_published,
-    send_command,
-)
+from cloudbot_common.commands import Command, add_command, make_celery, publish
 from cloudbot_common.db import create_session_factory, unit_of_work
 from cloudbot_common.lifecycle import lock_instance, record_initial_state, transition
 from cloudbot_common.models import Instance, InstanceEvent, InstanceState, OutboxCommand, User
@@ -353,9 +347,7 @@ class Db:
         return row.id
 
     async def publish(self, row: OutboxCommand) -> None:
-        await asyncio.to_thread(send_command, self.celery, row)
-        async with unit_of_work(self.sessions) as s:
-            await mark_published(s, [row.id])
+        await publish(self.celery, self.sessions, row)
 
     async def instance(self, instance_id: uuid.UUID) -> Instance:
         async with self.sessions() as s:

@@ -17,6 +17,7 @@ from cloudbot_common.commands import Command
 from cloudbot_common.instance_contract import AGENT_WS_PATH
 from cloudbot_common.models import InstanceState as S
 from cloudbot_common.security.opaque import agent_credential
+from tests.conftest import SECRETS
 from tests.provisioner.harness import (
     RFB,
     eventually,
@@ -27,6 +28,7 @@ from tests.provisioner.harness import (
     provisioner,
     rfb_greeting,
 )
+from tests.support.leaks import find_leaks
 
 pytestmark = pytest.mark.vnc
 
@@ -102,6 +104,9 @@ async def test_local_desktop_lifecycle(db, local_env, settings, tmp_path, secret
         assert RFB.fullmatch(await rfb_greeting(vnc))
         assert (await agent_hello(agent, credential))["instance_id"] == str(instance_id)
         group = machine_group(directory)
+        # The sandbox's own logs (agent, desktop) are deleted with it: scan them first.
+        assert find_leaks(directory / "logs", SECRETS.values) == []
+        assert list((directory / "logs").glob("*.log"))
 
         await db.command(instance_id, Command.TERMINATE, S.TERMINATING)
         await db.wait_state(instance_id, S.TERMINATED)

@@ -7,6 +7,7 @@ completed in time. Task arguments are ids only, never secrets.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -15,6 +16,7 @@ from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from cloudbot_common.db import SessionFactory, unit_of_work
 from cloudbot_common.models import OutboxCommand
 from cloudbot_common.settings import Settings
 
@@ -93,3 +95,11 @@ async def mark_published(session: AsyncSession, command_ids: list[uuid.UUID]) ->
             publish_attempts=OutboxCommand.publish_attempts + 1,
         )
     )
+
+
+async def publish(celery: Celery, sessions: SessionFactory, row: OutboxCommand) -> None:
+    """Send a committed command now and record that it went. If this raises, the row
+    stays unpublished and the outbox relay sends it later."""
+    await asyncio.to_thread(send_command, celery, row)
+    async with unit_of_work(sessions) as session:
+        await mark_published(session, [row.id])

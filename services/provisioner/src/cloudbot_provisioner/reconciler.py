@@ -13,12 +13,11 @@ busy instance is simply left for the next run.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
-from cloudbot_common.commands import add_command, mark_published, send_command
+from cloudbot_common.commands import add_command, publish
 from cloudbot_common.db import unit_of_work
 from cloudbot_common.lifecycle import lock_instance
 from cloudbot_common.logging import get_logger
@@ -173,12 +172,10 @@ async def _redrive_stuck(rt: Runtime) -> int:
             command = add_command(session, _COMMAND_FOR[S(instance.state)], instance_id, None)
         # Committed: if this send is lost, the outbox relay sends it.
         try:
-            await asyncio.to_thread(send_command, rt.celery, command)
+            await publish(rt.celery, rt.sessions, command)
         except Exception:
             log.warning("could not publish a re-driven command", exc_info=True)
             continue
-        async with unit_of_work(rt.sessions) as session:
-            await mark_published(session, [command.id])
         log.warning("stuck instance driven again", instance_id=str(instance_id))
         redriven += 1
     return redriven

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import uuid
@@ -14,8 +13,7 @@ from cloudbot_api.instances.repository import InstanceRepository
 from cloudbot_api.instances.schemas import Health, InstanceCreate, InstanceOut, TicketOut
 from cloudbot_api.resources import Resources
 from cloudbot_api.unit_of_work import UnitOfWork
-from cloudbot_common.commands import Command, add_command, mark_published, send_command
-from cloudbot_common.db import unit_of_work
+from cloudbot_common.commands import Command, add_command, publish
 from cloudbot_common.events import InstanceStateEvent, publish_instance_event
 from cloudbot_common.lifecycle import can_move, record_initial_state, transition
 from cloudbot_common.logging import get_logger
@@ -180,14 +178,12 @@ class InstanceService:
     def _after_commit(self, command: OutboxCommand, event: InstanceStateEvent) -> None:
         resources = self.r
 
-        async def publish() -> None:
+        async def send() -> None:
             # The outbox row is committed: if this fails, the provisioner's relay sends it.
-            await asyncio.to_thread(send_command, resources.celery, command)
-            async with unit_of_work(resources.sessions) as session:
-                await mark_published(session, [command.id])
+            await publish(resources.celery, resources.sessions, command)
 
         async def announce() -> None:
             await publish_instance_event(resources.redis, event)
 
-        self.uow.after_commit(publish)
+        self.uow.after_commit(send)
         self.uow.after_commit(announce)
