@@ -45,16 +45,21 @@ async def publish_instance_event(redis: Redis, event: InstanceStateEvent) -> Non
     await redis.publish(INSTANCE_EVENTS_CHANNEL, event.encode())
 
 
+def revoked_session_key(session_id: uuid.UUID | str) -> str:
+    """The Redis key that marks a login session revoked (exists while it matters)."""
+    return _REVOKED_SESSION_KEY.format(session_id)
+
+
 async def revoke_login_session(
     redis: Redis, session_id: uuid.UUID, *, remember_seconds: int
 ) -> None:
     """Mark a login session revoked for as long as its access tokens can live, and say so."""
-    await redis.set(_REVOKED_SESSION_KEY.format(session_id), "1", ex=max(remember_seconds, 1))
+    await redis.set(revoked_session_key(session_id), "1", ex=max(remember_seconds, 1))
     await redis.publish(SESSION_EVENTS_CHANNEL, json.dumps({"session_id": str(session_id)}))
 
 
 async def is_login_session_revoked(redis: Redis, session_id: uuid.UUID) -> bool:
-    return bool(await redis.exists(_REVOKED_SESSION_KEY.format(session_id)))
+    return bool(await redis.exists(revoked_session_key(session_id)))
 
 
 class EventHub:

@@ -86,6 +86,7 @@ class Gateway:
             self.redis,
             self.hub,
             self.metrics,
+            self.targets.states,
             max_per_user=s.gateway_max_sessions_per_user,
             idle_timeout=s.gateway_idle_timeout_seconds,
         )

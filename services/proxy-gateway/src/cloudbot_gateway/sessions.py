@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 from redis.asyncio import Redis
 from websockets.frames import CloseCode
 
-from cloudbot_common.events import EventHub, InstanceStateEvent
+from cloudbot_common.events import EventHub, InstanceStateEvent, revoked_session_key
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import InstanceState
 from cloudbot_common.tickets import Channel
@@ -38,8 +37,6 @@ _log = get_logger(__name__)
 LEASE_SECONDS = 90
 _RENEW_EVERY = LEASE_SECONDS / 3
 _LEASES_KEY = "cloudbot:gateway:sessions:{}"
-_REVOKED_KEY = "cloudbot:revoked-session:{}"  # written by cloudbot_common.events
-_TARGET_KEY = "cloudbot:gateway:target:{}"  # written by cloudbot_gateway.targets
 
 # Drop expired leases, then add ours if the user is under the limit. Redis's clock is the
 # one clock every replica agrees on.
@@ -97,6 +94,7 @@ class SessionRegistry:
         redis: Redis,
         hub: EventHub,
         metrics: Metrics,
+        states: Callable[[Collection[uuid.UUID]], Awaitable[dict[uuid.UUID, str]]],
         *,
         max_per_user: int,
         idle_timeout: float,
@@ -104,6 +102,7 @@ class SessionRegistry:
     ) -> None:
         self._redis = redis
         self._hub = hub
+        self._states = states
         self._metrics = metrics
         self._max_per_user = max_per_user
         self._idle_timeout = idle_timeout
@@ -250,6 +249,8 @@ class SessionRegistry:
                 session.end(CLOSE_IDLE, "idle timeout", "idle")
 
     async def _renew_and_recheck(self) -> None:
+        """Renew the leases, and end sessions whose login or instance changed while events
+        were missed (the subscription was down): logouts from Redis, states from Postgres."""
         sessions = list(self._live)
         if not sessions:
             return
@@ -260,17 +261,15 @@ class SessionRegistry:
                     args=[LEASE_SECONDS, session.id],
                     client=pipe,
                 )
-                pipe.exists(_REVOKED_KEY.format(session.login_session_id))
-                pipe.get(_TARGET_KEY.format(session.instance_id))
+                pipe.exists(revoked_session_key(session.login_session_id))
             results = await pipe.execute()
+        states = await self._states({s.instance_id for s in sessions})
         for i, session in enumerate(sessions):
-            revoked, target = results[3 * i + 1], results[3 * i + 2]
-            if revoked:
+            state = states.get(session.instance_id, InstanceState.TERMINATED.value)
+            if results[2 * i + 1]:
                 session.end(CLOSE_LOGGED_OUT, "login session ended", "logout")
-            elif target is not None:
-                state = json.loads(target)["s"]
-                if state != InstanceState.RUNNING.value:
-                    session.end(CLOSE_INSTANCE_STATE, f"instance {state}", "instance_state")
+            elif state != InstanceState.RUNNING.value:
+                session.end(CLOSE_INSTANCE_STATE, f"instance {state}", "instance_state")
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -100,6 +101,17 @@ class TargetDirectory:
         if state != _RUNNING:
             raise _not_running(state)
         return Target(instance_id, owner_id, host, vnc_port, agent_port)
+
+    async def states(self, instance_ids: Collection[uuid.UUID]) -> dict[uuid.UUID, str]:
+        """The current state of each instance, read from Postgres (the truth, not the
+        cache, which only events update). Deleted rows are absent."""
+        if not instance_ids:
+            return {}
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                select(Instance.id, Instance.state).where(Instance.id.in_(list(instance_ids)))
+            )
+            return {row.id: row.state for row in rows}
 
     def on_state_event(self, event: InstanceStateEvent) -> None:
         """EventHub callback for every instance: record the new state in the shared cache."""
