@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
@@ -61,16 +62,37 @@ def gateway_env(base_env: dict[str, str], port: int, **extra: str) -> dict[str, 
     }
 
 
-@pytest.fixture(scope="session")
-def gateway(base_env: dict[str, str]) -> Iterator[GatewayServer]:
-    port = free_port()
+def _run_gateway(name: str, env: dict[str, str], port: int) -> Iterator[GatewayServer]:
     with running(
-        "gateway",
+        name,
         [PYTHON, "-m", "cloudbot_gateway"],
-        gateway_env(base_env, port),
+        env,
         ready=http_ok(f"http://127.0.0.1:{port}/readyz"),
     ) as process:
         yield GatewayServer(port, process.pid)
+
+
+@pytest.fixture(scope="session")
+def gateway(base_env: dict[str, str]) -> Iterator[GatewayServer]:
+    """The gateway as deployed: the desktop relayed with splice(2)."""
+    port = free_port()
+    yield from _run_gateway("gateway", gateway_env(base_env, port), port)
+
+
+@pytest.fixture(scope="session")
+def copying_gateway(base_env: dict[str, str]) -> Iterator[GatewayServer]:
+    """The gateway with its portable desktop relay (GATEWAY_ZERO_COPY=false)."""
+    port = free_port()
+    env = gateway_env(base_env, port, GATEWAY_ZERO_COPY="false")
+    yield from _run_gateway("gateway-copying", env, port)
+
+
+@pytest.fixture(params=["zero_copy", "copying"])
+def relay_gateway(request: pytest.FixtureRequest) -> GatewayServer:
+    """Each desktop relay in turn, for the tests of what a relay must do."""
+    name = "gateway" if request.param == "zero_copy" else "copying_gateway"
+    server: GatewayServer = request.getfixturevalue(name)
+    return server
 
 
 @dataclass(frozen=True)
@@ -283,6 +305,17 @@ async def refused(url: str, **kwargs: Any) -> Response:
         async with ws_connect(url, **kwargs):
             pass
     return info.value.response
+
+
+async def scrape(gateway: GatewayServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The gateway's metrics: (name, sorted labels) -> value."""
+    async with httpx.AsyncClient(base_url=gateway.http_url) as client:
+        text = (await client.get("/metrics")).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 async def wait_closed(ws: ClientConnection, timeout: float = 10) -> None:

@@ -7,7 +7,6 @@ import uuid
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.exceptions import InvalidStatus
 
@@ -19,6 +18,7 @@ from tests.gateway.conftest import (
     add_instance,
     gateway_env,
     refused,
+    scrape,
     wait_closed,
     ws_connect,
 )
@@ -36,16 +36,6 @@ async def test_health_and_readiness(gateway: GatewayServer) -> None:
             "redis": "ok",
             "events": "ok",
         }
-
-
-async def scrape(gateway: GatewayServer) -> dict[tuple[str, tuple], float]:
-    async with httpx.AsyncClient(base_url=gateway.http_url) as client:
-        text = (await client.get("/metrics")).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 async def test_metrics(

@@ -76,11 +76,11 @@ async def rfb_session(ws: ClientConnection, desktop: Desktop) -> None:
 
 
 async def test_rfb_through_the_gateway_with_a_bearer_token(
-    gateway: GatewayServer, desktop: Desktop, db: AsyncEngine, owner: Owner
+    relay_gateway: GatewayServer, desktop: Desktop, db: AsyncEngine, owner: Owner
 ) -> None:
     instance_id = await add_instance(db, owner.id, vnc_port=desktop.vnc_port)
     async with ws_connect(
-        f"{gateway.ws_url}/api/instances/{instance_id}/vnc", additional_headers=owner.bearer
+        f"{relay_gateway.ws_url}/api/instances/{instance_id}/vnc", additional_headers=owner.bearer
     ) as ws:
         await rfb_session(ws, desktop)
 

@@ -134,6 +134,8 @@ class Settings(BaseSettings):
     gateway_max_message_bytes: int = 1 << 20
     gateway_max_sessions_per_user: int = 20
     gateway_idle_timeout_seconds: int = 300
+    # Relay the desktop with splice(2) where the kernel allows it (checked at start).
+    gateway_zero_copy: bool = True
     # On SIGTERM: stop accepting, let sessions run this long, then close them (1001).
     gateway_drain_timeout_seconds: int = 20
 

@@ -57,5 +57,11 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.zero_copy = Gauge(
+            "cloudbot_gateway_zero_copy",
+            "1 when the desktop is relayed with splice(2), 0 when it is copied",
+            registry=self.registry,
+        )
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

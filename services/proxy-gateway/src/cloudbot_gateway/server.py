@@ -29,6 +29,7 @@ from cloudbot_common.security.jwt_tokens import TokenCodec
 from cloudbot_common.security.opaque import agent_credential
 from cloudbot_common.settings import Settings
 from cloudbot_common.tickets import Channel
+from cloudbot_gateway import zerocopy
 from cloudbot_gateway.auth import Authenticator
 from cloudbot_gateway.metrics import Metrics
 from cloudbot_gateway.refusals import Refusal, http_response, not_found
@@ -92,6 +93,8 @@ class Gateway:
         )
         self.auth = Authenticator(TokenCodec(s), self.redis, s.allowed_ws_origins)
         self._agent_secret = s.agent_token_secret.get_secret_value()
+        self.zero_copy = s.gateway_zero_copy and zerocopy.supported()
+        self.metrics.zero_copy.set(self.zero_copy)
         self.hub.on_instance(None, self.targets.on_state_event)
         self.hub.start()
         self.sessions.start()
@@ -115,7 +118,9 @@ class Gateway:
             logger=self._ws_logger,
             backlog=4096,
         )
-        _log.info("gateway listening", host=s.gateway_host, port=s.gateway_port)
+        _log.info(
+            "gateway listening", host=s.gateway_host, port=s.gateway_port, zero_copy=self.zero_copy
+        )
 
     async def drain_and_stop(self, grace_seconds: float) -> None:
         """Stop accepting, let live sessions run up to `grace_seconds`, close the rest (1012)."""
@@ -199,7 +204,9 @@ class Gateway:
         await self.sessions.acquire(session)
         try:
             if channel is Channel.VNC:
-                session.upstream = await open_tcp(target.host, port, UPSTREAM_CONNECT_TIMEOUT)
+                session.upstream = await open_tcp(
+                    target.host, port, UPSTREAM_CONNECT_TIMEOUT, zero_copy=self.zero_copy
+                )
             else:
                 session.upstream = await open_agent(
                     target.host,

@@ -1,6 +1,11 @@
 """The desktop relay: binary WebSocket frames <-> the VNC server's TCP stream, like
 websockify. This is the hot path: every desktop frame crosses it.
 
+On Linux the desktop's bytes go to the client without being copied at all (`zerocopy`,
+splice(2)); that is the default, and what follows is the portable path it replaces for
+that direction (settings: GATEWAY_ZERO_COPY). The client's bytes to the desktop, a
+trickle of input events, always take the path below.
+
 Bytes are moved in the transports' own callbacks rather than by pump tasks awaiting
 `recv()` and `send()`. A chunk read from the VNC server is framed and written to the
 client in the same callback that received it, and a frame from the client is written
@@ -25,7 +30,6 @@ and lets bytes flow.
 from __future__ import annotations
 
 import asyncio
-import struct
 from typing import cast
 
 from websockets.asyncio.server import ServerConnection
@@ -33,6 +37,7 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 
 from cloudbot_gateway.relay import UPSTREAM_WRITE_LIMIT, Meter, Stop
+from cloudbot_gateway.zerocopy import SpliceSender, frame_header
 
 # The client's socket write limit; above it we stop reading the VNC server.
 CLIENT_WRITE_LIMIT = 64 * 1024
@@ -41,25 +46,14 @@ READ_SIZE = 256 * 1024
 
 _OPEN = State.OPEN
 _BINARY, _CONT, _TEXT = Opcode.BINARY, Opcode.CONT, Opcode.TEXT
-_SHORT = struct.Struct("!BB")
-_MEDIUM = struct.Struct("!BBH")
-_LONG = struct.Struct("!BBQ")
-_FIN_BINARY = 0x82
-
-
-def _header(n: int) -> bytes:
-    """Header of an unmasked (server to client) final binary frame of `n` bytes."""
-    if n < 126:
-        return _SHORT.pack(_FIN_BINARY, n)
-    if n < 65536:
-        return _MEDIUM.pack(_FIN_BINARY, 126, n)
-    return _LONG.pack(_FIN_BINARY, 127, n)
 
 
 class VncConnection(ServerConnection):
     """A client WebSocket whose binary frames can go straight to a TCP upstream."""
 
     upstream: TcpUpstream | None = None
+    # Writes everything to the client while a zero-copy relay runs (see `zerocopy`).
+    sender: SpliceSender | None = None
 
     def process_event(self, event: object) -> None:
         upstream = self.upstream
@@ -77,6 +71,24 @@ class VncConnection(ServerConnection):
         super().resume_writing()
         if self.upstream is not None:
             self.upstream.client_drained()
+
+    def send_data(self) -> None:
+        sender = self.sender
+        if sender is None:
+            super().send_data()
+            return
+        for data in self.protocol.data_to_send():
+            if data:
+                sender.send(data)
+            else:
+                sender.send_eof()
+        if self.protocol.state is not _OPEN:
+            sender.stop_reading()  # no data frame may follow a close frame
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.sender is not None:
+            self.sender.close()
+        super().connection_lost(exc)
 
 
 class _ReadBuffer:
@@ -115,7 +127,8 @@ class TcpUpstream(asyncio.BufferedProtocol):
     client: VncConnection
     meter: Meter
 
-    def __init__(self) -> None:
+    def __init__(self, zero_copy: bool = False) -> None:
+        self.zero_copy = zero_copy
         self.flowing = False
         self.ended: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
         self._buffer = _shared_buffer()
@@ -141,6 +154,24 @@ class TcpUpstream(asyncio.BufferedProtocol):
         """The handshake is done: flush what the VNC server said meanwhile, then flow."""
         self.flowing = True
         early, self._early = self._early, []
+        client = self.client
+        # The sender writes to the client's socket itself: only when the transport has
+        # nothing left to write (it always has, bar the rarest handshake).
+        if self.zero_copy and not client.transport.get_write_buffer_size():
+            self._pause_reading()  # for good: the sender reads this socket from now on
+            sender = SpliceSender(
+                _fileno(client.transport),
+                _fileno(self.transport),
+                self.meter,
+                upstream_ended=self._end,
+                client_failed=client.transport.abort,
+            )
+            client.sender = sender
+            for chunk in early:
+                self.meter.bytes_down += len(chunk)
+                sender.send(frame_header(len(chunk)) + chunk)
+            sender.start()
+            return
         for chunk in early:
             self._to_client(chunk)
         if not self.client.paused:
@@ -171,16 +202,17 @@ class TcpUpstream(asyncio.BufferedProtocol):
         if transport.get_write_buffer_size():
             # Queued behind earlier data, this chunk will be kept by the transport: give it
             # a copy of just these bytes, not a view that pins the whole shared buffer.
-            transport.writelines((_header(n), bytes(data)))
+            transport.writelines((frame_header(n), bytes(data)))
             return
-        transport.writelines((_header(n), data))
+        transport.writelines((frame_header(n), data))
         if transport.get_write_buffer_size() and isinstance(data, memoryview):
             # Partly sent into an empty buffer: the transport keeps the view, so the next
             # reads go to a fresh buffer.
             self._buffer.renew()
 
     def client_drained(self) -> None:
-        self._resume_reading()
+        if self.client.sender is None:
+            self._resume_reading()
 
     def _pause_reading(self) -> None:
         if not self._reading_paused:
@@ -213,24 +245,33 @@ class TcpUpstream(asyncio.BufferedProtocol):
     # --- the end ---------------------------------------------------------------------
 
     def fail(self, stop: Stop) -> None:
-        if not self.ended.done():
-            self.ended.set_result(stop)
+        self._end(stop)
 
     def eof_received(self) -> bool:
         return False  # the VNC server ended the session: close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc)
+
+    def _end(self, outcome: Exception | None) -> None:
         if not self.ended.done():
-            self.ended.set_result(exc)
+            self.ended.set_result(outcome)
 
     def close(self) -> None:
         self.transport.close()
 
 
-async def open_tcp(host: str, port: int, connect_timeout: float) -> TcpUpstream:
+def _fileno(transport: asyncio.BaseTransport) -> int:
+    fileno: int = transport.get_extra_info("socket").fileno()
+    return fileno
+
+
+async def open_tcp(
+    host: str, port: int, connect_timeout: float, *, zero_copy: bool = False
+) -> TcpUpstream:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(connect_timeout):
-        _, upstream = await loop.create_connection(TcpUpstream, host, port)
+        _, upstream = await loop.create_connection(lambda: TcpUpstream(zero_copy), host, port)
     return upstream
 
 
@@ -244,6 +285,8 @@ async def relay_vnc(
         await asyncio.wait((upstream.ended, client_gone, stop), return_when=asyncio.FIRST_COMPLETED)
     finally:
         client.upstream = None
+        if client.sender is not None:
+            client.sender.stop_reading()
         upstream.close()
     if stop.done():
         ended = stop.result()

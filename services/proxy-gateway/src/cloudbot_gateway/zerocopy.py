@@ -1,0 +1,282 @@
+"""The desktop's bytes to the client without copying them: Linux splice(2).
+
+Relaying by `recv` and `send` costs two copies of every byte in the kernel (out of the
+VNC server's socket, into the client's), and those copies were nearly all the gateway's
+CPU (README, Performance). `splice` moves the socket's pages into a pipe and from the
+pipe into the other socket by reference instead. The WebSocket framing is what makes this
+work a little harder: each chunk is preceded by a frame header giving its exact length,
+so a chunk is first spliced into a pipe (which tells its length), then its header is sent,
+then the pipe is spliced out to the client.
+
+One `SpliceSender` owns, while the relay runs, everything written to its client: frame
+headers, spliced payloads, and websockets' own control frames (pings, pongs, the close
+frame), which `VncConnection.send_data` hands over instead of writing to the transport.
+All of it goes through one queue, in order, so a control frame never lands inside a
+partly written data frame. The sender writes to a duplicate of the client's socket
+descriptor, because the event loop does not let a descriptor its transport owns be
+watched separately; the transport itself writes nothing while the sender is attached.
+
+Flow control is the same as the copying relay's: the VNC server's socket is read (one
+chunk) only when everything before it has reached the client's socket; while the client
+lags, the VNC server is not read. A session holds at most one chunk in a pipe. Pipes are
+taken from a small process-wide pool and given back as soon as their chunk is out, so
+while clients keep up, a handful of pipes serve every session, and an idle session holds
+none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import select
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+# At most this much is spliced from the VNC server at once, and sent as one frame.
+SPLICE_SIZE = 256 * 1024
+# A pipe holds one page reference per slot: the default 16 slots often hold much less
+# than a chunk of socket pages. 1 MiB (256 slots) made chunks whole (README, Performance).
+PIPE_SIZE = 1 << 20
+# Empty pipes kept for reuse; more are made when that many chunks are in flight at once.
+POOL_SIZE = 16
+
+_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
+
+
+class Meter(Protocol):
+    bytes_down: int
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    # Refused past the per-user pipe quota (pipe-user-pages-soft): a small pipe still works.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return r, w
+
+
+class PipePool:
+    """Empty pipes for chunks in flight. Only empty pipes come back here."""
+
+    def __init__(self, keep: int = POOL_SIZE) -> None:
+        self._keep = keep
+        self._free: list[tuple[int, int]] = []
+
+    def take(self) -> tuple[int, int]:
+        return self._free.pop() if self._free else _pipe()
+
+    def give_back(self, pipe: tuple[int, int]) -> None:
+        if len(self._free) < self._keep:
+            self._free.append(pipe)
+        else:
+            self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe: tuple[int, int]) -> None:
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+_pool = PipePool()
+
+
+def supported() -> bool:
+    """Whether splice works from and to TCP sockets here (not every kernel or sandbox
+    allows it). Tried once at start-up on a loopback connection."""
+    if not hasattr(os, "splice"):
+        return False
+    try:
+        with contextlib.ExitStack() as stack:
+            server = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+            a = stack.enter_context(socket.create_connection(server.getsockname()[:2]))
+            b = stack.enter_context(server.accept()[0])
+            pipe = _pipe()
+            stack.callback(PipePool.discard, pipe)
+            a.sendall(b"probe")
+            if not select.select([b], [], [], 2)[0]:
+                return False
+            moved = os.splice(b.fileno(), pipe[1], 5)
+            back = os.splice(pipe[0], a.fileno(), moved)
+            return moved == back == 5 and b.recv(5) == b"probe"
+    except OSError:
+        return False
+
+
+class SpliceSender:
+    """Writes one VNC client's side of the relay: frames spliced from the VNC server,
+    and any other frame the connection sends, in order."""
+
+    def __init__(
+        self,
+        client_fd: int,
+        upstream_fd: int,
+        meter: Meter,
+        *,
+        upstream_ended: Callable[[Exception | None], None],
+        client_failed: Callable[[], None],
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        # Duplicates: the transports keep theirs, and close them on their own schedule.
+        self._client = socket.socket(fileno=os.dup(client_fd))
+        self._upstream: int | None = os.dup(upstream_fd)
+        self._meter = meter
+        self._upstream_ended = upstream_ended
+        self._client_failed = client_failed
+        # bytes to send, or the count of bytes still in self._pipe
+        self._queue: deque[bytes | int] = deque()
+        self._pipe: tuple[int, int] | None = None
+        self._reading = False
+        self._waiting = False  # for the client's socket to take more
+        self._eof = False
+        self.closed = False
+
+    # --- the VNC server side -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._read_if_drained()
+
+    def stop_reading(self) -> None:
+        """The relay is over: let go of the VNC server's socket. Queued frames still go."""
+        if self._upstream is not None:
+            self._set_reading(False)
+            os.close(self._upstream)
+            self._upstream = None
+
+    def _on_upstream_readable(self) -> None:
+        assert self._upstream is not None
+        assert self._pipe is None
+        pipe = _pool.take()
+        try:
+            n = os.splice(self._upstream, pipe[1], SPLICE_SIZE, flags=_FLAGS)
+        except BlockingIOError:
+            _pool.give_back(pipe)
+            return
+        except OSError as exc:
+            _pool.give_back(pipe)
+            self._end_upstream(exc)
+            return
+        if n == 0:
+            _pool.give_back(pipe)
+            self._end_upstream(None)
+            return
+        self._pipe = pipe
+        self._meter.bytes_down += n
+        self._queue.append(frame_header(n))
+        self._queue.append(n)
+        self._flush()
+
+    def _end_upstream(self, exc: Exception | None) -> None:
+        self.stop_reading()
+        self._upstream_ended(exc)
+
+    def _set_reading(self, on: bool) -> None:
+        if on is self._reading or self._upstream is None:
+            return
+        self._reading = on
+        if on:
+            self._loop.add_reader(self._upstream, self._on_upstream_readable)
+        else:
+            self._loop.remove_reader(self._upstream)
+
+    def _read_if_drained(self) -> None:
+        self._set_reading(not self._queue and not self.closed)
+
+    # --- the client side ---------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Queue whole frames (the connection's own: pings, pongs, close)."""
+        if not self.closed:
+            self._queue.append(data)
+            self._flush()
+
+    def send_eof(self) -> None:
+        """Half-close the client's socket once everything queued is out."""
+        self._eof = True
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.closed:
+            return
+        queue, client = self._queue, self._client
+        try:
+            while queue:
+                piece = queue[0]
+                if type(piece) is int:
+                    assert self._pipe is not None
+                    sent = os.splice(self._pipe[0], client.fileno(), piece, flags=_FLAGS)
+                    if not sent:  # the pipe holds less than we put in it: never seen
+                        raise OSError("pipe drained early")
+                    if sent < piece:
+                        queue[0] = piece - sent
+                        break
+                    queue.popleft()
+                    _pool.give_back(self._pipe)
+                    self._pipe = None
+                else:
+                    assert isinstance(piece, bytes)
+                    # A header is followed by its payload: no packet for the header alone.
+                    more = socket.MSG_MORE if len(queue) > 1 else 0
+                    sent = client.send(piece, more)
+                    if sent < len(piece):
+                        queue[0] = piece[sent:]
+                        break
+                    queue.popleft()
+        except BlockingIOError:
+            pass
+        except OSError:
+            # The client is gone (reset, broken pipe): end the whole connection.
+            self.close()
+            self._client_failed()
+            return
+        if queue:
+            self._set_reading(False)
+            self._wait_writable(True)
+            return
+        self._wait_writable(False)
+        if self._eof:
+            self._eof = False
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_WR)
+        self._read_if_drained()
+
+    def _wait_writable(self, on: bool) -> None:
+        if on is self._waiting or self.closed:
+            return
+        self._waiting = on
+        if on:
+            self._loop.add_writer(self._client.fileno(), self._flush)
+        else:
+            self._loop.remove_writer(self._client.fileno())
+
+    def close(self) -> None:
+        """The client connection is gone: drop whatever is still queued."""
+        if self.closed:
+            return
+        self.stop_reading()
+        self._wait_writable(False)
+        self.closed = True
+        self._queue.clear()
+        if self._pipe is not None:
+            PipePool.discard(self._pipe)  # not empty
+            self._pipe = None
+        self._client.close()
+
+
+_SHORT = struct.Struct("!BB")
+_MEDIUM = struct.Struct("!BBH")
+_LONG = struct.Struct("!BBQ")
+_FIN_BINARY = 0x82
+
+
+def frame_header(n: int) -> bytes:
+    """Header of an unmasked (server to client) final binary frame of `n` bytes."""
+    if n < 126:
+        return _SHORT.pack(_FIN_BINARY, n)
+    if n < 65536:
+        return _MEDIUM.pack(_FIN_BINARY, 126, n)
+    return _LONG.pack(_FIN_BINARY, 127, n)
