@@ -25,7 +25,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
 
-from cloudbot_common.events import publish_instance_event
+from cloudbot_common.events import InstanceStateEvent, publish_instance_event
 from cloudbot_common.instance_contract import AGENT_WS_PATH
 from cloudbot_common.lifecycle import lock_instance, transition
 from cloudbot_common.models import Instance, InstanceState
@@ -264,16 +264,23 @@ async def add_instance(
 
 
 async def move_instance(
-    db: AsyncEngine, redis: Redis, instance_id: uuid.UUID, *states: InstanceState
-) -> None:
+    db: AsyncEngine,
+    redis: Redis | None,
+    instance_id: uuid.UUID,
+    *states: InstanceState,
+) -> list[InstanceStateEvent]:
     """Move the instance through `states` the one way the provisioner does: a transition
-    committed, then its event published."""
+    committed, then its event published (not with `redis` None: events only returned)."""
+    events = []
     for state in states:
         async with AsyncSession(db, expire_on_commit=False) as session, session.begin():
             instance = await lock_instance(session, instance_id)
             assert instance is not None
             event = await transition(session, instance, state)
-        await publish_instance_event(redis, event)
+        if redis is not None:
+            await publish_instance_event(redis, event)
+        events.append(event)
+    return events
 
 
 async def ticket_for(

@@ -36,7 +36,13 @@ from cloudbot_gateway.refusals import Refusal, http_response, not_found
 from cloudbot_gateway.relay import MAX_QUEUE, open_agent, relay_agent
 from cloudbot_gateway.sessions import CLOSE_SHUTDOWN, Session, SessionRegistry
 from cloudbot_gateway.targets import TargetDirectory
-from cloudbot_gateway.vnc import CLIENT_WRITE_LIMIT, TcpUpstream, VncConnection, open_tcp, relay_vnc
+from cloudbot_gateway.vnc import (
+    CLIENT_WRITE_LIMIT,
+    DesktopUpstream,
+    VncConnection,
+    open_tcp,
+    relay_vnc,
+)
 
 _log = get_logger(__name__)
 
@@ -168,7 +174,7 @@ class Gateway:
             ).response()
         assert isinstance(connection, GatewayConnection)
         connection.session = session
-        if isinstance(session.upstream, TcpUpstream):
+        if isinstance(session.upstream, DesktopUpstream):
             session.upstream.attach(connection, session)
         # If the handshake never completes (client gone, server closing), the handler does
         # not run: release what the session holds when the connection goes.
@@ -237,7 +243,7 @@ class Gateway:
             return
         session.started = True  # run once
         upstream = session.upstream
-        if isinstance(upstream, TcpUpstream):
+        if isinstance(upstream, DesktopUpstream):
             upstream.close()
         elif isinstance(upstream, ClientConnection):
             upstream.transport.abort()
@@ -291,7 +297,7 @@ class Gateway:
         )
         cause = "error"
         try:
-            if isinstance(session.upstream, TcpUpstream):
+            if isinstance(session.upstream, DesktopUpstream):
                 cause = await relay_vnc(connection, session.upstream, session.stop)
             else:
                 cause = await relay_agent(connection, session.upstream, session, session.stop)

@@ -36,6 +36,8 @@ _log = get_logger(__name__)
 
 LEASE_SECONDS = 90
 _RENEW_EVERY = LEASE_SECONDS / 3
+# How often byte counters reach the metrics and idle sessions are looked for.
+TICK_SECONDS = 1.0
 _LEASES_KEY = "cloudbot:gateway:sessions:{}"
 
 # Drop expired leases, then add ours if the user is under the limit. Redis's clock is the
@@ -78,7 +80,6 @@ class Session:
     # Bookkeeping of the periodic tick.
     _reported_up: int = 0
     _reported_down: int = 0
-    _seen: int = 0
     _active_at: float = field(default_factory=time.monotonic)
     _unsubscribe: list[Callable[[], None]] = field(default_factory=list)
 
@@ -98,7 +99,6 @@ class SessionRegistry:
         *,
         max_per_user: int,
         idle_timeout: float,
-        tick_seconds: float = 1.0,
     ) -> None:
         self._redis = redis
         self._hub = hub
@@ -106,7 +106,6 @@ class SessionRegistry:
         self._metrics = metrics
         self._max_per_user = max_per_user
         self._idle_timeout = idle_timeout
-        self._tick_seconds = tick_seconds
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._live: set[Session] = set()
@@ -132,7 +131,8 @@ class SessionRegistry:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
-        self._flush_bytes()
+        for session in self._live:
+            self._report_bytes(session)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2)
 
@@ -214,9 +214,8 @@ class SessionRegistry:
     async def _tick_forever(self) -> None:
         next_check = time.monotonic() + _RENEW_EVERY
         while True:
-            await asyncio.sleep(self._tick_seconds)
+            await asyncio.sleep(TICK_SECONDS)
             now = time.monotonic()
-            self._flush_bytes()
             self._end_idle(now)
             if now >= next_check:
                 next_check = now + _RENEW_EVERY
@@ -225,7 +224,8 @@ class SessionRegistry:
                 except Exception as exc:
                     _log.warning("session lease renewal failed", error=type(exc).__name__)
 
-    def _report_bytes(self, session: Session) -> None:
+    def _report_bytes(self, session: Session) -> bool:
+        """Add what the session relayed since the last report to the metrics; say if any."""
         up = session.bytes_up - session._reported_up
         down = session.bytes_down - session._reported_down
         if up:
@@ -234,16 +234,12 @@ class SessionRegistry:
         if down:
             self._bytes[session.channel, "down"].inc(down)
             session._reported_down = session.bytes_down
-
-    def _flush_bytes(self) -> None:
-        for session in self._live:
-            self._report_bytes(session)
+        return bool(up or down)
 
     def _end_idle(self, now: float) -> None:
+        """Report bytes relayed; end sessions that relayed none for the idle timeout."""
         for session in self._live:
-            total = session.bytes_up + session.bytes_down
-            if total != session._seen:
-                session._seen = total
+            if self._report_bytes(session):
                 session._active_at = now
             elif now - session._active_at >= self._idle_timeout:
                 session.end(CLOSE_IDLE, "idle timeout", "idle")

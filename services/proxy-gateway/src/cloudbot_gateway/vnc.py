@@ -30,6 +30,8 @@ and lets bytes flow.
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections import deque
 from typing import cast
 
 from websockets.asyncio.server import ServerConnection
@@ -51,7 +53,7 @@ _BINARY, _CONT, _TEXT = Opcode.BINARY, Opcode.CONT, Opcode.TEXT
 class VncConnection(ServerConnection):
     """A client WebSocket whose binary frames can go straight to a TCP upstream."""
 
-    upstream: TcpUpstream | None = None
+    upstream: DesktopUpstream | None = None
     # Writes everything to the client while a zero-copy relay runs (see `zerocopy`).
     sender: SpliceSender | None = None
 
@@ -119,18 +121,50 @@ def _shared_buffer() -> _ReadBuffer:
     return _read_buffer
 
 
-class TcpUpstream(asyncio.BufferedProtocol):
+class DesktopUpstream:
     """The TCP connection to the VNC server, relaying to and from one VncConnection."""
 
-    transport: asyncio.Transport
     # Set by attach(), before any byte is relayed.
     client: VncConnection
     meter: Meter
 
-    def __init__(self, zero_copy: bool = False) -> None:
-        self.zero_copy = zero_copy
-        self.flowing = False
+    def __init__(self) -> None:
         self.ended: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def attach(self, client: VncConnection, meter: Meter) -> None:
+        """Pair with the client connection whose upgrade request was granted."""
+        self.client, self.meter = client, meter
+        client.upstream = self
+
+    def start(self) -> None:
+        """The handshake is done: let bytes flow."""
+        raise NotImplementedError
+
+    def from_client(self, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+    def client_drained(self) -> None:
+        """The client's transport wrote out what it had queued."""
+
+    def fail(self, stop: Stop) -> None:
+        self._end(stop)
+
+    def _end(self, outcome: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(outcome)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class TcpUpstream(DesktopUpstream, asyncio.BufferedProtocol):
+    """The copying relay: the VNC server's socket read through its transport."""
+
+    transport: asyncio.Transport
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flowing = False
         self._buffer = _shared_buffer()
         self._early: list[bytes] = []
         self._reading_paused = False
@@ -145,33 +179,10 @@ class TcpUpstream(asyncio.BufferedProtocol):
         # Above this we stop reading the client.
         self.transport.set_write_buffer_limits(UPSTREAM_WRITE_LIMIT)
 
-    def attach(self, client: VncConnection, meter: Meter) -> None:
-        """Pair with the client connection whose upgrade request was granted."""
-        self.client, self.meter = client, meter
-        client.upstream = self
-
     def start(self) -> None:
-        """The handshake is done: flush what the VNC server said meanwhile, then flow."""
+        """Flush what the VNC server said during the handshake, then flow."""
         self.flowing = True
         early, self._early = self._early, []
-        client = self.client
-        # The sender writes to the client's socket itself: only when the transport has
-        # nothing left to write (it always has, bar the rarest handshake).
-        if self.zero_copy and not client.transport.get_write_buffer_size():
-            self._pause_reading()  # for good: the sender reads this socket from now on
-            sender = SpliceSender(
-                _fileno(client.transport),
-                _fileno(self.transport),
-                self.meter,
-                upstream_ended=self._end,
-                client_failed=client.transport.abort,
-            )
-            client.sender = sender
-            for chunk in early:
-                self.meter.bytes_down += len(chunk)
-                sender.send(frame_header(len(chunk)) + chunk)
-            sender.start()
-            return
         for chunk in early:
             self._to_client(chunk)
         if not self.client.paused:
@@ -211,8 +222,7 @@ class TcpUpstream(asyncio.BufferedProtocol):
             self._buffer.renew()
 
     def client_drained(self) -> None:
-        if self.client.sender is None:
-            self._resume_reading()
+        self._resume_reading()
 
     def _pause_reading(self) -> None:
         if not self._reading_paused:
@@ -244,39 +254,133 @@ class TcpUpstream(asyncio.BufferedProtocol):
 
     # --- the end ---------------------------------------------------------------------
 
-    def fail(self, stop: Stop) -> None:
-        self._end(stop)
-
     def eof_received(self) -> bool:
         return False  # the VNC server ended the session: close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end(exc)
 
-    def _end(self, outcome: Exception | None) -> None:
-        if not self.ended.done():
-            self.ended.set_result(outcome)
-
     def close(self) -> None:
         self.transport.close()
 
 
-def _fileno(transport: asyncio.BaseTransport) -> int:
-    fileno: int = transport.get_extra_info("socket").fileno()
-    return fileno
+class SpliceUpstream(DesktopUpstream):
+    """The zero-copy relay (`zerocopy`): the VNC server's socket, owned outright rather
+    than by a transport, so that its bytes can be spliced. Until the handshake is done it
+    is simply not read: what the VNC server says first waits in the kernel."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._sender: SpliceSender | None = None
+        # What the client sent that the VNC server's socket has not taken yet.
+        self._pending: deque[bytes] = deque()
+        self._pending_size = 0
+        self._client_paused = False
+
+    def start(self) -> None:
+        client = self.client
+        self._sender = client.sender = SpliceSender(
+            client.transport,
+            self.sock.fileno(),
+            self.meter,
+            upstream_ended=self._end,
+            client_failed=client.transport.abort,
+        )
+        self._sender.start()
+
+    # --- client -> VNC server (a trickle of input events) ------------------------------
+
+    def from_client(self, data: bytes | bytearray | memoryview) -> None:
+        self.meter.bytes_up += len(data)
+        if not self._pending:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._end(exc)
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._loop.add_writer(self.sock.fileno(), self._flush)
+        self._pending.append(bytes(data))
+        self._pending_size += len(data)
+        if self._pending_size > UPSTREAM_WRITE_LIMIT and not self._client_paused:
+            self._client_paused = True
+            self.client.transport.pause_reading()
+
+    def _flush(self) -> None:
+        pending = self._pending
+        try:
+            while pending:
+                sent = self.sock.send(pending[0])
+                self._pending_size -= sent
+                if sent < len(pending[0]):
+                    pending[0] = pending[0][sent:]
+                    break
+                pending.popleft()
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._loop.remove_writer(self.sock.fileno())
+            self._end(exc)
+            return
+        if not pending:
+            self._loop.remove_writer(self.sock.fileno())
+        if self._client_paused and self._pending_size <= UPSTREAM_WRITE_LIMIT // 4:
+            self._client_paused = False
+            self.client.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.sock.fileno() < 0:
+            return
+        if self._sender is not None:
+            self._sender.stop_reading()
+        if self._pending:
+            self._loop.remove_writer(self.sock.fileno())
+        self.sock.close()
+
+
+async def _connect(host: str, port: int) -> socket.socket:
+    """A non-blocking TCP socket connected to host:port (each address tried in turn)."""
+    loop = asyncio.get_running_loop()
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in await loop.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM
+    ):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise error
 
 
 async def open_tcp(
     host: str, port: int, connect_timeout: float, *, zero_copy: bool = False
-) -> TcpUpstream:
-    loop = asyncio.get_running_loop()
+) -> DesktopUpstream:
+    """Connect to the VNC server; `zero_copy` relays it with splice(2)."""
     async with asyncio.timeout(connect_timeout):
-        _, upstream = await loop.create_connection(lambda: TcpUpstream(zero_copy), host, port)
+        if zero_copy:
+            return SpliceUpstream(await _connect(host, port))
+        loop = asyncio.get_running_loop()
+        _, upstream = await loop.create_connection(TcpUpstream, host, port)
     return upstream
 
 
 async def relay_vnc(
-    client: VncConnection, upstream: TcpUpstream, stop: asyncio.Future[Stop]
+    client: VncConnection, upstream: DesktopUpstream, stop: asyncio.Future[Stop]
 ) -> str:
     """Relay until either end closes or `stop` is set. Returns why the session ended."""
     upstream.start()

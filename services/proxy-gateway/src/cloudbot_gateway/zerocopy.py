@@ -113,7 +113,7 @@ class SpliceSender:
 
     def __init__(
         self,
-        client_fd: int,
+        client: asyncio.Transport,
         upstream_fd: int,
         meter: Meter,
         *,
@@ -121,15 +121,18 @@ class SpliceSender:
         client_failed: Callable[[], None],
     ) -> None:
         self._loop = asyncio.get_running_loop()
-        # Duplicates: the transports keep theirs, and close them on their own schedule.
-        self._client = socket.socket(fileno=os.dup(client_fd))
-        self._upstream: int | None = os.dup(upstream_fd)
+        self._transport = client
+        # A duplicate: the transport keeps its own descriptor and closes it on its own
+        # schedule; a closed number could be reused by another connection at once.
+        self._client = socket.socket(fileno=os.dup(client.get_extra_info("socket").fileno()))
+        self._upstream: int | None = upstream_fd  # owned by the caller
         self._meter = meter
         self._upstream_ended = upstream_ended
         self._client_failed = client_failed
         # bytes to send, or the count of bytes still in self._pipe
         self._queue: deque[bytes | int] = deque()
         self._pipe: tuple[int, int] | None = None
+        self._started = False
         self._reading = False
         self._waiting = False  # for the client's socket to take more
         self._eof = False
@@ -138,14 +141,20 @@ class SpliceSender:
     # --- the VNC server side -----------------------------------------------------------
 
     def start(self) -> None:
-        self._read_if_drained()
+        if self.closed:
+            return
+        if self._transport.get_write_buffer_size():
+            # The handshake's response is not all out yet (the rarest case): the transport
+            # writes it, and nothing may go ahead of it.
+            self._loop.call_later(0.01, self.start)
+            return
+        self._started = True
+        self._flush()
 
     def stop_reading(self) -> None:
         """The relay is over: let go of the VNC server's socket. Queued frames still go."""
-        if self._upstream is not None:
-            self._set_reading(False)
-            os.close(self._upstream)
-            self._upstream = None
+        self._set_reading(False)
+        self._upstream = None
 
     def _on_upstream_readable(self) -> None:
         assert self._upstream is not None
@@ -184,7 +193,7 @@ class SpliceSender:
             self._loop.remove_reader(self._upstream)
 
     def _read_if_drained(self) -> None:
-        self._set_reading(not self._queue and not self.closed)
+        self._set_reading(not self._queue and not self.closed and self._started)
 
     # --- the client side ---------------------------------------------------------------
 
@@ -200,7 +209,7 @@ class SpliceSender:
         self._flush()
 
     def _flush(self) -> None:
-        if self.closed:
+        if self.closed or not self._started:
             return
         queue, client = self._queue, self._client
         try:
