@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
+import httpx
+
 from bench.source import PACED_RATE
 from bench.stack import PYTHON, Stack, _children, cpu_seconds, pss_bytes_tree, rss_bytes, stack
 from bench.wsclient import Counter, open_counter
@@ -60,8 +62,9 @@ class Throughput:
 def _opener(s: Stack, target: str, hello: bytes) -> Callable[[], Awaitable[Counter]]:
     if target == "direct":
         return lambda: open_counter(s.source_port, hello=hello)
-    if target == "gateway":
-        return lambda: open_counter(s.gateway_port, hello=hello, path=s.vnc_path, headers=s.auth)
+    if target in ("gateway", "copying"):
+        port = s.gateway_port if target == "gateway" else s.copying_port
+        return lambda: open_counter(port, hello=hello, path=s.vnc_path, headers=s.auth)
     return lambda: open_counter(s.websockify_port, hello=hello, path="/")
 
 
@@ -92,7 +95,8 @@ async def _close_all(counters: list[Counter]) -> None:
 
 
 def _relay_pid(s: Stack, target: str) -> int | None:
-    return {"gateway": s.gateway.pid, "websockify": s.websockify.pid}.get(target)
+    relays = {"gateway": s.gateway, "copying": s.copying, "websockify": s.websockify}
+    return relays[target].pid if target in relays else None
 
 
 async def _settle_websockify(s: Stack) -> None:
@@ -211,18 +215,19 @@ async def idle_memory(s: Stack, target: str, n: int) -> float:
 
 async def run(s: Stack, plan: Plan) -> dict[str, object]:
     figures: dict[str, object] = {"plan": asdict(plan), "cpus": os.cpu_count()}
+    metrics = httpx.get(f"http://127.0.0.1:{s.gateway_port}/metrics", timeout=5).text
+    figures["zero_copy"] = "cloudbot_gateway_zero_copy 1.0" in metrics
     # Memory first, on a fresh gateway, before anything else has grown its heap.
     figures["idle_bytes_per_connection"] = {
         "gateway": await idle_memory(s, "gateway", plan.idle),
         "websockify": await idle_memory(s, "websockify", plan.websockify_idle),
     }
+    targets = ("direct", "websockify", "gateway", "copying")
     figures["single_stream"] = {
-        t: asdict(await throughput(s, t, 1, plan.single_seconds))
-        for t in ("direct", "websockify", "gateway")
+        t: asdict(await throughput(s, t, 1, plan.single_seconds)) for t in targets
     }
     figures["streams"] = {
-        t: asdict(await throughput(s, t, plan.streams, plan.streams_seconds))
-        for t in ("direct", "websockify", "gateway")
+        t: asdict(await throughput(s, t, plan.streams, plan.streams_seconds)) for t in targets
     }
     idle = await latency(s, 0, plan.samples)
     loaded = await latency(s, plan.streams, plan.samples, b"P")
@@ -247,17 +252,23 @@ def report(f: dict[str, object], plan: Plan) -> str:
     agw, aws, adirect = (streams[k]["mb_per_s"] for k in ("gateway", "websockify", "direct"))
     cgw, cws = streams["gateway"]["cpu_s_per_gb"], streams["websockify"]["cpu_s_per_gb"]
     scgw, scws = single["gateway"]["cpu_s_per_gb"], single["websockify"]["cpu_s_per_gb"]
+    cp, acp = single["copying"]["mb_per_s"], streams["copying"]["mb_per_s"]
+    sccp, ccp = single["copying"]["cpu_s_per_gb"], streams["copying"]["cpu_s_per_gb"]
     under, idle, sat = lat["under_load"], lat["idle"], lat["saturated"]
     n = plan.streams
     rows = [
         ("single stream", f"{gw:8.0f} MB/s", f"websockify {ws:.0f} MB/s ({gw / ws:.2f}x)",
          f"direct {direct:.0f} MB/s ({gw / direct:.2f}x)", ">= 1x websockify"),
         ("  CPU per GB", f"{scgw:8.2f} s", f"websockify {scws:.2f} s ({scgw / scws:.2f}x)", "", ""),
+        ("  copying relay", f"{cp:8.0f} MB/s", f"websockify ({cp / ws:.2f}x)",
+         f"CPU per GB {sccp:.2f} s ({sccp / scws:.2f}x websockify)", ""),
         (f"{n} streams, aggregate", f"{agw:8.0f} MB/s",
          f"websockify {aws:.0f} MB/s ({agw / aws:.2f}x)",
          f"direct {adirect:.0f} MB/s ({agw / adirect:.2f}x)", ">= 2x websockify"),
         (f"{n} streams, CPU per GB", f"{cgw:8.2f} s",
          f"websockify {cws:.2f} s ({cgw / cws:.2f}x)", "", "<= 0.5x websockify"),
+        ("  copying relay", f"{acp:8.0f} MB/s", f"websockify ({acp / aws:.2f}x)",
+         f"CPU per GB {ccp:.2f} s ({ccp / cws:.2f}x websockify)", ""),
         (f"RTT added, {n} x {PACED_RATE / MB:g} MB/s", f"{under['added_p50_ms']:8.3f} ms p50",
          f"gateway {under['gateway_p50_ms']:.3f} / direct {under['direct_p50_ms']:.3f} ms",
          "", ""),
@@ -274,7 +285,8 @@ def report(f: dict[str, object], plan: Plan) -> str:
          f"({mem['gateway'] / mem['websockify']:.3f}x)", "< 40 KB"),
     ]  # fmt: skip
     width = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = [f"gateway benchmark, {f['cpus']} CPUs, Python {sys.version.split()[0]}"]
+    relay = "splice(2)" if f["zero_copy"] else "copying (splice unavailable)"
+    lines = [f"gateway benchmark, {f['cpus']} CPUs, Python {sys.version.split()[0]}, {relay}"]
     lines += ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(r)).rstrip() for r in rows]
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """What the benchmark runs against: a throwaway database with a user and a running
-instance pointed at the TCP source, a real access token, and the three processes
-(source, gateway, websockify), plus CPU and memory readings from /proc."""
+instance pointed at the TCP source, a real access token, and the processes (source,
+gateway, the gateway with its copying relay, websockify), plus CPU and memory readings
+from /proc."""
 
 from __future__ import annotations
 
@@ -145,8 +146,10 @@ def start(name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc
 class Stack:
     source_port: int
     gateway_port: int
+    copying_port: int
     websockify_port: int
     gateway: Proc
+    copying: Proc  # the gateway with GATEWAY_ZERO_COPY=false
     websockify: Proc
     source: Proc
     instance_id: uuid.UUID
@@ -214,9 +217,31 @@ async def _drop_database(settings: Settings, database_url: str) -> None:
         await conn.close()
 
 
+def _start_gateway(name: str, port: int, database_url: str, redis_url: str, **env: str) -> Proc:
+    gateway = start(
+        name,
+        [PYTHON, "-m", "cloudbot_gateway"],
+        {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "GATEWAY_PORT": str(port),
+            "GATEWAY_MAX_SESSIONS_PER_USER": "1000000",
+            "GATEWAY_IDLE_TIMEOUT_SECONDS": "3600",
+            "LOG_LEVEL": os.environ.get("BENCH_GATEWAY_LOG_LEVEL", "WARNING"),
+            **env,
+        },
+    )
+    _wait(
+        lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200,
+        gateway,
+    )
+    return gateway
+
+
 @contextlib.contextmanager
 def stack(settings: Settings, redis_url: str) -> Iterator[Stack]:
     source_port, gateway_port, websockify_port = free_port(), free_port(), free_port()
+    copying_port = free_port()
     database_url, user_id, instance_id = asyncio.run(_prepare_database(settings, source_port))
     token = TokenCodec(settings).issue(TokenType.ACCESS, user_id, uuid.uuid4()).token
     procs: list[Proc] = []
@@ -224,25 +249,12 @@ def stack(settings: Settings, redis_url: str) -> Iterator[Stack]:
         source = start("source", [PYTHON, "-m", "bench.source", str(source_port)])
         procs.append(source)
         _wait(lambda: _tcp_open(source_port), source)
-        gateway = start(
-            "gateway",
-            [PYTHON, "-m", "cloudbot_gateway"],
-            {
-                "DATABASE_URL": database_url,
-                "REDIS_URL": redis_url,
-                "GATEWAY_PORT": str(gateway_port),
-                "GATEWAY_MAX_SESSIONS_PER_USER": "1000000",
-                "GATEWAY_IDLE_TIMEOUT_SECONDS": "3600",
-                "LOG_LEVEL": os.environ.get("BENCH_GATEWAY_LOG_LEVEL", "WARNING"),
-            },
-        )
+        gateway = _start_gateway("gateway", gateway_port, database_url, redis_url)
         procs.append(gateway)
-        _wait(
-            lambda: (
-                httpx.get(f"http://127.0.0.1:{gateway_port}/readyz", timeout=1).status_code == 200
-            ),
-            gateway,
+        copying = _start_gateway(
+            "gateway-copying", copying_port, database_url, redis_url, GATEWAY_ZERO_COPY="false"
         )
+        procs.append(copying)
         websockify = start(
             "websockify",
             [PYTHON, "-m", "websockify", f"127.0.0.1:{websockify_port}",
@@ -251,8 +263,8 @@ def stack(settings: Settings, redis_url: str) -> Iterator[Stack]:
         procs.append(websockify)
         _wait(lambda: _tcp_open(websockify_port), websockify)
         yield Stack(
-            source_port, gateway_port, websockify_port, gateway, websockify, source,
-            instance_id, token,
+            source_port, gateway_port, copying_port, websockify_port, gateway, copying,
+            websockify, source, instance_id, token,
         )  # fmt: skip
     finally:
         for proc in reversed(procs):
