@@ -52,7 +52,7 @@ def cpu_seconds(pid: int) -> float:
     """CPU time of `pid` and all its descendants, the exited (reaped) ones included."""
     try:
         fields = _stat_fields(pid)
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return 0.0
     # utime, stime, cutime, cstime are fields 14-17 of stat, 12-15 after the command.
     total = sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
@@ -63,9 +63,9 @@ def cpu_seconds(pid: int) -> float:
 
 def _children(pid: int) -> list[int]:
     kids: list[int] = []
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
         for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 kids += [int(p) for p in (task / "children").read_text().split()]
     return kids
 
@@ -80,7 +80,9 @@ def rss_bytes(pid: int) -> int:
 def pss_bytes_tree(pid: int) -> int:
     """Proportional set size of `pid` and its descendants (shared pages split fairly)."""
     total = 0
-    with contextlib.suppress(FileNotFoundError):
+    # A process gone meanwhile (websockify's children exit all the time) has no file, or
+    # answers ESRCH when its file is read.
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
                 total += int(line.split()[1]) * 1024

@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,13 +328,3 @@ async def scrape(gateway: GatewayServer) -> dict[tuple[str, tuple[tuple[str, str
 async def wait_closed(ws: ClientConnection, timeout: float = 10) -> None:
     async with asyncio.timeout(timeout):
         await ws.wait_closed()
-
-
-async def until(check: Callable[[], bool], timeout: float = 10, what: str = "condition") -> None:
-    """Poll `check` until it holds; fail after `timeout` seconds."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not check():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        pytest.fail(f"timed out waiting for {what}")

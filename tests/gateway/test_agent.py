@@ -15,10 +15,10 @@ from tests.gateway.conftest import (
     Owner,
     add_instance,
     ticket_for,
-    until,
     wait_closed,
     ws_connect,
 )
+from tests.support.waiting import eventually
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ async def test_the_clients_close_code_reaches_the_agent(
         await ws.send("ping")
         assert await ws.recv() == "ping"
         await ws.close(4002, "user closed the tab")
-    await until(lambda: len(agent.closes) > closes_before, what="the agent to see the close")
+    await eventually(lambda: len(agent.closes) > closes_before, what="the agent to see the close")
     assert agent.closes[-1] == (4002, "user closed the tab")
 
 

@@ -21,10 +21,10 @@ from tests.gateway.conftest import (
     move_instance,
     refused,
     ticket_for,
-    until,
     wait_closed,
     ws_connect,
 )
+from tests.support.waiting import eventually
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ async def test_sessions_end_when_the_instance_stops(
         await wait_closed(bot)
     assert (vnc.close_code, vnc.close_reason) == (1001, "instance stopping")
     assert (bot.close_code, bot.close_reason) == (1001, "instance stopping")
-    await until(lambda: len(agent.closes) > closes_before, what="the agent side to be closed")
+    await eventually(lambda: len(agent.closes) > closes_before, what="the agent side to be closed")
     assert agent.closes[-1][0] == 1001
 
     # Refused again now that the row is no longer running.

@@ -19,10 +19,10 @@ from tests.gateway.conftest import (
     Owner,
     add_instance,
     scrape,
-    until,
     wait_closed,
     ws_connect,
 )
+from tests.support.waiting import eventually
 
 MiB = 1 << 20
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -262,9 +262,9 @@ async def test_a_desktop_that_stops_reading_stops_the_client_being_read(
                 # The desktop reads again: the client carries on, and nothing is lost.
                 reading.set()
                 target = sent + 32 * MiB
-                await until(lambda: sent >= target, 30, "the client to send again")
+                await eventually(lambda: sent >= target, 30, "the client to send again")
             finally:
                 done.set()
                 async with asyncio.timeout(30):
                     await sender
-            await until(lambda: received == sent, 30, "every byte sent to reach the desktop")
+            await eventually(lambda: received == sent, 30, "every byte sent to reach the desktop")

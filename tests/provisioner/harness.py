@@ -12,7 +12,6 @@ import secrets
 import signal
 import socket
 import threading
-import time
 import urllib.parse
 import uuid
 from collections import Counter
@@ -42,6 +41,7 @@ from tests.support.processes import (
     tcp_open,
     wait_for,
 )
+from tests.support.waiting import wait_for_state
 
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -379,30 +379,12 @@ class Db:
         self, instance_id: uuid.UUID, *states: InstanceState, timeout: float = 30
     ) -> Instance:
         """Poll until the row is in one of `states`; fail fast on an unexpected final state."""
-        wanted = {s.value for s in states}
-        deadline = time.monotonic() + timeout
-        while True:
+
+        async def read() -> tuple[str, str | None, Instance]:
             row = await self.instance(instance_id)
-            if row.state in wanted:
-                return row
-            if row.state in ("failed", "terminated") or time.monotonic() > deadline:
-                raise AssertionError(
-                    f"instance is {row.state} ({row.state_reason}), wanted {sorted(wanted)}"
-                )
-            await asyncio.sleep(0.1)
+            return row.state, row.state_reason, row
 
-
-async def eventually(check: Any, timeout: float = 20, what: str = "condition") -> None:
-    """Await an async or sync predicate until it holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+        return await wait_for_state(read, {s.value for s in states}, timeout)
 
 
 # --- The real API, as a process, for lifecycle tests through HTTP ---------------------------
@@ -430,18 +412,14 @@ async def wait_api_state(
     timeout: float = 30,
 ) -> dict[str, Any]:
     """Poll GET /api/instances/{id} until it shows `state`; fail fast on failed/terminated."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def read() -> tuple[str, str | None, dict[str, Any]]:
         r = await http.get(f"/api/instances/{instance_id}", headers=headers)
         assert r.status_code == 200, r.text
         body: dict[str, Any] = r.json()
-        if body["state"] == state:
-            return body
-        if body["state"] in ("failed", "terminated") or time.monotonic() > deadline:
-            raise AssertionError(
-                f"instance is {body['state']} ({body['state_reason']}), wanted {state}"
-            )
-        await asyncio.sleep(0.1)
+        return body["state"], body["state_reason"], body
+
+    return await wait_for_state(read, {state}, timeout)
 
 
 # --- Local desktops ---------------------------------------------------------------------------

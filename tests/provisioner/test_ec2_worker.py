@@ -21,7 +21,8 @@ from cloudbot_common.security.opaque import token_digest
 from cloudbot_common.settings import Settings
 from cloudbot_provisioner.instances.handlers import VANISHED
 from cloudbot_provisioner.reconciler import DRIFTED
-from tests.provisioner.harness import ec2_client, eventually, machines_tagged, provisioner
+from tests.provisioner.harness import ec2_client, machines_tagged, provisioner
+from tests.support.waiting import eventually
 
 TOKEN = re.compile(r"cbb_[A-Za-z0-9_-]{20,}")
 API_URL = "http://control-plane.test:8000"

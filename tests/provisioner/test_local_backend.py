@@ -20,7 +20,6 @@ from cloudbot_common.security.opaque import agent_credential
 from tests.conftest import SECRETS
 from tests.provisioner.harness import (
     RFB,
-    eventually,
     kill_local_machines,
     machine_group,
     port_closed,
@@ -29,6 +28,7 @@ from tests.provisioner.harness import (
     rfb_greeting,
 )
 from tests.support.leaks import find_leaks
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.vnc
 

@@ -15,7 +15,8 @@ _log = get_logger(__name__)
 
 
 def _raise_fd_limit() -> None:
-    # Each session holds two sockets; the default soft limit (often 1024) is far too low.
+    # A desktop session holds up to three descriptors (two sockets and a duplicate, see
+    # zerocopy); the default soft limit (often 1024) is far too low.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # An unlimited hard limit cannot be the soft one (the kernel caps it at nr_open).
     target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
