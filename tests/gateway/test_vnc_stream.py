@@ -10,8 +10,10 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
+from websockets.asyncio.client import ClientConnection
 from websockets.frames import CloseCode
 
 from tests.gateway.conftest import (
@@ -29,13 +31,22 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 
 @asynccontextmanager
-async def fake_desktop(handler: Handler) -> AsyncIterator[int]:
-    """A TCP server standing in for the VNC server; yields its port."""
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+async def vnc_session(
+    gateway: GatewayServer, db: AsyncEngine, owner: Owner, desktop: Handler, **options: Any
+) -> AsyncIterator[ClientConnection]:
+    """A client's desktop session through `gateway`, to a TCP server standing in for the
+    VNC server, whose connections `desktop` serves."""
+    server = await asyncio.start_server(desktop, "127.0.0.1", 0)
     try:
-        yield server.sockets[0].getsockname()[1]
+        instance_id = await add_instance(db, owner.id, vnc_port=server.sockets[0].getsockname()[1])
+        async with ws_connect(
+            f"{gateway.ws_url}/api/instances/{instance_id}/vnc",
+            additional_headers=owner.bearer,
+            **options,
+        ) as ws:
+            yield ws
     finally:
-        server.close()
+        server.close()  # stops listening; the connection lives on until either side ends it
 
 
 async def until_stalled(count: Callable[[], int], timeout: float = 30) -> None:
@@ -80,31 +91,25 @@ async def test_every_byte_arrives_in_order_among_pongs_then_the_close(
             await writer.drain()
         writer.close()
 
-    async with fake_desktop(desktop) as port:
-        instance_id = await add_instance(db, owner.id, vnc_port=port)
-        received = bytearray()
-        pongs = 0
-        async with ws_connect(
-            f"{relay_gateway.ws_url}/api/instances/{instance_id}/vnc",
-            additional_headers=owner.bearer,
-            ping_interval=None,
-        ) as ws:
+    received = bytearray()
+    pongs = 0
+    async with vnc_session(relay_gateway, db, owner, desktop, ping_interval=None) as ws:
 
-            async def ping_all_along() -> None:
-                # The gateway's pongs go out between its data frames.
-                nonlocal pongs
-                while True:
-                    await (await ws.ping())
-                    pongs += 1
+        async def ping_all_along() -> None:
+            # The gateway's pongs go out between its data frames.
+            nonlocal pongs
+            while True:
+                await (await ws.ping())
+                pongs += 1
 
-            pinger = asyncio.create_task(ping_all_along())
-            try:
-                async with asyncio.timeout(60):
-                    async for message in ws:  # ends at a normal close
-                        assert isinstance(message, bytes)
-                        received += message
-            finally:
-                pinger.cancel()
+        pinger = asyncio.create_task(ping_all_along())
+        try:
+            async with asyncio.timeout(60):
+                async for message in ws:  # ends at a normal close
+                    assert isinstance(message, bytes)
+                    received += message
+        finally:
+            pinger.cancel()
     assert len(received) == len(data)
     assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
     assert pongs > 0
@@ -123,18 +128,13 @@ async def test_a_text_frame_ends_the_session_with_1003(
         desktop_saw_the_end.set()
         writer.close()
 
-    async with fake_desktop(desktop) as port:
-        instance_id = await add_instance(db, owner.id, vnc_port=port)
-        async with ws_connect(
-            f"{relay_gateway.ws_url}/api/instances/{instance_id}/vnc",
-            additional_headers=owner.bearer,
-        ) as ws:
-            assert await ws.recv() == b"RFB 003.008\n"
-            await ws.send("not binary")
-            await wait_closed(ws)
-        assert ws.close_code == CloseCode.UNSUPPORTED_DATA
-        async with asyncio.timeout(10):
-            await desktop_saw_the_end.wait()
+    async with vnc_session(relay_gateway, db, owner, desktop) as ws:
+        assert await ws.recv() == b"RFB 003.008\n"
+        await ws.send("not binary")
+        await wait_closed(ws)
+    assert ws.close_code == CloseCode.UNSUPPORTED_DATA
+    async with asyncio.timeout(10):
+        await desktop_saw_the_end.wait()
 
 
 async def test_a_client_leaving_mid_stream_releases_the_desktop(
@@ -154,17 +154,12 @@ async def test_a_client_leaving_mid_stream_releases_the_desktop(
             writer.close()
 
     opened = ("cloudbot_gateway_open_sessions", (("channel", "vnc"),))
-    async with fake_desktop(desktop) as port:
-        instance_id = await add_instance(db, owner.id, vnc_port=port)
-        async with ws_connect(
-            f"{relay_gateway.ws_url}/api/instances/{instance_id}/vnc",
-            additional_headers=owner.bearer,
-        ) as ws:
-            for _ in range(8):
-                await ws.recv()
-            ws.transport.abort()  # gone mid-stream, no closing handshake
-        async with asyncio.timeout(15):
-            await desktop_saw_the_end.wait()
+    async with vnc_session(relay_gateway, db, owner, desktop) as ws:
+        for _ in range(8):
+            await ws.recv()
+        ws.transport.abort()  # gone mid-stream, no closing handshake
+    async with asyncio.timeout(15):
+        await desktop_saw_the_end.wait()
     # The session is over for the gateway too (it keeps no descriptor of it open).
     metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
 
@@ -197,29 +192,23 @@ async def test_a_slow_reader_stops_the_upstream_instead_of_growing_memory(
         finally:
             writer.close()
 
-    async with fake_desktop(desktop) as port:
-        instance_id = await add_instance(db, owner.id, vnc_port=port)
-        rss_before = _rss(relay_gateway.pid)
-        async with ws_connect(
-            f"{relay_gateway.ws_url}/api/instances/{instance_id}/vnc",
-            additional_headers=owner.bearer,
-            max_queue=1,
-        ) as ws:
-            await ws.recv()  # read one frame, then stop reading
-            await until_stalled(lambda: sent)  # the desktop is blocked
-            # Only socket buffers (the kernel's, on four sockets) and the gateway's
-            # bounded buffers hold what was sent; nothing like an unbounded queue.
-            assert sent < 64 * MiB
-            assert _rss(relay_gateway.pid) - rss_before < 16 * MiB
+    rss_before = _rss(relay_gateway.pid)
+    async with vnc_session(relay_gateway, db, owner, desktop, max_queue=1) as ws:
+        await ws.recv()  # read one frame, then stop reading
+        await until_stalled(lambda: sent)  # the desktop is blocked
+        # Only socket buffers (the kernel's, on four sockets) and the gateway's
+        # bounded buffers hold what was sent; nothing like an unbounded queue.
+        assert sent < 64 * MiB
+        assert _rss(relay_gateway.pid) - rss_before < 16 * MiB
 
-            # Reading again lets the desktop carry on.
-            blocked_at = sent
-            async with asyncio.timeout(30):
-                while sent < blocked_at + 32 * MiB:
-                    await ws.recv()
-            # Leave abruptly: a polite close would wait behind megabytes still in flight.
-            ws.transport.abort()
-        stop.set()
+        # Reading again lets the desktop carry on.
+        blocked_at = sent
+        async with asyncio.timeout(30):
+            while sent < blocked_at + 32 * MiB:
+                await ws.recv()
+        # Leave abruptly: a polite close would wait behind megabytes still in flight.
+        ws.transport.abort()
+    stop.set()
 
 
 async def test_a_desktop_that_stops_reading_stops_the_client_being_read(
@@ -237,34 +226,28 @@ async def test_a_desktop_that_stops_reading_stops_the_client_being_read(
 
     sent = 0
     chunk = bytes(MiB)
-    async with fake_desktop(desktop) as port:
-        instance_id = await add_instance(db, owner.id, vnc_port=port)
-        rss_before = _rss(relay_gateway.pid)
-        async with ws_connect(
-            f"{relay_gateway.ws_url}/api/instances/{instance_id}/vnc",
-            additional_headers=owner.bearer,
-            write_limit=MiB,
-        ) as ws:
-            done = asyncio.Event()
+    rss_before = _rss(relay_gateway.pid)
+    async with vnc_session(relay_gateway, db, owner, desktop, write_limit=MiB) as ws:
+        done = asyncio.Event()
 
-            async def send_until_done() -> None:
-                nonlocal sent
-                while not done.is_set():
-                    await ws.send(chunk)  # blocks once the gateway stops reading us
-                    sent += len(chunk)
+        async def send_until_done() -> None:
+            nonlocal sent
+            while not done.is_set():
+                await ws.send(chunk)  # blocks once the gateway stops reading us
+                sent += len(chunk)
 
-            sender = asyncio.create_task(send_until_done())
-            try:
-                await until_stalled(lambda: sent)  # the client is blocked
-                assert sent < 64 * MiB
-                assert _rss(relay_gateway.pid) - rss_before < 16 * MiB
+        sender = asyncio.create_task(send_until_done())
+        try:
+            await until_stalled(lambda: sent)  # the client is blocked
+            assert sent < 64 * MiB
+            assert _rss(relay_gateway.pid) - rss_before < 16 * MiB
 
-                # The desktop reads again: the client carries on, and nothing is lost.
-                reading.set()
-                target = sent + 32 * MiB
-                await eventually(lambda: sent >= target, 30, "the client to send again")
-            finally:
-                done.set()
-                async with asyncio.timeout(30):
-                    await sender
-            await eventually(lambda: received == sent, 30, "every byte sent to reach the desktop")
+            # The desktop reads again: the client carries on, and nothing is lost.
+            reading.set()
+            target = sent + 32 * MiB
+            await eventually(lambda: sent >= target, 30, "the client to send again")
+        finally:
+            done.set()
+            async with asyncio.timeout(30):
+                await sender
+        await eventually(lambda: received == sent, 30, "every byte sent to reach the desktop")
