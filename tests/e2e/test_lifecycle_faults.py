@@ -16,15 +16,18 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from cloudbot_common.models import Instance
+from cloudbot_common.security.opaque import token_digest
 from tests.conftest import make_user
 from tests.provisioner.harness import (
     AWS_ENV,
     FAST_RETRIES,
+    TOKEN,
     Ec2FaultProxy,
     api_process,
     ec2_client,
     machines_tagged,
     provisioner,
+    user_data_of,
     wait_api_state,
 )
 from tests.support.processes import wait_for
@@ -84,6 +87,45 @@ async def test_worker_sigkilled_mid_provision(client, env, api_url, proxy, moto_
         await wait_api_state(client, user.headers, instance_id, "running")
     assert len(machines_tagged(ec2_client(moto_url), instance_id, include_gone=True)) == 1
     assert proxy.calls["RunInstances"] == 1
+
+
+async def test_a_relaunch_that_cannot_see_the_first_machine_keeps_its_token(
+    client, env, api_url, proxy, moto_url, tmp_path, secret_registry
+):
+    """EC2 lists a new machine late. A worker dies after launching; the next one's tag
+    lookup finds nothing, so it launches again. That launch must carry the same bootstrap
+    token, hence the same ClientToken, with which EC2 hands back the first machine: a
+    fresh token would leave that machine unable ever to bootstrap."""
+    user = await make_user(client)
+    worker_env = {**env, "PUBLIC_API_URL": api_url}
+    release = proxy.hold("RunInstances")
+    with provisioner(worker_env, tmp_path, name="e2e-doomed-launcher") as doomed:
+        instance_id = await create(client, user.headers)
+        assert await asyncio.to_thread(proxy.held.wait, 30)
+        doomed.kill(signal.SIGKILL)
+        doomed.popen.wait(10)
+    release.set()
+    proxy.blind(instance_id)  # the next tag lookup for this instance sees no machine
+
+    with provisioner(worker_env, tmp_path, name="e2e-relaunching-worker"):
+        await wait_api_state(client, user.headers, instance_id, "running")
+    first, second = proxy.requests["RunInstances"]
+    assert first["ClientToken"] == second["ClientToken"]
+    # moto ignores ClientToken and made a second machine; both carry the one token, whose
+    # digest is the row's.
+    ec2 = ec2_client(moto_url)
+    machines = machines_tagged(ec2, instance_id, include_gone=True)
+    assert len(machines) == 2
+    tokens = {t for m in machines for t in TOKEN.findall(user_data_of(ec2, m["InstanceId"]))}
+    assert len(tokens) == 1
+    secret_registry.add(*tokens)
+    engine = create_async_engine(env["DATABASE_URL"], poolclass=NullPool)
+    async with engine.connect() as conn:
+        stored = await conn.scalar(
+            select(Instance.bootstrap_token_hash).where(Instance.id == uuid.UUID(instance_id))
+        )
+    await engine.dispose()
+    assert stored == token_digest(tokens.pop())
 
 
 async def test_worker_sigterm_finishes_the_step_under_way(

@@ -5,6 +5,7 @@ rows and watching them converge. Shared with the lifecycle tests in tests/e2e.""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
@@ -14,7 +15,7 @@ import socket
 import threading
 import urllib.parse
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -124,6 +125,14 @@ def ec2_client(endpoint: str) -> Any:
     )
 
 
+TOKEN = re.compile(r"cbb_[A-Za-z0-9_-]{20,}")
+
+
+def user_data_of(ec2: Any, machine_id: str) -> str:
+    attr = ec2.describe_instance_attribute(InstanceId=machine_id, Attribute="userData")
+    return base64.b64decode(attr["UserData"]["Value"]).decode()
+
+
 def machines_tagged(ec2: Any, instance_id: str, *, include_gone: bool = False) -> list[dict]:
     filters = [{"Name": "tag:cloudbot:instance-id", "Values": [instance_id]}]
     if not include_gone:
@@ -151,13 +160,24 @@ class Fault:
     times: int | None  # None: every call
 
 
+_NO_INSTANCES_XML = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<DescribeInstancesResponse '
+    'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>{rid}</requestId>'
+    "<reservationSet/></DescribeInstancesResponse>"
+)
+
+
 class Ec2FaultProxy:
     """Forwards EC2 query requests to moto, except for the actions told to fail (with the
-    error XML EC2 sends) or to hang after moto has acted (a response that never comes)."""
+    error XML EC2 sends), to hang after moto has acted (a response that never comes), or,
+    for DescribeInstances, to see nothing yet (EC2 lists new machines late)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.calls: Counter[str] = Counter()
+        # The parameters of every request, by action.
+        self.requests: defaultdict[str, list[dict[str, list[str]]]] = defaultdict(list)
+        self._blind: dict[str, int] = {}
         self._faults: dict[str, Fault] = {}
         self._holds: dict[str, threading.Event] = {}
         self.held = threading.Event()
@@ -167,7 +187,10 @@ class Ec2FaultProxy:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                action = urllib.parse.parse_qs(body.decode()).get("Action", [""])[0]
+                params = urllib.parse.parse_qs(body.decode())
+                action = params.get("Action", [""])[0]
+                with proxy._lock:
+                    proxy.requests[action].append(params)
                 proxy._serve(self, action, body)
 
             def log_message(self, *_: Any) -> None:
@@ -192,10 +215,25 @@ class Ec2FaultProxy:
         with self._lock:
             self._faults[action] = Fault(code, status, f"Injected {code}", times)
 
+    def blind(self, matching: str, times: int = 1) -> None:
+        """The next `times` DescribeInstances calls whose request holds `matching` (a tag
+        value, say) list no machine at all."""
+        with self._lock:
+            self._blind[matching] = times
+
+    def _blinded(self, body: bytes) -> bool:
+        for matching, left in self._blind.items():
+            if left and matching.encode() in body:
+                self._blind[matching] = left - 1
+                return True
+        return False
+
     def reset(self) -> None:
         with self._lock:
             self._faults.clear()
             self.calls.clear()
+            self.requests.clear()
+            self._blind.clear()
             self.held.clear()
 
     def hold(self, action: str) -> threading.Event:
@@ -207,11 +245,16 @@ class Ec2FaultProxy:
     def _serve(self, handler: BaseHTTPRequestHandler, action: str, body: bytes) -> None:
         with self._lock:
             self.calls[action] += 1
+            blind = action == "DescribeInstances" and self._blinded(body)
             fault = self._faults.get(action)
             if fault is not None and fault.times is not None:
                 fault.times -= 1
                 if fault.times <= 0:
                     del self._faults[action]
+        if blind:
+            payload = _NO_INSTANCES_XML.format(rid=uuid.uuid4()).encode()
+            self._reply(handler, 200, payload, "text/xml")
+            return
         if fault is not None:
             payload = _ERROR_XML.format(
                 code=fault.code, message=fault.message, rid=uuid.uuid4()

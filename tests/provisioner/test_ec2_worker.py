@@ -4,8 +4,6 @@ API drives it: rows and outbox commands in Postgres, ids on the Celery queue."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import re
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -21,10 +19,15 @@ from cloudbot_common.security.opaque import token_digest
 from cloudbot_common.settings import Settings
 from cloudbot_provisioner.instances.handlers import VANISHED
 from cloudbot_provisioner.reconciler import DRIFTED
-from tests.provisioner.harness import ec2_client, machines_tagged, provisioner
+from tests.provisioner.harness import (
+    TOKEN,
+    ec2_client,
+    machines_tagged,
+    provisioner,
+    user_data_of,
+)
 from tests.support.waiting import eventually
 
-TOKEN = re.compile(r"cbb_[A-Za-z0-9_-]{20,}")
 API_URL = "http://control-plane.test:8000"
 
 
@@ -38,11 +41,6 @@ def worker(ec2_env, tmp_path_factory):
 @pytest.fixture
 def ec2(moto_url):
     return ec2_client(moto_url)
-
-
-def user_data_of(ec2, machine_id: str) -> str:
-    attr = ec2.describe_instance_attribute(InstanceId=machine_id, Attribute="userData")
-    return base64.b64decode(attr["UserData"]["Value"]).decode()
 
 
 async def test_full_lifecycle(worker, db, ec2, ec2_env, secret_registry):

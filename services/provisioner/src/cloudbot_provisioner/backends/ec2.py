@@ -61,9 +61,9 @@ def client_token(spec: LaunchSpec) -> str:
     token.
 
     Retries of one launch (botocore's own, or a lost response) send identical parameters
-    and get the same machine back. A relaunch after a crash carries a fresh bootstrap
-    token, hence different user data, which EC2 would refuse under the old token
-    (IdempotentParameterMismatch); the tag lookup before launching covers that case.
+    and get the same machine back. So does a relaunch after a crash that the tag lookup
+    could not see the first machine for: it carries the same bootstrap token (see
+    `_launch`). A launch with a new token (the old one near its expiry) is a new request.
     """
     fingerprint = token_digest(spec.bootstrap_token)[:12]
     return f"cb-{spec.instance_id.hex}-{fingerprint}"

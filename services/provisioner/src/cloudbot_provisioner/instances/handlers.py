@@ -21,12 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from cloudbot_common.commands import Command
 from cloudbot_common.db import unit_of_work
 from cloudbot_common.events import InstanceStateEvent
-from cloudbot_common.instance_contract import BOOTSTRAP_PREFIX
 from cloudbot_common.lifecycle import lock_instance, transition
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import LIVE_STATES, Instance
 from cloudbot_common.models import InstanceState as S
-from cloudbot_common.security.opaque import new_token, token_digest
+from cloudbot_common.security.opaque import bootstrap_token, token_digest
 from cloudbot_provisioner import repository
 from cloudbot_provisioner.backends.base import Backend, LaunchSpec, Machine, MachineState
 from cloudbot_provisioner.errors import PermanentError
@@ -224,16 +223,25 @@ async def provision(step: Step) -> Outcome:
 
 
 async def _launch(step: Step, snap: Snapshot) -> Machine | None:
-    """Mint the bootstrap token, store its digest, then launch. None: nothing to launch
-    any more (the instance moved on)."""
-    token = new_token(BOOTSTRAP_PREFIX)
-    ttl = timedelta(seconds=step.rt.settings.bootstrap_token_ttl_seconds)
+    """Store the bootstrap token's digest, then launch. None: nothing to launch any more
+    (the instance moved on).
+
+    A relaunch keeps the token of the attempt before it while at least half its lifetime
+    is left (`bootstrap_token` derives it from the stored expiry): that attempt's machine
+    may exist unseen (EC2 lists new machines late), and must still be able to bootstrap.
+    """
+    settings = step.rt.settings
+    ttl = timedelta(seconds=settings.bootstrap_token_ttl_seconds)
     # Committed before the launch: the machine must never carry a token we do not know.
     async with step.locked() as tx:
         if tx.instance is None or not tx.is_in(S.PROVISIONING):
             return None
+        now = datetime.now(UTC)
+        expires = tx.instance.bootstrap_expires_at
+        if tx.instance.bootstrap_token_hash is None or expires is None or expires - now < ttl / 2:
+            expires = tx.instance.bootstrap_expires_at = now + ttl
+        token = bootstrap_token(settings.agent_token_secret.get_secret_value(), snap.id, expires)
         tx.instance.bootstrap_token_hash = token_digest(token)
-        tx.instance.bootstrap_expires_at = datetime.now(UTC) + ttl
     machine = await step.backend.launch(
         LaunchSpec(
             instance_id=snap.id,
