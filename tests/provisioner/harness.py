@@ -500,6 +500,22 @@ def machine_group(directory: Path) -> int:
     return int((directory / "machine.pid").read_text())
 
 
+def environments_of(group: int) -> list[bytes]:
+    """The environment every live process of the process group started with, as /proc
+    shows it to any process of the same user."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if stat[0] != "Z" and int(stat[2]) == group:
+                found.append((proc / "environ").read_bytes())
+        except OSError:
+            continue
+    return found
+
+
 def processes_of(directory: Path, group: int) -> list[str]:
     """Command lines of every live process of this machine: its process group, and
     anything naming its directory."""

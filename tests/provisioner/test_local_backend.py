@@ -20,6 +20,7 @@ from cloudbot_common.security.opaque import agent_credential
 from tests.conftest import SECRETS
 from tests.provisioner.harness import (
     RFB,
+    environments_of,
     kill_local_machines,
     machine_group,
     port_closed,
@@ -74,6 +75,12 @@ async def test_local_desktop_lifecycle(db, local_env, settings, tmp_path, secret
 
     credential = agent_credential(settings.agent_token_secret.get_secret_value(), instance_id)
     secret_registry.add(credential)
+    # Tokens reach the machine in private files, never in an environment another process
+    # can read in /proc; the hand-over file is gone once read.
+    environments = environments_of(group)
+    assert len(environments) >= 4  # init, Xvfb, xterm, x11vnc, agent
+    assert not any(credential.encode() in e or b"cbb_" in e for e in environments)
+    assert not (directory / "secrets.json").exists()
     hello = await agent_hello(agent, credential)
     assert hello["type"] == "hello"
     assert hello["instance_id"] == str(instance_id)

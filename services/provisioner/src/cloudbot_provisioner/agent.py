@@ -15,7 +15,8 @@ the control plane. Configuration comes from the environment:
     CLOUDBOT_BOOTSTRAP_TOKEN    the single-use bootstrap token (first boot only), or
     CLOUDBOT_BOOTSTRAP_TOKEN_FILE  a file holding it, deleted once it has been used
     CLOUDBOT_AGENT_TOKEN        the credential the gateway presents, when the machine
-                                knows it before bootstrap (local sandboxes)
+                                knows it before bootstrap (local sandboxes), or
+    CLOUDBOT_AGENT_TOKEN_FILE   a file holding it
 
 Tokens are never logged and never put on a command line.
 """
@@ -89,7 +90,7 @@ class Agent:
         self.config = config
         self.state: dict[str, Any] = self._load_state()
         # Known before bootstrap on a local sandbox; otherwise learnt from the bootstrap.
-        self.agent_token: str | None = os.environ.get("CLOUDBOT_AGENT_TOKEN") or self.state.get(
+        self.agent_token: str | None = _secret("CLOUDBOT_AGENT_TOKEN") or self.state.get(
             "agent_token"
         )
 
@@ -132,7 +133,7 @@ class Agent:
         """Exchanges the bootstrap token for the credential and configuration, once."""
         if self.state.get("credential"):
             return True
-        token = _bootstrap_token()
+        token = _secret("CLOUDBOT_BOOTSTRAP_TOKEN")
         if token is None:
             log.warning("no bootstrap token and no saved credential: heartbeats are off")
             return False
@@ -204,9 +205,9 @@ class Agent:
             "heartbeat_url": body.get("heartbeat_url"),
             "heartbeat_interval_seconds": body.get("heartbeat_interval_seconds"),
         }
-        _write_private(self.config.state_dir / _STATE_FILE, json.dumps(state))
+        write_private(self.config.state_dir / _STATE_FILE, json.dumps(state))
         # The CloudBot configuration, provider keys included, for the agent's own use.
-        _write_private(self.config.state_dir / _CONFIG_FILE, json.dumps(body.get("config") or {}))
+        write_private(self.config.state_dir / _CONFIG_FILE, json.dumps(body.get("config") or {}))
         self.state = state
         if body.get("agent_token"):
             self.agent_token = str(body["agent_token"])
@@ -216,11 +217,12 @@ def _constant_time_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-def _bootstrap_token() -> str | None:
-    token = os.environ.get("CLOUDBOT_BOOTSTRAP_TOKEN")
-    if token:
-        return token
-    path = os.environ.get("CLOUDBOT_BOOTSTRAP_TOKEN_FILE")
+def _secret(name: str) -> str | None:
+    """The variable `name`, or the content of the file that `name`_FILE names."""
+    value = os.environ.get(name)
+    if value:
+        return value
+    path = os.environ.get(name + "_FILE")
     if path:
         with contextlib.suppress(OSError):
             return Path(path).read_text().strip() or None
@@ -235,7 +237,7 @@ def _forget_bootstrap_token() -> None:
             Path(path).unlink()
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -29,8 +29,9 @@ from typing import Any
 from cloudbot_common import instance_contract as contract
 from cloudbot_common.security.opaque import agent_credential
 from cloudbot_common.settings import Settings
+from cloudbot_provisioner.agent import write_private
 from cloudbot_provisioner.backends.base import LaunchSpec, Machine, MachineState
-from cloudbot_provisioner.backends.local_machine import MACHINE_FILE, PID_FILE
+from cloudbot_provisioner.backends.local_machine import MACHINE_FILE, PID_FILE, SECRETS_FILE
 from cloudbot_provisioner.errors import PermanentError, TransientError
 
 HOST = "127.0.0.1"
@@ -274,12 +275,16 @@ class LocalBackend:
             )
         instance_id = uuid.UUID(directory.name)
         env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "TZ") if k in os.environ}
-        # The credential the gateway will present; a real machine learns it at bootstrap.
-        env["CLOUDBOT_AGENT_TOKEN"] = agent_credential(
-            self._settings.agent_token_secret.get_secret_value(), instance_id
-        )
-        if bootstrap_token is not None:
-            env["CLOUDBOT_BOOTSTRAP_TOKEN"] = bootstrap_token
+        # Tokens go in a private file the machine's init reads and deletes, not in the
+        # environment (readable in /proc). The agent credential is the one the gateway will
+        # present; a real machine learns it at bootstrap.
+        secrets = {
+            "agent_token": agent_credential(
+                self._settings.agent_token_secret.get_secret_value(), instance_id
+            ),
+            "bootstrap_token": bootstrap_token,
+        }
+        write_private(directory / SECRETS_FILE, json.dumps(secrets))
         try:
             subprocess.run(  # noqa: S603 - our own module, no user input on the command line
                 [

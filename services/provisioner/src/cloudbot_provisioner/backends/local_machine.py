@@ -10,7 +10,9 @@ session, so it outlives the provisioner that started it), records its pid in
 - the CloudBot agent (`cloudbot_provisioner.agent`) on the machine's agent port.
 
 A child that dies is started again, as an init system would. SIGTERM stops them all;
-the directory (the machine's disk) stays. Secrets arrive through the environment only.
+the directory (the machine's disk) stays. Tokens arrive in a private file (0600), read and
+deleted at start, and reach the agent in files of its own, never in an environment
+(another process of the same user can read that in /proc).
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ import time
 from pathlib import Path
 from typing import IO
 
+from cloudbot_provisioner.agent import write_private
+
 MACHINE_FILE = "machine.json"
 PID_FILE = "machine.pid"
+SECRETS_FILE = "secrets.json"
 DISK_DIR = "disk"
 LOG_DIR = "logs"
 SCREEN = "1280x800x24"
@@ -49,10 +54,13 @@ class Sandbox:
         self.display: int | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.stopping = False
-        # Spent after the first successful bootstrap; kept to restart an agent that died
-        # before using it.
-        self._bootstrap_token = os.environ.pop("CLOUDBOT_BOOTSTRAP_TOKEN", None)
-        self._agent_token = os.environ.pop("CLOUDBOT_AGENT_TOKEN", None)
+        # The bootstrap token is spent after the first successful bootstrap; it is kept to
+        # restart an agent that died before using it.
+        secrets_file = directory / SECRETS_FILE
+        secrets = json.loads(secrets_file.read_text()) if secrets_file.exists() else {}
+        secrets_file.unlink(missing_ok=True)
+        self._bootstrap_token: str | None = secrets.get("bootstrap_token")
+        self._agent_token: str | None = secrets.get("agent_token")
 
     # --- Children -----------------------------------------------------------------------
 
@@ -172,10 +180,14 @@ class Sandbox:
             "CLOUDBOT_BOOTSTRAP_PATH": self.spec["bootstrap_path"],
             "CLOUDBOT_HEARTBEAT_PATH": self.spec["heartbeat_path"],
         }
+        state = self.disk / "agent"
+        state.mkdir(mode=0o700, exist_ok=True)
         if self._agent_token:
-            env["CLOUDBOT_AGENT_TOKEN"] = self._agent_token
-        if self._bootstrap_token and not (self.disk / "agent" / "agent.json").exists():
-            env["CLOUDBOT_BOOTSTRAP_TOKEN"] = self._bootstrap_token
+            write_private(state / "agent_token", self._agent_token)
+            env["CLOUDBOT_AGENT_TOKEN_FILE"] = str(state / "agent_token")
+        if self._bootstrap_token and not (state / "agent.json").exists():
+            write_private(state / "bootstrap_token", self._bootstrap_token)  # the agent deletes it
+            env["CLOUDBOT_BOOTSTRAP_TOKEN_FILE"] = str(state / "bootstrap_token")
         self._spawn("agent", [sys.executable, "-m", "cloudbot_provisioner.agent"], env)
 
     def start_all(self) -> None:
