@@ -1,3 +1,5 @@
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,3 +50,14 @@ def test_development_defaults_are_fine_and_lists_parse():
     )
     assert settings.cors_origins == ["http://a.test", "http://b.test"]
     assert settings.instance_sizes == {"small": "t3.small", "big": "m7i.xlarge"}
+
+
+def test_every_setting_is_in_the_env_example_and_the_readme():
+    root = Path(__file__).resolve().parents[2]
+    names = {name.upper() for name in Settings.model_fields}
+    example_text = (root / ".env.example").read_text()
+    example = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", example_text, re.M))
+    documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)`", (root / "README.md").read_text(), re.M))
+    assert names - example == set(), ".env.example lacks these"
+    assert names - documented == set(), "the README's settings table lacks these"
+    assert example - names == set(), ".env.example names settings that do not exist"
