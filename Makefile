@@ -20,8 +20,12 @@ uv: ## Install uv if it is missing
 	$(UV) sync --frozen --all-packages
 	@touch $@
 
+# The desktop page's noVNC (and, for its browser test, playwright-core), from npm.
+web/node_modules/.package-lock.json: web/package.json web/package-lock.json
+	npm ci --prefix web --no-audit --no-fund
+
 .PHONY: install
-install: .venv/.synced ## Create the virtual environment and install every package
+install: .venv/.synced web/node_modules/.package-lock.json ## Create the virtual environment and install every package
 
 .env:
 	cp .env.example .env

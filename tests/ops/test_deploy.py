@@ -240,7 +240,11 @@ def test_dockerfile_rules(service_dir: str) -> None:
     package, command = IMAGES[service_dir]
     stages = parse_dockerfile(dockerfile(service_dir))
     build, final = stages[0], stages[-1]
-    assert len(stages) == 2, "a build stage with uv, and a runtime stage without it"
+    # The API also builds its desktop page's files (npm ci from the lock file).
+    middle = [stage.name for stage in stages[1:-1]]
+    assert middle == (["web"] if service_dir == "api" else []), (
+        "a build stage with uv, and a runtime stage without it"
+    )
 
     syncs = [args for args in build.all("RUN") if args.startswith("uv sync")]
     assert syncs, "dependencies come from `uv sync`"
@@ -276,9 +280,22 @@ def test_dockerignore_sends_only_the_sources() -> None:
     ]
     assert patterns[0] == "*", "an allow-list: everything is excluded unless named"
     assert "**/.env" in patterns
-    for path in (".env", ".git/config", ".venv/pyvenv.cfg", ".test-logs/a.log", "bench/x.py"):
+    for path in (
+        ".env",
+        ".git/config",
+        ".venv/pyvenv.cfg",
+        ".test-logs/a.log",
+        "bench/x.py",
+        "web/node_modules/@novnc/novnc/core/rfb.js",
+    ):
         assert docker_ignored(patterns, path), path
-    for path in ("uv.lock", "services/api/src/cloudbot_api/main.py", "deploy/flowerconfig.py"):
+    for path in (
+        "uv.lock",
+        "services/api/src/cloudbot_api/main.py",
+        "deploy/flowerconfig.py",
+        "web/package-lock.json",
+        "web/app/app.js",
+    ):
         assert not docker_ignored(patterns, path), path
 
 

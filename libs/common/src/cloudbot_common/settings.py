@@ -100,6 +100,9 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # The desktop page's files (web/ of the repository, after `make install`); empty: the
+    # checkout's own.
+    web_dir: str = ""
     public_api_url: str = "http://127.0.0.1:8000"
     public_gateway_url: str = "ws://127.0.0.1:8001"
     max_live_instances_per_user: int = 3

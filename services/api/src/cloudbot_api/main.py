@@ -20,6 +20,7 @@ from cloudbot_api.metrics import install_metrics
 from cloudbot_api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from cloudbot_api.ratelimit import RateLimiter
 from cloudbot_api.resources import Resources
+from cloudbot_api.webapp import mount_web_app
 from cloudbot_common.commands import make_celery
 from cloudbot_common.db import create_engine, create_session_factory
 from cloudbot_common.events import EventHub
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_keys_router, prefix="/api")
     app.include_router(instances_router, prefix="/api")
     app.include_router(instance_agent_router)
+    mount_web_app(app, settings.web_dir)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(
         CORSMiddleware,

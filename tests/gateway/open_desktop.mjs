@@ -1,0 +1,40 @@
+// Drives Debian's Chromium through the desktop page as a person would: log in, open the
+// machine's desktop, wait for noVNC to connect and for the canvas to show the desktop.
+// Prints one JSON line: the share of red pixels on the canvas.
+// Environment: PLAYWRIGHT_CORE (its index.mjs), API_URL, EMAIL, PASSWORD, INSTANCE_ID.
+import { pathToFileURL } from "node:url";
+
+const env = process.env;
+const { chromium } = await import(pathToFileURL(env.PLAYWRIGHT_CORE).href);
+const browser = await chromium.launch({
+  executablePath: env.CHROMIUM || "/usr/bin/chromium",
+  args: [
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+    "--no-first-run", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync",
+  ],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  await page.goto(`${env.API_URL}/app/`);
+  await page.fill("input[name=email]", env.EMAIL);
+  await page.fill("input[name=password]", env.PASSWORD);
+  await page.click("#login button[type=submit]");
+  await page.click(`button[data-instance="${env.INSTANCE_ID}"]`, { timeout: 15000 });
+  await page.waitForSelector("body[data-desktop=connected]", { timeout: 20000 });
+  // The framebuffer arrives after the connect event: wait until the canvas shows it.
+  const red = await page.waitForFunction(() => {
+    const canvas = document.querySelector("#screen canvas");
+    if (!canvas || !canvas.width) return false;
+    const { data } = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+    let red = 0;
+    for (let i = 0; i < data.length; i += 4) {
+      if (data[i] > 200 && data[i + 1] < 60 && data[i + 2] < 60) red += 1;
+    }
+    const share = red / (data.length / 4);
+    return share > 0.5 ? share : false;
+  }, null, { timeout: 20000 });
+  console.log(JSON.stringify({ red: await red.jsonValue(), status: await page.textContent("#desktop .status") }));
+} finally {
+  await browser.close();
+}

@@ -1,0 +1,99 @@
+"""The desktop page in a real browser: Debian's Chromium, driven by playwright-core, logs
+in on the page the API serves, opens a machine's desktop, and noVNC shows it, through the
+gateway with a single-use ticket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.conftest import make_user
+from tests.gateway.conftest import Desktop, add_instance, gateway_env
+from tests.support.processes import PYTHON, free_port, http_ok, running
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAYWRIGHT = ROOT / "web" / "node_modules" / "playwright-core" / "index.mjs"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def site(base_env: dict[str, str]) -> Iterator[str]:
+    """The API serving the page, and a gateway that admits the page's origin; yields the
+    API's URL."""
+    api_port, gateway_port = free_port(), free_port()
+    api_url = f"http://127.0.0.1:{api_port}"
+    env = {
+        **base_env,
+        "PUBLIC_API_URL": api_url,
+        "PUBLIC_GATEWAY_URL": f"ws://127.0.0.1:{gateway_port}",
+        "ALLOWED_WS_ORIGINS": api_url,
+    }
+    with (
+        running(
+            "gateway-for-page",
+            [PYTHON, "-m", "cloudbot_gateway"],
+            gateway_env(env, gateway_port),
+            ready=http_ok(f"http://127.0.0.1:{gateway_port}/readyz"),
+        ),
+        running(
+            "api-for-page",
+            [PYTHON, "-m", "cloudbot_api"],
+            {**env, "API_PORT": str(api_port)},
+            ready=http_ok(f"{api_url}/healthz"),
+        ),
+    ):
+        yield api_url
+
+
+async def test_the_page_is_served(site: str) -> None:
+    async with httpx.AsyncClient(base_url=site) as http:
+        home = await http.get("/")
+        assert home.status_code == 307
+        assert home.headers["location"] == "/app/"
+        page = await http.get("/app/")
+        assert page.status_code == 200
+        assert '<script type="module" src="app.js">' in page.text
+        rfb = await http.get("/app/novnc/core/rfb.js")
+        assert rfb.status_code == 200
+        assert "export default class RFB" in rfb.text
+
+
+async def test_a_person_opens_their_desktop_in_a_browser(
+    site: str, desktop: Desktop, db: AsyncEngine
+) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is missing: apt-get install chromium fonts-dejavu-core")
+    async with httpx.AsyncClient(base_url=site) as http:
+        user = await make_user(http)
+        me = (await http.get("/api/auth/me", headers=user.headers)).json()
+    instance_id = await add_instance(db, uuid.UUID(me["id"]), vnc_port=desktop.vnc_port)
+    driver = await asyncio.create_subprocess_exec(
+        "node",
+        str(Path(__file__).with_name("open_desktop.mjs")),
+        env={
+            **os.environ,
+            "PLAYWRIGHT_CORE": str(PLAYWRIGHT),
+            "CHROMIUM": CHROMIUM,
+            "API_URL": site,
+            "EMAIL": user.email,
+            "PASSWORD": user.password,
+            "INSTANCE_ID": str(instance_id),
+        },
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(90):
+        out, err = await driver.communicate()
+    assert driver.returncode == 0, err.decode()[-3000:]
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["red"] > 0.9, "the canvas shows the desktop's red background"
+    assert result["status"].endswith(": connected")
