@@ -62,6 +62,9 @@ async def test_the_page_is_served(site: str) -> None:
         page = await http.get("/app/")
         assert page.status_code == 200
         assert '<script type="module" src="app.js">' in page.text
+        # Only its own scripts run; the browser test below shows noVNC works under it.
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
         rfb = await http.get("/app/novnc/core/rfb.js")
         assert rfb.status_code == 200
         assert "export default class RFB" in rfb.text
