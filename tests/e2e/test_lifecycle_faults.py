@@ -68,10 +68,9 @@ async def create(client: httpx.AsyncClient, headers: dict[str, str]) -> str:
     return str(r.json()["id"])
 
 
-async def test_worker_sigkilled_mid_provision(client, env, api_url, proxy, moto_url, tmp_path):
-    user = await make_user(client)
-    worker_env = {**env, "PUBLIC_API_URL": api_url}
-    # moto makes the machine; the answer is held until the worker is dead.
+async def launched_by_a_worker_that_dies(client, user, worker_env, proxy, tmp_path) -> str:
+    """A new instance whose worker is SIGKILLed once moto has made the machine, before the
+    answer reaches it (held until the worker is dead). Returns the instance's id."""
     release = proxy.hold("RunInstances")
     with provisioner(worker_env, tmp_path, name="e2e-doomed-worker") as doomed:
         instance_id = await create(client, user.headers)
@@ -79,6 +78,13 @@ async def test_worker_sigkilled_mid_provision(client, env, api_url, proxy, moto_
         doomed.kill(signal.SIGKILL)
         doomed.popen.wait(10)
     release.set()
+    return instance_id
+
+
+async def test_worker_sigkilled_mid_provision(client, env, api_url, proxy, moto_url, tmp_path):
+    user = await make_user(client)
+    worker_env = {**env, "PUBLIC_API_URL": api_url}
+    instance_id = await launched_by_a_worker_that_dies(client, user, worker_env, proxy, tmp_path)
     assert (await client.get(f"/api/instances/{instance_id}", headers=user.headers)).json()[
         "state"
     ] == "provisioning"
@@ -98,13 +104,7 @@ async def test_a_relaunch_that_cannot_see_the_first_machine_keeps_its_token(
     fresh token would leave that machine unable ever to bootstrap."""
     user = await make_user(client)
     worker_env = {**env, "PUBLIC_API_URL": api_url}
-    release = proxy.hold("RunInstances")
-    with provisioner(worker_env, tmp_path, name="e2e-doomed-launcher") as doomed:
-        instance_id = await create(client, user.headers)
-        assert await asyncio.to_thread(proxy.held.wait, 30)
-        doomed.kill(signal.SIGKILL)
-        doomed.popen.wait(10)
-    release.set()
+    instance_id = await launched_by_a_worker_that_dies(client, user, worker_env, proxy, tmp_path)
     proxy.blind(instance_id)  # the next tag lookup for this instance sees no machine
 
     with provisioner(worker_env, tmp_path, name="e2e-relaunching-worker"):

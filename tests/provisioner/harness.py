@@ -500,19 +500,27 @@ def machine_group(directory: Path) -> int:
     return int((directory / "machine.pid").read_text())
 
 
-def environments_of(group: int) -> list[bytes]:
-    """The environment every live process of the process group started with, as /proc
-    shows it to any process of the same user."""
-    found = []
+def _live_processes() -> Iterator[tuple[Path, list[str]]]:
+    """Each live process: its /proc folder and its stat fields after the command."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            if stat[0] != "Z" and int(stat[2]) == group:
-                found.append((proc / "environ").read_bytes())
         except OSError:
             continue
+        if stat[0] != "Z":
+            yield proc, stat
+
+
+def environments_of(group: int) -> list[bytes]:
+    """The environment every live process of the process group started with, as /proc
+    shows it to any process of the same user."""
+    found = []
+    for proc, stat in _live_processes():
+        if int(stat[2]) == group:
+            with contextlib.suppress(OSError):
+                found.append((proc / "environ").read_bytes())
     return found
 
 
@@ -520,14 +528,11 @@ def processes_of(directory: Path, group: int) -> list[str]:
     """Command lines of every live process of this machine: its process group, and
     anything naming its directory."""
     found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for proc, stat in _live_processes():
         try:
-            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if stat[0] != "Z" and (int(stat[2]) == group or str(directory) in cmdline):
+        if int(stat[2]) == group or str(directory) in cmdline:
             found.append(cmdline)
     return found
