@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.gateway.conftest import (
@@ -28,13 +29,17 @@ async def agent_instance(db: AsyncEngine, owner: Owner, agent: FakeAgent):
     return instance_id
 
 
+def agent_session(gateway: GatewayServer, owner: Owner, instance_id: object) -> connect:
+    """The owner's agent channel to `instance_id`, with a bearer token."""
+    return ws_connect(
+        f"{gateway.ws_url}/api/instances/{instance_id}/cloudbot", additional_headers=owner.bearer
+    )
+
+
 async def test_text_and_binary_frames_both_ways(
     gateway: GatewayServer, owner: Owner, agent_instance
 ) -> None:
-    async with ws_connect(
-        f"{gateway.ws_url}/api/instances/{agent_instance}/cloudbot",
-        additional_headers=owner.bearer,
-    ) as ws:
+    async with agent_session(gateway, owner, agent_instance) as ws:
         await ws.send("hello agent")
         assert await ws.recv() == "hello agent"
         await ws.send(b"\x00\x01\xfe\xff")
@@ -50,10 +55,7 @@ async def test_text_and_binary_frames_both_ways(
 async def test_the_agents_close_code_reaches_the_client(
     gateway: GatewayServer, owner: Owner, agent_instance
 ) -> None:
-    async with ws_connect(
-        f"{gateway.ws_url}/api/instances/{agent_instance}/cloudbot",
-        additional_headers=owner.bearer,
-    ) as ws:
+    async with agent_session(gateway, owner, agent_instance) as ws:
         await ws.send("close 4001 agent restarting")
         with pytest.raises(ConnectionClosed):
             await ws.recv()

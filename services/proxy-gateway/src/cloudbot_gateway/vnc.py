@@ -389,8 +389,6 @@ async def relay_vnc(
         await asyncio.wait((upstream.ended, client_gone, stop), return_when=asyncio.FIRST_COMPLETED)
     finally:
         client.upstream = None
-        if client.sender is not None:
-            client.sender.stop_reading()
         upstream.close()
     if stop.done():
         ended = stop.result()

@@ -35,7 +35,8 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+
+from cloudbot_gateway.relay import Meter
 
 # At most this much is spliced from the VNC server at once, and sent as one frame.
 SPLICE_SIZE = 256 * 1024
@@ -46,10 +47,6 @@ PIPE_SIZE = 1 << 20
 POOL_SIZE = 16
 
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
-
-
-class Meter(Protocol):
-    bytes_down: int
 
 
 def _pipe() -> tuple[int, int]:
@@ -192,9 +189,6 @@ class SpliceSender:
         else:
             self._loop.remove_reader(self._upstream)
 
-    def _read_if_drained(self) -> None:
-        self._set_reading(not self._queue and not self.closed and self._started)
-
     # --- the client side ---------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
@@ -251,7 +245,7 @@ class SpliceSender:
             self._eof = False
             with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_WR)
-        self._read_if_drained()
+        self._set_reading(True)  # everything before is out: read the next chunk
 
     def _wait_writable(self, on: bool) -> None:
         if on is self._waiting or self.closed:

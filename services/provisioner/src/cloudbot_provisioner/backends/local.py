@@ -199,9 +199,7 @@ class LocalBackend:
 
     @staticmethod
     def _write_spec(directory: Path, record: dict[str, Any]) -> None:
-        tmp = directory / (MACHINE_FILE + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(directory / MACHINE_FILE)
+        write_private(directory / MACHINE_FILE, json.dumps(record, indent=2))
 
     def _list_dirs(self) -> list[str]:
         if not self._root.exists():
