@@ -26,7 +26,15 @@ from urllib.parse import urlsplit
 import httpx
 
 from bench.source import PACED_RATE
-from bench.stack import PYTHON, Stack, _children, cpu_seconds, pss_bytes_tree, rss_bytes, stack
+from bench.stack import (
+    GATEWAY_WORKERS,
+    PYTHON,
+    Stack,
+    _children,
+    cpu_seconds,
+    pss_bytes_tree,
+    stack,
+)
 from bench.wsclient import Counter, open_counter
 from cloudbot_common.settings import Settings
 
@@ -194,18 +202,18 @@ async def latency(s: Stack, load_streams: int, samples: int, mode: bytes = b"P")
 
 async def idle_memory(s: Stack, target: str, n: int) -> float:
     """Memory per idle authenticated connection, in bytes: the relay's growth with `n`
-    connections open (RSS of the gateway; PSS of websockify's process tree)."""
+    connections open (PSS of its process tree: the gateway's workers, websockify's
+    children)."""
     opener = _opener(s, target, b"")
-    measure = rss_bytes if target == "gateway" else pss_bytes_tree
     pid = _relay_pid(s, target)
     assert pid is not None
     await _close_all(await _open_many(opener, 50))  # warm up the code paths
     await asyncio.sleep(0.5)
-    before = measure(pid)
+    before = pss_bytes_tree(pid)
     counters = await _open_many(opener, n)
     try:
         await asyncio.sleep(1.0)
-        after = measure(pid)
+        after = pss_bytes_tree(pid)
     finally:
         await _close_all(counters)
         if target == "websockify":
@@ -214,7 +222,11 @@ async def idle_memory(s: Stack, target: str, n: int) -> float:
 
 
 async def run(s: Stack, plan: Plan) -> dict[str, object]:
-    figures: dict[str, object] = {"plan": asdict(plan), "cpus": os.cpu_count()}
+    figures: dict[str, object] = {
+        "plan": asdict(plan),
+        "cpus": os.cpu_count(),
+        "gateway_workers": GATEWAY_WORKERS,
+    }
     metrics = httpx.get(f"http://127.0.0.1:{s.gateway_port}/metrics", timeout=5).text
     figures["zero_copy"] = "cloudbot_gateway_zero_copy 1.0" in metrics
     # Memory first, on a fresh gateway, before anything else has grown its heap.
@@ -286,7 +298,10 @@ def report(f: dict[str, object], plan: Plan) -> str:
     ]  # fmt: skip
     width = [max(len(r[i]) for r in rows) for i in range(5)]
     relay = "splice(2)" if f["zero_copy"] else "copying (splice unavailable)"
-    lines = [f"gateway benchmark, {f['cpus']} CPUs, Python {sys.version.split()[0]}, {relay}"]
+    lines = [
+        f"gateway benchmark, {f['cpus']} CPUs, Python {sys.version.split()[0]}, "
+        f"{f['gateway_workers']} gateway workers, {relay}"
+    ]
     lines += ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(r)).rstrip() for r in rows]
     return "\n".join(lines)
 

@@ -28,10 +28,12 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from cloudbot_common.models import Instance, InstanceState, User
 from cloudbot_common.security.jwt_tokens import TokenCodec, TokenType
 from cloudbot_common.settings import Settings
+from cloudbot_gateway.workers import available_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+GATEWAY_WORKERS = available_cpus()
 
 
 def free_port() -> int:
@@ -68,13 +70,6 @@ def _children(pid: int) -> list[int]:
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 kids += [int(p) for p in (task / "children").read_text().split()]
     return kids
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def pss_bytes_tree(pid: int) -> int:
@@ -219,7 +214,13 @@ async def _drop_database(settings: Settings, database_url: str) -> None:
         await conn.close()
 
 
+def _workers_listening(port: int) -> int:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
+    return int(float(text.split("\ncloudbot_gateway_workers ", 1)[1].split()[0]))
+
+
 def _start_gateway(name: str, port: int, database_url: str, redis_url: str, **env: str) -> Proc:
+    """The gateway as run on a machine this size: one worker process per CPU."""
     gateway = start(
         name,
         [PYTHON, "-m", "cloudbot_gateway"],
@@ -229,12 +230,16 @@ def _start_gateway(name: str, port: int, database_url: str, redis_url: str, **en
             "GATEWAY_PORT": str(port),
             "GATEWAY_MAX_SESSIONS_PER_USER": "1000000",
             "GATEWAY_IDLE_TIMEOUT_SECONDS": "3600",
+            "GATEWAY_WORKERS": "0",
             "LOG_LEVEL": os.environ.get("BENCH_GATEWAY_LOG_LEVEL", "WARNING"),
             **env,
         },
     )
     _wait(
-        lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200,
+        lambda: (
+            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+            and _workers_listening(port) == GATEWAY_WORKERS
+        ),
         gateway,
     )
     return gateway

@@ -141,6 +141,9 @@ class Settings(BaseSettings):
     gateway_zero_copy: bool = True
     # On SIGTERM: stop accepting, let sessions run this long, then close them (1001).
     gateway_drain_timeout_seconds: int = 20
+    # Gateway processes sharing the port (SO_REUSEPORT), each on its own core; 0: one per
+    # CPU the container may use.
+    gateway_workers: int = Field(1, ge=0)
 
     flower_user: str = "admin"
     flower_password: SecretStr = SecretStr(DEV_FLOWER_PASSWORD)

@@ -1,10 +1,15 @@
-"""Prometheus metrics of one gateway process, served at /metrics.
+"""Prometheus metrics of the gateway, served at /metrics.
 
 Nothing here is touched per frame: relays count bytes in plain integers on their session
 and the session registry folds them into these counters on its periodic tick and at close.
+
+Under a supervisor (GATEWAY_WORKERS, see workers.py) each worker keeps its values in
+prometheus_client's multiprocess files and /metrics reports the sum over the workers.
 """
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -13,6 +18,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 
@@ -24,6 +30,7 @@ class Metrics:
             "Relay sessions open now",
             ["channel"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.sessions = Counter(
             "cloudbot_gateway_sessions",
@@ -61,7 +68,19 @@ class Metrics:
             "cloudbot_gateway_zero_copy",
             "1 when the desktop is relayed with splice(2), 0 when it is copied",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
+        self.workers = Gauge(
+            "cloudbot_gateway_workers",
+            "Gateway processes listening (more than one with GATEWAY_WORKERS)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        # What /metrics reports: this process's registry, or every worker's files.
+        self._exposed = self.registry
+        if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self._exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self._exposed, directory)  # type: ignore[no-untyped-call]
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self._exposed), CONTENT_TYPE_LATEST

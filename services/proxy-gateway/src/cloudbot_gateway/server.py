@@ -77,7 +77,9 @@ class Gateway:
         self._ws_logger.setLevel(max(logging.WARNING, logging.getLogger().level))
         self._server: Server | None = None
 
-    async def start(self, *, sock: Any = None) -> None:
+    async def start(self, *, sock: Any = None, reuse_port: bool = False) -> None:
+        """Listen on `sock`, or on the configured address (shared with the other workers of
+        the same gateway when `reuse_port`)."""
         s = self.settings
         self.engine = create_engine(s, pool_size=min(s.database_pool_size, 5))
         self.redis = Redis.from_url(
@@ -123,7 +125,9 @@ class Gateway:
             open_timeout=10,
             logger=self._ws_logger,
             backlog=4096,
+            reuse_port=reuse_port or None,
         )
+        self.metrics.workers.set(1)
         _log.info(
             "gateway listening", host=s.gateway_host, port=s.gateway_port, zero_copy=self.zero_copy
         )
@@ -133,6 +137,7 @@ class Gateway:
         self.draining = True
         assert self._server is not None
         self._server.close(close_connections=False)
+        self.metrics.workers.set(0)
         live = len(self.sessions)
         _log.info("draining", sessions=live, grace_seconds=grace_seconds)
         if live and not await self.sessions.wait_empty(grace_seconds):

@@ -1,0 +1,230 @@
+"""GATEWAY_WORKERS: several gateway processes on one port under a supervisor. Sessions
+spread over the workers, /metrics adds them up, a dead worker is replaced, SIGTERM drains
+them all, and workers never outlive their supervisor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from cloudbot_gateway.workers import available_cpus, worker_count
+from tests.gateway.conftest import (
+    FakeAgent,
+    GatewayServer,
+    Owner,
+    add_instance,
+    gateway_env,
+    scrape,
+    wait_closed,
+    ws_connect,
+)
+from tests.support.processes import (
+    PYTHON,
+    Process,
+    children,
+    free_port,
+    http_ok,
+    pid_alive,
+    running,
+    wait_for,
+)
+from tests.support.waiting import eventually
+
+WORKERS = 2
+OPEN = ("cloudbot_gateway_open_sessions", (("channel", "cloudbot"),))
+LISTENING = ("cloudbot_gateway_workers", ())
+
+
+def listeners(port: int) -> int:
+    """Sockets listening on 127.0.0.1:`port` (each worker has its own)."""
+    local = f"0100007F:{port:04X}"
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for row in rows if row.split()[1] == local and row.split()[3] == "0A")
+
+
+def sockets_of(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+@pytest.fixture
+def workers_gateway(base_env: dict[str, str]) -> Iterator[tuple[GatewayServer, Process]]:
+    port = free_port()
+    env = gateway_env(
+        base_env,
+        port,
+        GATEWAY_WORKERS=str(WORKERS),
+        GATEWAY_MAX_SESSIONS_PER_USER="100",
+        GATEWAY_DRAIN_TIMEOUT_SECONDS="1",
+    )
+    argv = [PYTHON, "-m", "cloudbot_gateway"]
+    with running(
+        "gateway-workers", argv, env, ready=http_ok(f"http://127.0.0.1:{port}/readyz")
+    ) as process:
+        wait_for(lambda: listeners(port) == WORKERS, what="every worker listening")
+        yield GatewayServer(port, process.pid), process
+
+
+async def _agent_instance(db: AsyncEngine, owner: Owner, agent: FakeAgent) -> str:
+    instance_id = await add_instance(db, owner.id, agent_port=agent.port)
+    agent.allow(instance_id)
+    return f"/api/instances/{instance_id}/cloudbot"
+
+
+async def _open(stack: AsyncExitStack, url: str, owner: Owner) -> ClientConnection:
+    ws = await stack.enter_async_context(ws_connect(url, additional_headers=owner.bearer))
+    await ws.send("hello")
+    assert await ws.recv() == "hello"
+    return ws
+
+
+async def _spread(
+    stack: AsyncExitStack, url: str, owner: Owner, workers: list[int]
+) -> list[ClientConnection]:
+    """Sessions on every worker. The kernel hashes each new connection to a worker: open
+    sessions until each holds some (the chance of 40 all landing on one is 2^-39)."""
+    before = {pid: sockets_of(pid) for pid in workers}
+    sessions: list[ClientConnection] = []
+    while len(sessions) < 40 and not all(sockets_of(p) > before[p] for p in workers):
+        sessions.append(await _open(stack, url, owner))
+    assert all(sockets_of(p) > before[p] for p in workers)
+    return sessions
+
+
+async def test_sessions_spread_over_the_workers_and_metrics_add_up(
+    workers_gateway: tuple[GatewayServer, Process],
+    db: AsyncEngine,
+    owner: Owner,
+    agent: FakeAgent,
+) -> None:
+    gateway, process = workers_gateway
+    workers = children(process.pid)
+    assert len(workers) == WORKERS
+    path = await _agent_instance(db, owner, agent)
+    async with AsyncExitStack() as stack:
+        opened = len(await _spread(stack, gateway.ws_url + path, owner, workers))
+        # Every scrape is a new connection, answered by whichever worker it lands on.
+        for _ in range(6):
+            metrics = await scrape(gateway)
+            assert (metrics[OPEN], metrics[LISTENING]) == (opened, WORKERS)
+    await eventually(lambda: _open_now(gateway, 0), what="sessions counted closed")
+
+
+async def _open_now(gateway: GatewayServer, expected: int) -> bool:
+    return (await scrape(gateway)).get(OPEN) == expected
+
+
+async def test_a_dead_worker_is_replaced_and_the_rest_carry_on(
+    workers_gateway: tuple[GatewayServer, Process],
+    db: AsyncEngine,
+    owner: Owner,
+    agent: FakeAgent,
+) -> None:
+    gateway, process = workers_gateway
+    path = await _agent_instance(db, owner, agent)
+    workers = children(process.pid)
+    victim, survivor = workers
+    async with AsyncExitStack() as stack:
+        sessions = await _spread(stack, gateway.ws_url + path, owner, workers)
+        held = sockets_of(survivor)
+        os.kill(victim, signal.SIGKILL)
+        await eventually(
+            lambda: len(children(process.pid)) == WORKERS and victim not in children(process.pid),
+            what="a new worker",
+        )
+        await eventually(lambda: listeners(gateway.port) == WORKERS, what="it listening")
+        assert (await scrape(gateway))[LISTENING] == WORKERS
+        # The victim's sessions dropped; the survivor's go on.
+        alive = []
+        for ws in sessions:
+            try:
+                await ws.send("still there?")
+                assert await ws.recv() == "still there?"
+                alive.append(ws)
+            except ConnectionClosed:
+                pass
+        assert 0 < len(alive) < len(sessions)
+        assert sockets_of(survivor) >= held
+        # The dead worker's sessions no longer count.
+        await eventually(
+            lambda: _open_now(gateway, len(alive)), what="the dead worker's sessions uncounted"
+        )
+        assert process.alive()
+        await _open(stack, gateway.ws_url + path, owner)
+
+
+async def test_sigterm_to_the_supervisor_drains_every_worker(
+    workers_gateway: tuple[GatewayServer, Process],
+    db: AsyncEngine,
+    owner: Owner,
+    agent: FakeAgent,
+) -> None:
+    gateway, process = workers_gateway
+    workers = children(process.pid)
+    path = await _agent_instance(db, owner, agent)
+    async with AsyncExitStack() as stack:
+        sessions = [await _open(stack, gateway.ws_url + path, owner) for _ in range(6)]
+        os.kill(process.pid, signal.SIGTERM)  # the supervisor alone, as `docker stop` does
+        for ws in sessions:
+            await wait_closed(ws)
+            assert ws.close_code == 1012
+    assert process.popen.wait(15) == 0
+    assert not any(pid_alive(pid) for pid in workers)
+    assert listeners(gateway.port) == 0
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(
+    workers_gateway: tuple[GatewayServer, Process],
+    db: AsyncEngine,
+    owner: Owner,
+    agent: FakeAgent,
+) -> None:
+    gateway, process = workers_gateway
+    workers = children(process.pid)
+    path = await _agent_instance(db, owner, agent)
+    async with AsyncExitStack() as stack:
+        ws = await _open(stack, gateway.ws_url + path, owner)
+        os.kill(process.pid, signal.SIGKILL)
+        await wait_closed(ws)
+        assert ws.close_code == 1012
+    await eventually(lambda: not any(pid_alive(pid) for pid in workers), what="workers gone")
+
+
+def test_a_worker_that_cannot_start_stops_the_gateway(base_env: dict[str, str]) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # no SO_REUSEPORT: not shared
+        port = taken.getsockname()[1]
+        gateway = Process(
+            "gateway-workers-taken",
+            [PYTHON, "-m", "cloudbot_gateway"],
+            gateway_env(base_env, port, GATEWAY_WORKERS=str(WORKERS)),
+        )
+        try:
+            assert gateway.popen.wait(60) == 1
+            log = gateway.log_text()
+        finally:
+            gateway.stop()
+    assert "gateway worker could not start" in log
+    assert "address already in use" in log.lower()
+
+
+def test_worker_count_follows_cpus_and_quota(tmp_path: Path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    assert available_cpus(cpu_max) == cpus  # no cgroup file
+    cpu_max.write_text("max 100000\n")
+    assert available_cpus(cpu_max) == cpus
+    cpu_max.write_text("50000 100000\n")
+    assert available_cpus(cpu_max) == 1  # half a CPU still needs one process
+    cpu_max.write_text(f"{(cpus + 4) * 100000} 100000\n")
+    assert available_cpus(cpu_max) == cpus  # never more than the CPUs it may run on
+    assert worker_count(3) == 3
+    assert worker_count(0) == available_cpus()
