@@ -9,6 +9,7 @@ import signal
 import socket
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -74,75 +75,76 @@ def workers_gateway(base_env: dict[str, str]) -> Iterator[tuple[GatewayServer, P
         yield GatewayServer(port, process.pid), process
 
 
-async def _agent_instance(db: AsyncEngine, owner: Owner, agent: FakeAgent) -> str:
+@dataclass
+class Workers:
+    """A gateway of WORKERS workers, an owner and their instance whose agent answers."""
+
+    gateway: GatewayServer
+    supervisor: Process
+    pids: list[int]  # the workers it started with
+    url: str  # the owner's agent channel
+    owner: Owner
+
+    async def open(self, stack: AsyncExitStack) -> ClientConnection:
+        ws = await stack.enter_async_context(
+            ws_connect(self.url, additional_headers=self.owner.bearer)
+        )
+        await ws.send("hello")
+        assert await ws.recv() == "hello"
+        return ws
+
+    async def spread(self, stack: AsyncExitStack) -> list[ClientConnection]:
+        """Sessions on every worker. The kernel hashes each new connection to a worker:
+        open sessions until each holds some (the chance of 40 all landing on one is 2^-39)."""
+        before = {pid: sockets_of(pid) for pid in self.pids}
+        sessions: list[ClientConnection] = []
+        while len(sessions) < 40 and not all(sockets_of(p) > before[p] for p in self.pids):
+            sessions.append(await self.open(stack))
+        assert all(sockets_of(p) > before[p] for p in self.pids)
+        return sessions
+
+    async def counted_open(self, expected: int) -> bool:
+        return (await scrape(self.gateway)).get(OPEN) == expected
+
+
+@pytest.fixture
+async def workers(
+    workers_gateway: tuple[GatewayServer, Process], db: AsyncEngine, owner: Owner, agent: FakeAgent
+) -> Workers:
+    gateway, supervisor = workers_gateway
+    pids = children(supervisor.pid)
+    assert len(pids) == WORKERS
     instance_id = await add_instance(db, owner.id, agent_port=agent.port)
     agent.allow(instance_id)
-    return f"/api/instances/{instance_id}/cloudbot"
+    url = f"{gateway.ws_url}/api/instances/{instance_id}/cloudbot"
+    return Workers(gateway, supervisor, pids, url, owner)
 
 
-async def _open(stack: AsyncExitStack, url: str, owner: Owner) -> ClientConnection:
-    ws = await stack.enter_async_context(ws_connect(url, additional_headers=owner.bearer))
-    await ws.send("hello")
-    assert await ws.recv() == "hello"
-    return ws
-
-
-async def _spread(
-    stack: AsyncExitStack, url: str, owner: Owner, workers: list[int]
-) -> list[ClientConnection]:
-    """Sessions on every worker. The kernel hashes each new connection to a worker: open
-    sessions until each holds some (the chance of 40 all landing on one is 2^-39)."""
-    before = {pid: sockets_of(pid) for pid in workers}
-    sessions: list[ClientConnection] = []
-    while len(sessions) < 40 and not all(sockets_of(p) > before[p] for p in workers):
-        sessions.append(await _open(stack, url, owner))
-    assert all(sockets_of(p) > before[p] for p in workers)
-    return sessions
-
-
-async def test_sessions_spread_over_the_workers_and_metrics_add_up(
-    workers_gateway: tuple[GatewayServer, Process],
-    db: AsyncEngine,
-    owner: Owner,
-    agent: FakeAgent,
-) -> None:
-    gateway, process = workers_gateway
-    workers = children(process.pid)
-    assert len(workers) == WORKERS
-    path = await _agent_instance(db, owner, agent)
+async def test_sessions_spread_over_the_workers_and_metrics_add_up(workers: Workers) -> None:
     async with AsyncExitStack() as stack:
-        opened = len(await _spread(stack, gateway.ws_url + path, owner, workers))
+        opened = len(await workers.spread(stack))
         # Every scrape is a new connection, answered by whichever worker it lands on.
         for _ in range(6):
-            metrics = await scrape(gateway)
+            metrics = await scrape(workers.gateway)
             assert (metrics[OPEN], metrics[LISTENING]) == (opened, WORKERS)
-    await eventually(lambda: _open_now(gateway, 0), what="sessions counted closed")
+    await eventually(lambda: workers.counted_open(0), what="sessions counted closed")
 
 
-async def _open_now(gateway: GatewayServer, expected: int) -> bool:
-    return (await scrape(gateway)).get(OPEN) == expected
-
-
-async def test_a_dead_worker_is_replaced_and_the_rest_carry_on(
-    workers_gateway: tuple[GatewayServer, Process],
-    db: AsyncEngine,
-    owner: Owner,
-    agent: FakeAgent,
-) -> None:
-    gateway, process = workers_gateway
-    path = await _agent_instance(db, owner, agent)
-    workers = children(process.pid)
-    victim, survivor = workers
+async def test_a_dead_worker_is_replaced_and_the_rest_carry_on(workers: Workers) -> None:
+    victim, survivor = workers.pids
+    supervisor = workers.supervisor
     async with AsyncExitStack() as stack:
-        sessions = await _spread(stack, gateway.ws_url + path, owner, workers)
+        sessions = await workers.spread(stack)
         held = sockets_of(survivor)
         os.kill(victim, signal.SIGKILL)
         await eventually(
-            lambda: len(children(process.pid)) == WORKERS and victim not in children(process.pid),
+            lambda: (
+                len(children(supervisor.pid)) == WORKERS and victim not in children(supervisor.pid)
+            ),
             what="a new worker",
         )
-        await eventually(lambda: listeners(gateway.port) == WORKERS, what="it listening")
-        assert (await scrape(gateway))[LISTENING] == WORKERS
+        await eventually(lambda: listeners(workers.gateway.port) == WORKERS, what="it listening")
+        assert (await scrape(workers.gateway))[LISTENING] == WORKERS
         # The victim's sessions dropped; the survivor's go on.
         alive = []
         for ws in sessions:
@@ -156,47 +158,33 @@ async def test_a_dead_worker_is_replaced_and_the_rest_carry_on(
         assert sockets_of(survivor) >= held
         # The dead worker's sessions no longer count.
         await eventually(
-            lambda: _open_now(gateway, len(alive)), what="the dead worker's sessions uncounted"
+            lambda: workers.counted_open(len(alive)), what="the dead worker's sessions uncounted"
         )
-        assert process.alive()
-        await _open(stack, gateway.ws_url + path, owner)
+        assert supervisor.alive()
+        await workers.open(stack)
 
 
-async def test_sigterm_to_the_supervisor_drains_every_worker(
-    workers_gateway: tuple[GatewayServer, Process],
-    db: AsyncEngine,
-    owner: Owner,
-    agent: FakeAgent,
-) -> None:
-    gateway, process = workers_gateway
-    workers = children(process.pid)
-    path = await _agent_instance(db, owner, agent)
+async def test_sigterm_to_the_supervisor_drains_every_worker(workers: Workers) -> None:
     async with AsyncExitStack() as stack:
-        sessions = [await _open(stack, gateway.ws_url + path, owner) for _ in range(6)]
-        os.kill(process.pid, signal.SIGTERM)  # the supervisor alone, as `docker stop` does
+        sessions = await workers.spread(stack)
+        # The supervisor alone, as `docker stop` does.
+        os.kill(workers.supervisor.pid, signal.SIGTERM)
         for ws in sessions:
             await wait_closed(ws)
             assert ws.close_code == 1012
-    assert process.popen.wait(15) == 0
-    assert not any(pid_alive(pid) for pid in workers)
-    assert listeners(gateway.port) == 0
+    assert workers.supervisor.popen.wait(15) == 0
+    assert not any(pid_alive(pid) for pid in workers.pids)
+    assert listeners(workers.gateway.port) == 0
 
 
-async def test_workers_stop_when_their_supervisor_is_killed(
-    workers_gateway: tuple[GatewayServer, Process],
-    db: AsyncEngine,
-    owner: Owner,
-    agent: FakeAgent,
-) -> None:
-    gateway, process = workers_gateway
-    workers = children(process.pid)
-    path = await _agent_instance(db, owner, agent)
+async def test_workers_stop_when_their_supervisor_is_killed(workers: Workers) -> None:
     async with AsyncExitStack() as stack:
-        ws = await _open(stack, gateway.ws_url + path, owner)
-        os.kill(process.pid, signal.SIGKILL)
-        await wait_closed(ws)
-        assert ws.close_code == 1012
-    await eventually(lambda: not any(pid_alive(pid) for pid in workers), what="workers gone")
+        sessions = await workers.spread(stack)
+        os.kill(workers.supervisor.pid, signal.SIGKILL)
+        for ws in sessions:
+            await wait_closed(ws)
+            assert ws.close_code == 1012
+    await eventually(lambda: not any(pid_alive(p) for p in workers.pids), what="workers gone")
 
 
 def test_a_worker_that_cannot_start_stops_the_gateway(base_env: dict[str, str]) -> None:
