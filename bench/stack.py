@@ -33,7 +33,9 @@ from cloudbot_gateway.workers import available_cpus
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-GATEWAY_WORKERS = available_cpus()
+# Gateway processes under test (GATEWAY_WORKERS). One by default: on a small machine the
+# client and source take about a core themselves (README, Performance).
+GATEWAY_WORKERS = int(os.environ.get("BENCH_GATEWAY_WORKERS", "1")) or available_cpus()
 
 
 def free_port() -> int:
@@ -220,7 +222,7 @@ def _workers_listening(port: int) -> int:
 
 
 def _start_gateway(name: str, port: int, database_url: str, redis_url: str, **env: str) -> Proc:
-    """The gateway as run on a machine this size: one worker process per CPU."""
+    """The gateway with GATEWAY_WORKERS processes, once every one of them listens."""
     gateway = start(
         name,
         [PYTHON, "-m", "cloudbot_gateway"],
@@ -230,7 +232,7 @@ def _start_gateway(name: str, port: int, database_url: str, redis_url: str, **en
             "GATEWAY_PORT": str(port),
             "GATEWAY_MAX_SESSIONS_PER_USER": "1000000",
             "GATEWAY_IDLE_TIMEOUT_SECONDS": "3600",
-            "GATEWAY_WORKERS": "0",
+            "GATEWAY_WORKERS": str(GATEWAY_WORKERS),
             "LOG_LEVEL": os.environ.get("BENCH_GATEWAY_LOG_LEVEL", "WARNING"),
             **env,
         },

@@ -44,7 +44,7 @@ from cloudbot_gateway.zerocopy import SpliceSender, frame_header
 # The client's socket write limit; above it we stop reading the VNC server.
 CLIENT_WRITE_LIMIT = 64 * 1024
 # At most this much is read from the VNC server at once, and sent as one frame.
-READ_SIZE = 256 * 1024
+READ_SIZE = 1024 * 1024
 
 _OPEN = State.OPEN
 _BINARY, _CONT, _TEXT = Opcode.BINARY, Opcode.CONT, Opcode.TEXT
