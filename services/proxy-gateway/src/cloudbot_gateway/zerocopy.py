@@ -117,7 +117,7 @@ INTERACTIVE_BYTES = 8 * 1024
 # A chunk at least this big is not watched while it waits in the bulk queue.
 UNWATCH_BYTES = 128 * 1024
 # The bulk queue runs in slices of about this long, and the event loop polls in between.
-SLICE_SECONDS = 0.0002
+SLICE_SECONDS = 0.0001
 _waiting_bytes = array.array("i", [0])  # FIONREAD's answer
 
 
