@@ -164,27 +164,21 @@ async def test_a_dead_worker_is_replaced_and_the_rest_carry_on(workers: Workers)
         await workers.open(stack)
 
 
-async def test_sigterm_to_the_supervisor_drains_every_worker(workers: Workers) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+async def test_every_worker_drains_when_the_supervisor_stops_or_dies(
+    workers: Workers, sig: signal.Signals
+) -> None:
     async with AsyncExitStack() as stack:
         sessions = await workers.spread(stack)
-        # The supervisor alone, as `docker stop` does.
-        os.kill(workers.supervisor.pid, signal.SIGTERM)
-        for ws in sessions:
-            await wait_closed(ws)
-            assert ws.close_code == 1012
-    assert workers.supervisor.popen.wait(15) == 0
-    assert not any(pid_alive(pid) for pid in workers.pids)
-    assert listeners(workers.gateway.port) == 0
-
-
-async def test_workers_stop_when_their_supervisor_is_killed(workers: Workers) -> None:
-    async with AsyncExitStack() as stack:
-        sessions = await workers.spread(stack)
-        os.kill(workers.supervisor.pid, signal.SIGKILL)
+        # The supervisor alone: SIGTERM as `docker stop` sends it, or killed outright.
+        os.kill(workers.supervisor.pid, sig)
         for ws in sessions:
             await wait_closed(ws)
             assert ws.close_code == 1012
     await eventually(lambda: not any(pid_alive(p) for p in workers.pids), what="workers gone")
+    assert listeners(workers.gateway.port) == 0
+    if sig == signal.SIGTERM:
+        assert workers.supervisor.popen.wait(15) == 0
 
 
 def test_a_worker_that_cannot_start_stops_the_gateway(base_env: dict[str, str]) -> None:
