@@ -145,14 +145,16 @@ class _BulkQueue:
     def _run(self) -> None:
         deadline = time.perf_counter() + SLICE_SECONDS
         waiting = self._waiting
-        while waiting:
-            waiting.popleft().relay_bulk()
-            if time.perf_counter() >= deadline:
-                break
-        if waiting:  # after the loop has polled again
-            asyncio.get_running_loop().call_soon(self._run)
-        else:
-            self._scheduled = False
+        try:
+            while waiting:
+                waiting.popleft().relay_bulk()
+                if time.perf_counter() >= deadline:
+                    break
+        finally:  # (an error in one session must not stall the others)
+            if waiting:  # after the loop has polled again
+                asyncio.get_running_loop().call_soon(self._run)
+            else:
+                self._scheduled = False
 
 
 _bulk = _BulkQueue()
