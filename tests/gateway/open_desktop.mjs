@@ -1,7 +1,10 @@
-// Drives Debian's Chromium through the desktop page as a person would: log in, open the
-// machine's desktop, wait for noVNC to connect and for the canvas to show the desktop.
-// Prints one JSON line: the share of red pixels on the canvas.
-// Environment: PLAYWRIGHT_CORE (its index.mjs), API_URL, EMAIL, PASSWORD, INSTANCE_ID.
+// Drives Debian's Chromium through the desktop page as a person would: log in, wait
+// IDLE_MS (long enough for the access token to expire), open the machine's desktop, wait
+// for noVNC to connect and for the canvas to show the desktop. Prints one JSON line: the
+// share of red pixels on the canvas, the page's status line, and how many times the
+// page refreshed its tokens.
+// Environment: PLAYWRIGHT_CORE (its index.mjs), API_URL, EMAIL, PASSWORD, INSTANCE_ID,
+// IDLE_MS.
 import { pathToFileURL } from "node:url";
 
 const env = process.env;
@@ -16,10 +19,16 @@ const browser = await chromium.launch({
 });
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  let refreshes = 0;
+  page.on("request", (request) => {
+    if (new URL(request.url()).pathname === "/api/auth/refresh") refreshes += 1;
+  });
   await page.goto(`${env.API_URL}/app/`);
   await page.fill("input[name=email]", env.EMAIL);
   await page.fill("input[name=password]", env.PASSWORD);
   await page.click("#login button[type=submit]");
+  await page.waitForSelector(`button[data-instance="${env.INSTANCE_ID}"]`, { timeout: 15000 });
+  await page.waitForTimeout(Number(env.IDLE_MS || 0));
   await page.click(`button[data-instance="${env.INSTANCE_ID}"]`, { timeout: 15000 });
   await page.waitForSelector("body[data-desktop=connected]", { timeout: 20000 });
   // The framebuffer arrives after the connect event: wait until the canvas shows it.
@@ -34,7 +43,11 @@ try {
     const share = red / (data.length / 4);
     return share > 0.5 ? share : false;
   }, null, { timeout: 20000 });
-  console.log(JSON.stringify({ red: await red.jsonValue(), status: await page.textContent("#desktop .status") }));
+  console.log(JSON.stringify({
+    red: await red.jsonValue(),
+    status: await page.textContent("#desktop .status"),
+    refreshes,
+  }));
 } finally {
   await browser.close();
 }

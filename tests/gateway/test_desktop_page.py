@@ -1,6 +1,7 @@
 """The desktop page in a real browser: Debian's Chromium, driven by playwright-core, logs
-in on the page the API serves, opens a machine's desktop, and noVNC shows it, through the
-gateway with a single-use ticket."""
+in on the page the API serves, opens a machine's desktop after its access token has
+expired (the page refreshes it), and noVNC shows it, through the gateway with a
+single-use ticket."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cloudbot_common.security.jwt_tokens import LEEWAY_SECONDS
 from tests.conftest import make_user
 from tests.gateway.conftest import Desktop, add_instance, gateway_env
 from tests.support.processes import PYTHON, free_port, http_ok, running
@@ -23,6 +25,9 @@ from tests.support.processes import PYTHON, free_port, http_ok, running
 ROOT = Path(__file__).resolve().parents[2]
 PLAYWRIGHT = ROOT / "web" / "node_modules" / "playwright-core" / "index.mjs"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Access tokens of the page's API live this long, plus the leeway of their check.
+ACCESS_TTL_SECONDS = 1
+EXPIRED_AFTER_MS = (ACCESS_TTL_SECONDS + LEEWAY_SECONDS + 1) * 1000
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,7 @@ def site(base_env: dict[str, str]) -> Iterator[str]:
         running(
             "api-for-page",
             [PYTHON, "-m", "cloudbot_api"],
-            {**env, "API_PORT": str(api_port)},
+            {**env, "API_PORT": str(api_port), "ACCESS_TOKEN_TTL_SECONDS": str(ACCESS_TTL_SECONDS)},
             ready=http_ok(f"{api_url}/healthz"),
         ),
     ):
@@ -70,7 +75,7 @@ async def test_the_page_is_served(site: str) -> None:
         assert "export default class RFB" in rfb.text
 
 
-async def test_a_person_opens_their_desktop_in_a_browser(
+async def test_a_person_opens_their_desktop_in_a_browser_after_their_token_expired(
     site: str, desktop: Desktop, db: AsyncEngine
 ) -> None:
     if not Path(CHROMIUM).exists():
@@ -90,6 +95,7 @@ async def test_a_person_opens_their_desktop_in_a_browser(
             "EMAIL": user.email,
             "PASSWORD": user.password,
             "INSTANCE_ID": str(instance_id),
+            "IDLE_MS": str(EXPIRED_AFTER_MS),
         },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -100,3 +106,5 @@ async def test_a_person_opens_their_desktop_in_a_browser(
     result = json.loads(out.decode().strip().splitlines()[-1])
     assert result["red"] > 0.9, "the canvas shows the desktop's red background"
     assert result["status"].endswith(": connected")
+    # The ticket request met an expired token: one refresh, then it went through.
+    assert result["refreshes"] == 1

@@ -1,22 +1,52 @@
 // The CloudBot desktop page: log in, pick a running machine, watch and drive its desktop.
-// The access token lives in this page's memory only; the desktop connection uses a
-// single-use ticket from the API, so no long-lived credential is ever put in a URL.
+// The tokens live in this page's memory only; the desktop connection uses a single-use
+// ticket from the API, so no long-lived credential is ever put in a URL. An expired
+// access token is traded for a new pair with the refresh token, once, when the API
+// answers 401.
 import RFB from "./novnc/core/rfb.js";
 
 const $ = (selector) => document.querySelector(selector);
-let accessToken = null;
+let tokens = null; // { access_token, refresh_token } while logged in
+let refreshing = null; // the refresh under way, shared by every request that needs it
 let rfb = null;
 
-async function api(method, path, body) {
+async function request(method, path, body) {
   const response = await fetch(path, {
     method,
     headers: {
       ...(body ? { "Content-Type": "application/json" } : {}),
-      ...(accessToken ? { Authorization: `Bearer ${accessToken}` } : {}),
+      ...(tokens ? { Authorization: `Bearer ${tokens.access_token}` } : {}),
     },
     body: body ? JSON.stringify(body) : undefined,
   });
   const data = response.status === 204 ? null : await response.json();
+  return { response, data };
+}
+
+function refresh(used) {
+  refreshing ??= request("POST", "/api/auth/refresh", { refresh_token: used.refresh_token })
+    .then(({ response, data }) => {
+      // A refresh token works once: a second try with it would end the login session.
+      tokens = response.ok && tokens === used ? data : null;
+      return tokens !== null;
+    })
+    .catch(() => false)
+    .finally(() => {
+      refreshing = null;
+    });
+  return refreshing;
+}
+
+async function api(method, path, body) {
+  const used = tokens;
+  let { response, data } = await request(method, path, body);
+  if (response.status === 401 && used && !path.startsWith("/api/auth/")) {
+    if (!(await refresh(used))) {
+      loggedOut("Your session has ended: log in again.");
+      throw new Error("Your session has ended: log in again.");
+    }
+    ({ response, data } = await request(method, path, body));
+  }
   if (!response.ok) {
     // Every error is a problem document (RFC 9457): say its detail, or its title.
     throw new Error(data?.detail || data?.title || `HTTP ${response.status}`);
@@ -88,11 +118,10 @@ $("#login").addEventListener("submit", async (event) => {
   event.preventDefault();
   const form = new FormData(event.target);
   try {
-    const tokens = await api("POST", "/api/auth/login", {
+    tokens = await api("POST", "/api/auth/login", {
       email: form.get("email"),
       password: form.get("password"),
     });
-    accessToken = tokens.access_token;
     event.target.reset();
     $("#login .error").textContent = "";
     $("#who").textContent = (await api("GET", "/api/auth/me")).email;
@@ -107,10 +136,15 @@ $("#back").addEventListener("click", () => {
   listInstances().catch(fail("#instances"));
 });
 
-$("#logout").addEventListener("click", async () => {
+function loggedOut(message) {
   closeDesktop();
-  await api("POST", "/api/auth/logout").catch(() => {});
-  accessToken = null;
+  tokens = null;
   $("#who").textContent = "";
+  $("#login .error").textContent = message;
   show("#login");
+}
+
+$("#logout").addEventListener("click", async () => {
+  await api("POST", "/api/auth/logout").catch(() => {});
+  loggedOut("");
 });

@@ -13,6 +13,8 @@ import jwt
 from cloudbot_common.settings import Settings
 
 ALGORITHM = "HS256"
+# Clock skew between replicas that an expiry check forgives.
+LEEWAY_SECONDS = 5
 _REQUIRED = ["exp", "iat", "iss", "aud", "sub", "jti", "typ", "sid"]
 
 
@@ -101,7 +103,7 @@ class TokenCodec:
                 audience=self._settings.jwt_audience,
                 issuer=self._settings.jwt_issuer,
                 options={"require": _REQUIRED},
-                leeway=5,
+                leeway=LEEWAY_SECONDS,
             )
         except jwt.ExpiredSignatureError as exc:
             raise TokenError("token expired") from exc
