@@ -1,10 +1,11 @@
 // Drives Debian's Chromium through the desktop page as a person would: log in, wait
 // IDLE_MS (long enough for the access token to expire), open the machine's desktop, wait
-// for noVNC to connect and for the canvas to show the desktop. Prints one JSON line: the
-// share of red pixels on the canvas, the page's status line, and how many times the
-// page refreshed its tokens.
+// for noVNC to connect and for the canvas to show the desktop, then say SAY to the
+// machine's agent. Prints one JSON line: the share of red pixels on the canvas, the
+// page's status line, how many times the page refreshed its tokens, and what the agent
+// said.
 // Environment: PLAYWRIGHT_CORE (its index.mjs), API_URL, EMAIL, PASSWORD, INSTANCE_ID,
-// IDLE_MS.
+// IDLE_MS, SAY.
 import { pathToFileURL } from "node:url";
 
 const env = process.env;
@@ -43,10 +44,18 @@ try {
     const share = red / (data.length / 4);
     return share > 0.5 ? share : false;
   }, null, { timeout: 20000 });
+  // Talk to the machine's agent beside the desktop: what it answers shows in the list.
+  await page.waitForSelector("body[data-agent=connected]", { timeout: 20000 });
+  await page.fill("#agent input[name=message]", env.SAY);
+  await page.click("#agent button[type=submit]");
+  await page.waitForSelector("#agent .messages li:not(.mine)", { timeout: 20000 });
+  const agentSaid = await page.$$eval("#agent .messages li:not(.mine)", (items) =>
+    items.map((item) => item.textContent));
   console.log(JSON.stringify({
     red: await red.jsonValue(),
     status: await page.textContent("#desktop .status"),
     refreshes,
+    agentSaid,
   }));
 } finally {
   await browser.close();

@@ -1,7 +1,7 @@
 """The desktop page in a real browser: Debian's Chromium, driven by playwright-core, logs
 in on the page the API serves, opens a machine's desktop after its access token has
-expired (the page refreshes it), and noVNC shows it, through the gateway with a
-single-use ticket."""
+expired (the page refreshes it), noVNC shows it, and the person talks to the machine's
+agent beside it, both through the gateway with single-use tickets."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cloudbot_common.security.jwt_tokens import LEEWAY_SECONDS
 from tests.conftest import make_user
-from tests.gateway.conftest import Desktop, add_instance, gateway_env
+from tests.gateway.conftest import Desktop, FakeAgent, add_instance, gateway_env
 from tests.support.processes import PYTHON, free_port, http_ok, running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,14 +76,18 @@ async def test_the_page_is_served(site: str) -> None:
 
 
 async def test_a_person_opens_their_desktop_in_a_browser_after_their_token_expired(
-    site: str, desktop: Desktop, db: AsyncEngine
+    site: str, desktop: Desktop, agent: FakeAgent, db: AsyncEngine
 ) -> None:
     if not Path(CHROMIUM).exists():
         pytest.fail("Chromium is missing: apt-get install chromium fonts-dejavu-core")
     async with httpx.AsyncClient(base_url=site) as http:
         user = await make_user(http)
         me = (await http.get("/api/auth/me", headers=user.headers)).json()
-    instance_id = await add_instance(db, uuid.UUID(me["id"]), vnc_port=desktop.vnc_port)
+    instance_id = await add_instance(
+        db, uuid.UUID(me["id"]), vnc_port=desktop.vnc_port, agent_port=agent.port
+    )
+    agent.allow(instance_id)
+    said = f"hello, agent {uuid.uuid4().hex[:8]}"
     driver = await asyncio.create_subprocess_exec(
         "node",
         str(Path(__file__).with_name("open_desktop.mjs")),
@@ -96,6 +100,7 @@ async def test_a_person_opens_their_desktop_in_a_browser_after_their_token_expir
             "PASSWORD": user.password,
             "INSTANCE_ID": str(instance_id),
             "IDLE_MS": str(EXPIRED_AFTER_MS),
+            "SAY": said,
         },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -108,3 +113,5 @@ async def test_a_person_opens_their_desktop_in_a_browser_after_their_token_expir
     assert result["status"].endswith(": connected")
     # The ticket request met an expired token: one refresh, then it went through.
     assert result["refreshes"] == 1
+    # The agent beside the desktop (this one echoes) got the message and answered it.
+    assert result["agentSaid"] == [said]

@@ -9,6 +9,7 @@ const $ = (selector) => document.querySelector(selector);
 let tokens = null; // { access_token, refresh_token } while logged in
 let refreshing = null; // the refresh under way, shared by every request that needs it
 let rfb = null;
+let agent = null; // the WebSocket to the machine's agent, while the desktop is open
 
 async function request(method, path, body) {
   const response = await fetch(path, {
@@ -99,6 +100,51 @@ async function openDesktop(instance) {
     status.textContent = `${instance.name}: ${event.detail.clean ? "closed" : "connection lost"}`;
     document.body.dataset.desktop = "closed";
   });
+  openAgent(instance).catch((error) => {
+    $("#agent .status").textContent = error.message;
+  });
+}
+
+function say(text, mine) {
+  const line = Object.assign(document.createElement("li"), { textContent: text });
+  if (mine) line.className = "mine";
+  const messages = $("#agent .messages");
+  messages.append(line);
+  messages.scrollTop = messages.scrollHeight;
+}
+
+// The agent channel: text frames both ways, through the gateway with its own ticket.
+async function openAgent(instance) {
+  $("#agent .messages").replaceChildren();
+  const status = $("#agent .status");
+  status.textContent = "connecting...";
+  const { url } = await api("POST", `/api/instances/${instance.id}/tickets`, {
+    channel: "cloudbot",
+  });
+  if (!rfb) return; // the desktop was closed meanwhile
+  const socket = new WebSocket(url);
+  agent = socket;
+  socket.addEventListener("open", () => {
+    status.textContent = "connected";
+    document.body.dataset.agent = "connected";
+  });
+  socket.addEventListener("message", (event) => {
+    if (typeof event.data !== "string") return;
+    let text = event.data;
+    try {
+      const message = JSON.parse(text);
+      if (message.type === "hello") text = `${message.agent} ${message.version} is here.`;
+    } catch {
+      // not JSON: shown as it is
+    }
+    say(text, false);
+  });
+  socket.addEventListener("close", (event) => {
+    if (agent === socket) {
+      status.textContent = event.reason || "closed";
+      document.body.dataset.agent = "closed";
+    }
+  });
 }
 
 function closeDesktop() {
@@ -106,7 +152,21 @@ function closeDesktop() {
     rfb.disconnect();
     rfb = null;
   }
+  if (agent) {
+    const socket = agent;
+    agent = null;
+    socket.close();
+  }
 }
+
+$("#agent").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = event.target.elements.message;
+  if (agent?.readyState !== WebSocket.OPEN) return;
+  agent.send(input.value);
+  say(input.value, true);
+  input.value = "";
+});
 
 function fail(section) {
   return (error) => {
