@@ -107,12 +107,16 @@ class Supervisor:
         while not self._stopping.is_set():
             lifeline, held = os.pipe()  # see watch_supervisor
             try:
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "cloudbot_gateway", WORKER_FLAG, str(lifeline),
-                    env=env, pass_fds=(lifeline,),
-                )  # fmt: skip
-                os.close(lifeline)
+                try:
+                    process = await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "cloudbot_gateway", WORKER_FLAG, str(lifeline),
+                        env=env, pass_fds=(lifeline,),
+                    )  # fmt: skip
+                finally:
+                    os.close(lifeline)
                 self._workers[slot] = process
+                if self._stopping.is_set():  # asked while it was starting
+                    process.send_signal(signal.SIGTERM)
                 code = await process.wait()
                 del self._workers[slot]
             finally:
