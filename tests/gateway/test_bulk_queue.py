@@ -26,10 +26,17 @@ async def _drained(queue: zerocopy._BulkQueue) -> None:
             await asyncio.sleep(0)
 
 
-async def test_oldest_first_and_the_loop_runs_between_slices(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("slice_seconds", "order"),
+    [
+        (0.0, ["a", "other", "b", "c"]),  # a chunk per slice: the loop runs in between
+        (60.0, ["a", "b", "c", "other"]),  # one slice takes them all
+    ],
+)
+async def test_oldest_first_in_slices_with_the_loop_running_between(
+    monkeypatch: pytest.MonkeyPatch, slice_seconds: float, order: list[str]
 ) -> None:
-    monkeypatch.setattr(zerocopy, "SLICE_SECONDS", 0.0)  # one chunk per slice
+    monkeypatch.setattr(zerocopy, "SLICE_SECONDS", slice_seconds)
     queue = zerocopy._BulkQueue()
     log: list[str] = []
     for name in ("a", "b", "c"):
@@ -37,18 +44,7 @@ async def test_oldest_first_and_the_loop_runs_between_slices(
     # Something the loop has to do meanwhile (in the gateway: a small message to relay).
     asyncio.get_running_loop().call_soon(log.append, "other")
     await _drained(queue)
-    assert log == ["a", "other", "b", "c"]
-
-
-async def test_a_whole_slice_runs_without_yielding(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(zerocopy, "SLICE_SECONDS", 60.0)
-    queue = zerocopy._BulkQueue()
-    log: list[str] = []
-    for name in ("a", "b", "c"):
-        queue.add(Recorder(name, log))  # type: ignore[arg-type]
-    asyncio.get_running_loop().call_soon(log.append, "other")
-    await _drained(queue)
-    assert log == ["a", "b", "c", "other"]
+    assert log == order
 
 
 async def test_a_failing_session_does_not_stall_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
