@@ -31,7 +31,7 @@ from bench.stack import (
     GATEWAY_WORKERS,
     PYTHON,
     Stack,
-    _children,
+    children,
     cpu_seconds,
     pss_bytes_tree,
     stack,
@@ -111,7 +111,7 @@ def _relay_pid(s: Stack, target: str) -> int | None:
 async def _settle_websockify(s: Stack) -> None:
     # websockify forks per connection; let the last ones exit and be reaped.
     deadline = time.monotonic() + 15
-    while _children(s.websockify.pid) and time.monotonic() < deadline:
+    while children(s.websockify.pid) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
 
 

@@ -60,12 +60,13 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     # utime, stime, cutime, cstime are fields 14-17 of stat, 12-15 after the command.
     total = sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
-    for child in _children(pid):
+    for child in children(pid):
         total += cpu_seconds(child)
     return total
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (none once it is gone); the tests use it too."""
     kids: list[int] = []
     with contextlib.suppress(FileNotFoundError, ProcessLookupError):
         for task in Path(f"/proc/{pid}/task").iterdir():
@@ -83,7 +84,7 @@ def pss_bytes_tree(pid: int) -> int:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
                 total += int(line.split()[1]) * 1024
-    return total + sum(pss_bytes_tree(c) for c in _children(pid))
+    return total + sum(pss_bytes_tree(c) for c in children(pid))
 
 
 # --- processes -----------------------------------------------------------------------

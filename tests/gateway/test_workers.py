@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from bench.stack import children
 from cloudbot_gateway.workers import available_cpus, worker_count
 from tests.gateway.conftest import (
     FakeAgent,
@@ -31,7 +32,6 @@ from tests.gateway.conftest import (
 from tests.support.processes import (
     PYTHON,
     Process,
-    children,
     free_port,
     http_ok,
     pid_alive,

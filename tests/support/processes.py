@@ -122,16 +122,6 @@ def _raise_dead(proc: Process) -> bool:
 PYTHON = sys.executable
 
 
-def children(pid: int) -> list[int]:
-    """The live child processes of `pid` (none once it is gone)."""
-    kids: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                kids += [int(p) for p in (task / "children").read_text().split()]
-    return kids
-
-
 def pid_alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie, dead but not reaped, does not)."""
     try:

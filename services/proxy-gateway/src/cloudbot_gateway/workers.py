@@ -60,7 +60,6 @@ def worker_count(setting: int) -> int:
 class WorkerFailed(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(f"a gateway worker failed to start (exit code {code})")
-        self.code = code
 
 
 class Supervisor:
