@@ -23,6 +23,9 @@ from tests.support.processes import LOG_DIR, PYTHON, free_port, http_ok, running
 
 PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+# First Redis db the run uses (one per xdist worker from there), so that two runs on one
+# machine can keep apart.
+REDIS_FIRST_DB = int(os.environ.get("TEST_REDIS_DB", "8"))
 
 
 def _worker_index() -> int:
@@ -72,7 +75,7 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    url = f"{REDIS_BASE}/{8 + _worker_index()}"
+    url = f"{REDIS_BASE}/{REDIS_FIRST_DB + _worker_index()}"
 
     async def flush() -> None:
         r = Redis.from_url(url)
