@@ -33,7 +33,7 @@ def test_user_data_ships_the_agent_verbatim():
     heredoc = re.search(r"<<'AGENT'[^\n]*\n(.*?)\nAGENT\n", script, re.DOTALL)
     assert heredoc is not None
     shipped = gzip.decompress(base64.b64decode(heredoc.group(1).replace("\n", "")))
-    source = resources.files("cloudbot_provisioner").joinpath("agent.py").read_bytes()
+    source = resources.files("cloudbot_provisioner.machine").joinpath("agent.py").read_bytes()
     assert shipped == source
 
 

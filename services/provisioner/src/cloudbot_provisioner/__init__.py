@@ -7,10 +7,10 @@
     instances/guard.py          one handler per instance at a time (Postgres advisory lock)
     outbox_relay.py             republishes outbox commands nobody picked up
     reconciler.py               makes Postgres and the backend agree again
-    backends/                   where machines run: ec2.py (aiobotocore), local.py with
-                                local_machine.py (LOCAL_DEV_MODE desktops), user_data.py
-    agent.py                    the agent every machine runs (shipped in the user data)
-    templates/user_data.sh      the EC2 boot script
+    backends/                   where machines run: ec2.py (aiobotocore), local.py
+                                (LOCAL_DEV_MODE desktops), user_data.py (renders the boot script)
+    machine/                    what runs on the machine itself, never in the worker:
+                                agent.py, local_machine.py (a local desktop's init), user_data.sh
 
 Run: `celery -A cloudbot_provisioner.worker worker -Q provisioning` and, exactly once per
 deployment, `celery -A cloudbot_provisioner.worker beat`.

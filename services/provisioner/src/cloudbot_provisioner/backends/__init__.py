@@ -1,7 +1,7 @@
 """Where machines run: EC2, or local desktop sandboxes in LOCAL_DEV_MODE.
 
-Kept free of imports at package level: `local_machine` runs as its own small process and
-must not pay for aiobotocore.
+Kept free of imports at package level: a backend pulls in only what it drives (the local
+backend must not pay for aiobotocore).
 """
 
 from __future__ import annotations

@@ -29,10 +29,10 @@ from typing import Any
 from cloudbot_common import instance_contract as contract
 from cloudbot_common.security.opaque import agent_credential
 from cloudbot_common.settings import Settings
-from cloudbot_provisioner.agent import write_private
 from cloudbot_provisioner.backends.base import LaunchSpec, Machine, MachineState
-from cloudbot_provisioner.backends.local_machine import MACHINE_FILE, PID_FILE, SECRETS_FILE
 from cloudbot_provisioner.errors import PermanentError, TransientError
+from cloudbot_provisioner.machine.agent import write_private
+from cloudbot_provisioner.machine.local_machine import MACHINE_FILE, PID_FILE, SECRETS_FILE
 
 HOST = "127.0.0.1"
 _ID_PREFIX = "local-"
@@ -88,7 +88,7 @@ def _is_machine_process(pid: int, directory: Path) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"cloudbot_provisioner.backends.local_machine" in cmdline and any(
+    return b"cloudbot_provisioner.machine.local_machine" in cmdline and any(
         arg.decode(errors="replace") == str(directory) for arg in cmdline
     )
 
@@ -288,7 +288,7 @@ class LocalBackend:
                 [
                     sys.executable,
                     "-m",
-                    "cloudbot_provisioner.backends.local_machine",
+                    "cloudbot_provisioner.machine.local_machine",
                     "--daemon",
                     str(directory),
                 ],

@@ -1,4 +1,4 @@
-"""EC2 user data: the package's `templates/user_data.sh` with this machine's values."""
+"""EC2 user data: the boot script `machine/user_data.sh` with this machine's values."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ MAX_USER_DATA_BYTES = 16 * 1024
 
 @cache
 def _template() -> str:
-    return resources.files("cloudbot_provisioner").joinpath("templates/user_data.sh").read_text()
+    return resources.files("cloudbot_provisioner.machine").joinpath("user_data.sh").read_text()
 
 
 @cache
 def _agent_source() -> str:
     """The agent file, gzipped and base64-encoded in 76-column lines for a heredoc."""
-    source = resources.files("cloudbot_provisioner").joinpath("agent.py").read_bytes()
+    source = resources.files("cloudbot_provisioner.machine").joinpath("agent.py").read_bytes()
     packed = base64.b64encode(gzip.compress(source, mtime=0)).decode()
     return "\n".join(packed[i : i + 76] for i in range(0, len(packed), 76))
 

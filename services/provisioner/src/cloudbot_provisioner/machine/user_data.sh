@@ -32,7 +32,7 @@ printf '%s' __BOOTSTRAP_TOKEN__ > /var/lib/cloudbot/bootstrap-token
 chown cloudbot:cloudbot /var/lib/cloudbot/bootstrap-token
 chmod 0600 /var/lib/cloudbot/bootstrap-token
 
-# The CloudBot agent (the provisioner's cloudbot_provisioner/agent.py, gzip + base64).
+# The CloudBot agent (the provisioner's cloudbot_provisioner/machine/agent.py, gzip + base64).
 base64 -d <<'AGENT' | gunzip > /opt/cloudbot/agent.py
 __AGENT_SOURCE__
 AGENT

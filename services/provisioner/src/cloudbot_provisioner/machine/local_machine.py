@@ -1,13 +1,13 @@
 """One local sandbox machine: its init process, which runs the desktop and the agent.
 
-`python -m cloudbot_provisioner.backends.local_machine --daemon <dir>` detaches (own
+`python -m cloudbot_provisioner.machine.local_machine --daemon <dir>` detaches (own
 session, so it outlives the provisioner that started it), records its pid in
 `<dir>/machine.pid` and supervises, in its own process group:
 
 - Xvfb on a display of its own choosing (`-displayfd`), with a coloured root window,
 - an xterm titled with the instance's name and id, so a person recognises the screen,
 - x11vnc on the machine's VNC port, on 127.0.0.1 (where the gateway reaches it),
-- the CloudBot agent (`cloudbot_provisioner.agent`) on the machine's agent port.
+- the CloudBot agent (`cloudbot_provisioner.machine.agent`) on the machine's agent port.
 
 A child that dies is started again, as an init system would. SIGTERM stops them all;
 the directory (the machine's disk) stays. Tokens arrive in a private file (0600), read and
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from cloudbot_provisioner.agent import write_private
+from cloudbot_provisioner.machine.agent import write_private
 
 MACHINE_FILE = "machine.json"
 PID_FILE = "machine.pid"
@@ -188,7 +188,7 @@ class Sandbox:
         if self._bootstrap_token and not (state / "agent.json").exists():
             write_private(state / "bootstrap_token", self._bootstrap_token)  # the agent deletes it
             env["CLOUDBOT_BOOTSTRAP_TOKEN_FILE"] = str(state / "bootstrap_token")
-        self._spawn("agent", [sys.executable, "-m", "cloudbot_provisioner.agent"], env)
+        self._spawn("agent", [sys.executable, "-m", "cloudbot_provisioner.machine.agent"], env)
 
     def start_all(self) -> None:
         self.start_display()
