@@ -11,7 +11,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from redis.asyncio import Redis
 
 from cloudbot_api.errors import ProblemError
 from cloudbot_api.resources import Resources
@@ -33,12 +32,7 @@ def get_settings(resources: ResourcesDep) -> Settings:
     return resources.settings
 
 
-def get_redis(resources: ResourcesDep) -> Redis:
-    return resources.redis
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-RedisDep = Annotated[Redis, Depends(get_redis)]
 
 
 async def get_uow(resources: ResourcesDep) -> AsyncIterator[UnitOfWork]:
@@ -47,7 +41,7 @@ async def get_uow(resources: ResourcesDep) -> AsyncIterator[UnitOfWork]:
         try:
             yield uow
         except BaseException:
-            await session.rollback()
+            await uow.fail()
             raise
         await uow.commit()
 

@@ -17,11 +17,17 @@ class UnitOfWork:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
         self._after_commit: list[AfterCommit] = []
+        self._keep_on_error = False
 
     def after_commit(self, action: AfterCommit) -> None:
         """Run `action` once the transaction has committed. Its failure is logged, not
         raised: what it does must be recoverable from what was committed (the outbox)."""
         self._after_commit.append(action)
+
+    def keep_on_error(self) -> None:
+        """Commit what was written so far even if the request then fails: for a change
+        that must stick although the answer is an error."""
+        self._keep_on_error = True
 
     async def commit(self) -> None:
         await self.session.commit()
@@ -31,3 +37,15 @@ class UnitOfWork:
                 await action()
             except Exception:
                 log.warning("after-commit action failed; it will be retried", exc_info=True)
+
+    async def fail(self) -> None:
+        """The request failed: roll back, unless the service asked to keep its changes."""
+        if self._keep_on_error:
+            try:
+                await self.commit()
+            except Exception:
+                log.warning("could not keep the failed request's changes", exc_info=True)
+            else:
+                return
+        self._after_commit = []
+        await self.session.rollback()

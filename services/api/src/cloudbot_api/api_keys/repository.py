@@ -4,15 +4,12 @@ import uuid
 from collections.abc import Sequence
 
 from sqlalchemy import delete, select
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from cloudbot_api.repository import Repository
 from cloudbot_common.models import ApiKey
 
 
-class ApiKeyRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class ApiKeyRepository(Repository):
     async def list_for_user(self, user_id: uuid.UUID) -> Sequence[ApiKey]:
         result = await self.session.scalars(
             select(ApiKey).where(ApiKey.user_id == user_id).order_by(ApiKey.provider)
@@ -24,10 +21,6 @@ class ApiKeyRepository:
             select(ApiKey).where(ApiKey.user_id == user_id, ApiKey.provider == provider)
         )
         return result.one_or_none()
-
-    async def add(self, key: ApiKey) -> None:
-        self.session.add(key)
-        await self.session.flush()
 
     async def delete(self, user_id: uuid.UUID, provider: str) -> bool:
         result = await self.session.execute(

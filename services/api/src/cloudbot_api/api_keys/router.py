@@ -4,7 +4,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response, status
 
-from cloudbot_api.api_keys.repository import ApiKeyRepository
 from cloudbot_api.api_keys.schemas import ApiKeyCreate, ApiKeyOut, ApiKeyReplace
 from cloudbot_api.api_keys.service import ApiKeyService
 from cloudbot_api.deps import CurrentPrincipal, ResourcesDep, UowDep
@@ -15,7 +14,7 @@ router = APIRouter(prefix="/user/api-keys", tags=["api keys"])
 
 
 def get_service(uow: UowDep, resources: ResourcesDep) -> ApiKeyService:
-    return ApiKeyService(ApiKeyRepository(uow.session), resources.vault)
+    return ApiKeyService(uow, vault=resources.vault)
 
 
 ServiceDep = Annotated[ApiKeyService, Depends(get_service)]

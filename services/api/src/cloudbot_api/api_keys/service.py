@@ -5,10 +5,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy.exc import IntegrityError
-
 from cloudbot_api.api_keys.repository import ApiKeyRepository
 from cloudbot_api.errors import ProblemError
+from cloudbot_api.unit_of_work import UnitOfWork
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import ApiKey
 from cloudbot_common.providers import Provider
@@ -29,8 +28,8 @@ def _not_found(provider: Provider) -> ProblemError:
 
 
 class ApiKeyService:
-    def __init__(self, repo: ApiKeyRepository, vault: Vault) -> None:
-        self.repo = repo
+    def __init__(self, uow: UnitOfWork, *, vault: Vault) -> None:
+        self.repo = ApiKeyRepository(uow.session)
         self.vault = vault
 
     async def list(self, user_id: uuid.UUID) -> Sequence[ApiKey]:
@@ -46,11 +45,8 @@ class ApiKeyService:
             ciphertext=self.vault.encrypt(user_id, provider.value, key),
             hint=mask(key),
         )
-        try:
-            async with self.repo.session.begin_nested():
-                await self.repo.add(row)
-        except IntegrityError as exc:
-            raise self._exists(provider) from exc
+        if not await self.repo.add_unless_taken(row):  # a concurrent create won the race
+            raise self._exists(provider)
         log.info("api key stored", user_id=str(user_id), provider=provider.value)
         return row
 
@@ -61,8 +57,7 @@ class ApiKeyService:
             return await self.create(user_id, provider, key)
         row.ciphertext = self.vault.encrypt(user_id, provider.value, key)
         row.hint = mask(key)
-        await self.repo.session.flush()
-        await self.repo.session.refresh(row)
+        await self.repo.save(row)
         log.info("api key replaced", user_id=str(user_id), provider=provider.value)
         return row
 

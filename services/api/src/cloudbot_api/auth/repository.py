@@ -4,25 +4,18 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from cloudbot_api.repository import Repository
 from cloudbot_common.models import LoginSession, RefreshToken, User
 
 
-class AuthRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class AuthRepository(Repository):
     async def user_by_email(self, email: str) -> User | None:
         result = await self.session.scalars(select(User).where(User.email == email))
         return result.one_or_none()
 
     async def user_by_id(self, user_id: uuid.UUID) -> User | None:
         return await self.session.get(User, user_id)
-
-    async def add(self, obj: User | LoginSession | RefreshToken) -> None:
-        self.session.add(obj)
-        await self.session.flush()
 
     async def refresh_token_for_update(self, jti: uuid.UUID) -> RefreshToken | None:
         result = await self.session.scalars(

@@ -12,15 +12,21 @@ from cloudbot_api.auth.schemas import (
     TokenPair,
     UserOut,
 )
-from cloudbot_api.auth.service import AuthService, RefreshReused
+from cloudbot_api.auth.service import AuthService
 from cloudbot_api.deps import ClientAddress, CurrentPrincipal, ResourcesDep, UowDep
-from cloudbot_api.errors import ProblemError, problem_responses
+from cloudbot_api.errors import problem_responses
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
 
 def get_service(uow: UowDep, resources: ResourcesDep) -> AuthService:
-    return AuthService(uow, resources)
+    return AuthService(
+        uow,
+        passwords=resources.passwords,
+        tokens=resources.tokens,
+        redis=resources.redis,
+        settings=resources.settings,
+    )
 
 
 ServiceDep = Annotated[AuthService, Depends(get_service)]
@@ -76,7 +82,6 @@ async def login(
 async def refresh(
     body: RefreshRequest,
     service: ServiceDep,
-    uow: UowDep,
     resources: ResourcesDep,
     client: ClientAddress,
 ) -> TokenPair:
@@ -84,16 +89,7 @@ async def refresh(
     await resources.limiter.hit(limit, "refresh", "ip:" + client)
     claims = service.decode_refresh(body.refresh_token)
     await resources.limiter.hit(limit, "refresh", f"user:{claims.user_id}")
-    outcome = await service.refresh(claims)
-    if isinstance(outcome, RefreshReused):
-        # The revocation must stick although the answer is an error.
-        await uow.commit()
-        raise ProblemError(
-            401,
-            "refresh_token_reused",
-            "This refresh token was already used; the login session has been ended.",
-        )
-    return outcome
+    return await service.refresh(claims)
 
 
 @router.get(

@@ -38,12 +38,6 @@ class RefreshRequest(BaseModel):
     refresh_token: str = Field(min_length=1, max_length=4096, repr=False)
 
 
-class LogoutRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    refresh_token: str | None = Field(None, max_length=4096, repr=False)
-
-
 class TokenPair(BaseModel):
     access_token: str
     refresh_token: str

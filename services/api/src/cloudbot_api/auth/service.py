@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy.exc import IntegrityError
+from redis.asyncio import Redis
 
 from cloudbot_api.auth.repository import AuthRepository
 from cloudbot_api.auth.schemas import TokenPair
 from cloudbot_api.errors import ProblemError
-from cloudbot_api.resources import Resources
 from cloudbot_api.unit_of_work import UnitOfWork
 from cloudbot_common.events import revoke_login_session
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import LoginSession, RefreshToken, User
-from cloudbot_common.security.jwt_tokens import TokenClaims, TokenError, TokenType
+from cloudbot_common.security.jwt_tokens import TokenClaims, TokenCodec, TokenError, TokenType
+from cloudbot_common.security.passwords import Passwords
+from cloudbot_common.settings import Settings
 
 log = get_logger(__name__)
 
@@ -27,49 +27,50 @@ def _invalid_refresh(detail: str = "Invalid refresh token.") -> ProblemError:
     return ProblemError(401, "invalid_refresh_token", detail)
 
 
-@dataclass(slots=True)
-class RefreshReused:
-    """A refresh token was presented a second time: the whole login session is revoked."""
-
-    session_id: uuid.UUID
+def _email_taken() -> ProblemError:
+    return ProblemError(409, "email_taken", "An account with this email already exists.")
 
 
 class AuthService:
-    def __init__(self, uow: UnitOfWork, resources: Resources) -> None:
+    def __init__(
+        self,
+        uow: UnitOfWork,
+        *,
+        passwords: Passwords,
+        tokens: TokenCodec,
+        redis: Redis,
+        settings: Settings,
+    ) -> None:
         self.uow = uow
         self.repo = AuthRepository(uow.session)
-        self.r = resources
+        self.passwords = passwords
+        self.tokens = tokens
+        self.redis = redis
+        self.settings = settings
 
     async def signup(self, email: str, password: str) -> User:
         if await self.repo.user_by_email(email) is not None:
-            raise ProblemError(409, "email_taken", "An account with this email already exists.")
-        user = User(
-            id=uuid.uuid4(), email=email, password_hash=await self.r.passwords.hash(password)
-        )
-        try:
-            async with self.uow.session.begin_nested():
-                await self.repo.add(user)
-        except IntegrityError as exc:  # a concurrent signup won the race
-            raise ProblemError(
-                409, "email_taken", "An account with this email already exists."
-            ) from exc
+            raise _email_taken()
+        user = User(id=uuid.uuid4(), email=email, password_hash=await self.passwords.hash(password))
+        if not await self.repo.add_unless_taken(user):  # a concurrent signup won the race
+            raise _email_taken()
         log.info("user signed up", user_id=str(user.id))
         return user
 
     async def login(self, email: str, password: str, user_agent: str | None) -> TokenPair:
         user = await self.repo.user_by_email(email)
         # Verified even when the user is unknown (against a dummy hash): same answer, same time.
-        ok = await self.r.passwords.verify(user.password_hash if user else None, password)
+        ok = await self.passwords.verify(user.password_hash if user else None, password)
         if user is None or not ok:
             raise INVALID_CREDENTIALS
-        if self.r.passwords.needs_rehash(user.password_hash):
-            user.password_hash = await self.r.passwords.hash(password)
+        if self.passwords.needs_rehash(user.password_hash):
+            user.password_hash = await self.passwords.hash(password)
             log.info("password rehashed with current parameters", user_id=str(user.id))
         now = datetime.now(UTC)
         login = LoginSession(
             id=uuid.uuid4(),
             user_id=user.id,
-            expires_at=now + timedelta(seconds=self.r.settings.refresh_token_ttl_seconds),
+            expires_at=now + timedelta(seconds=self.settings.refresh_token_ttl_seconds),
             user_agent=(user_agent or "")[:512] or None,
         )
         await self.repo.add(login)
@@ -78,11 +79,13 @@ class AuthService:
 
     def decode_refresh(self, refresh_token: str) -> TokenClaims:
         try:
-            return self.r.tokens.decode(refresh_token, TokenType.REFRESH)
+            return self.tokens.decode(refresh_token, TokenType.REFRESH)
         except TokenError as exc:
             raise _invalid_refresh(f"Invalid refresh token: {exc}.") from exc
 
-    async def refresh(self, claims: TokenClaims) -> TokenPair | RefreshReused:
+    async def refresh(self, claims: TokenClaims) -> TokenPair:
+        """A new pair for a refresh token's claims. A token presented a second time ends
+        its whole login session, which stays ended although the answer is an error."""
         now = datetime.now(UTC)
         login = await self.repo.login_session_for_update(claims.session_id)
         if login is None or login.user_id != claims.user_id:
@@ -99,7 +102,12 @@ class AuthService:
                 user_id=str(login.user_id),
                 session_id=str(login.id),
             )
-            return RefreshReused(session_id=login.id)
+            self.uow.keep_on_error()
+            raise ProblemError(
+                401,
+                "refresh_token_reused",
+                "This refresh token was already used; the login session has been ended.",
+            )
         token.used_at = now
         login.last_used_at = now
         return await self._issue_pair(login.user_id, login.id, now)
@@ -107,10 +115,10 @@ class AuthService:
     async def end_session(self, session_id: uuid.UUID, reason: str, now: datetime) -> None:
         """Revoke a login session; its access tokens stop working once this commits."""
         await self.repo.revoke_session(session_id, reason, now)
-        ttl = self.r.settings.access_token_ttl_seconds + 60
+        ttl = self.settings.access_token_ttl_seconds + 60
 
         async def announce() -> None:
-            await revoke_login_session(self.r.redis, session_id, remember_seconds=ttl)
+            await revoke_login_session(self.redis, session_id, remember_seconds=ttl)
 
         self.uow.after_commit(announce)
 
@@ -127,14 +135,14 @@ class AuthService:
     async def _issue_pair(
         self, user_id: uuid.UUID, session_id: uuid.UUID, now: datetime
     ) -> TokenPair:
-        access = self.r.tokens.issue(TokenType.ACCESS, user_id, session_id, now=now)
-        refresh = self.r.tokens.issue(TokenType.REFRESH, user_id, session_id, now=now)
+        access = self.tokens.issue(TokenType.ACCESS, user_id, session_id, now=now)
+        refresh = self.tokens.issue(TokenType.REFRESH, user_id, session_id, now=now)
         await self.repo.add(
             RefreshToken(jti=refresh.jti, session_id=session_id, expires_at=refresh.expires_at)
         )
         return TokenPair(
             access_token=access.token,
             refresh_token=refresh.token,
-            expires_in=self.r.settings.access_token_ttl_seconds,
-            refresh_expires_in=self.r.settings.refresh_token_ttl_seconds,
+            expires_in=self.settings.access_token_ttl_seconds,
+            refresh_expires_in=self.settings.refresh_token_ttl_seconds,
         )

@@ -4,15 +4,12 @@ import uuid
 from collections.abc import Sequence
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from cloudbot_api.repository import Repository
 from cloudbot_common.models import ApiKey, Instance
 
 
-class InstanceAgentRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
+class InstanceAgentRepository(Repository):
     async def by_bootstrap_digest_for_update(self, digest: str) -> Instance | None:
         result = await self.session.scalars(
             select(Instance).where(Instance.bootstrap_token_hash == digest).with_for_update()

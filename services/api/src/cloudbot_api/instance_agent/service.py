@@ -1,0 +1,87 @@
+"""What a CloudBot machine asks of the control plane: its configuration, once, in exchange
+for its bootstrap token; then heartbeats with its instance credential."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from cloudbot_api.errors import ProblemError
+from cloudbot_api.instance_agent.config import render_config
+from cloudbot_api.instance_agent.repository import InstanceAgentRepository
+from cloudbot_api.instance_agent.schemas import BootstrapOut, HeartbeatIn
+from cloudbot_api.unit_of_work import UnitOfWork
+from cloudbot_common.instance_contract import CREDENTIAL_PREFIX, HEARTBEAT_PATH
+from cloudbot_common.logging import get_logger
+from cloudbot_common.models import InstanceState
+from cloudbot_common.providers import Provider
+from cloudbot_common.security.opaque import agent_credential, new_token, token_digest
+from cloudbot_common.security.vault import Vault, VaultError
+from cloudbot_common.settings import Settings
+
+log = get_logger(__name__)
+
+HEARTBEAT_INTERVAL_SECONDS = 30
+_GONE = (InstanceState.TERMINATING, InstanceState.TERMINATED, InstanceState.FAILED)
+
+
+def refuse(code: str) -> ProblemError:
+    return ProblemError(
+        401, code, "Not a valid credential.", headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+class InstanceAgentService:
+    def __init__(self, uow: UnitOfWork, *, vault: Vault, settings: Settings) -> None:
+        self.repo = InstanceAgentRepository(uow.session)
+        self.vault = vault
+        self.settings = settings
+
+    async def bootstrap(self, token: str | None) -> BootstrapOut:
+        """Trade a bootstrap token, which works once and until it expires, for the
+        machine's configuration (its owner's provider keys included) and a credential."""
+        if token is None:
+            raise refuse("invalid_bootstrap_token")
+        instance = await self.repo.by_bootstrap_digest_for_update(token_digest(token))
+        now = datetime.now(UTC)
+        if (
+            instance is None
+            or instance.bootstrap_expires_at is None
+            or instance.bootstrap_expires_at <= now
+            or instance.state in _GONE
+        ):
+            raise refuse("invalid_bootstrap_token")
+        credential = new_token(CREDENTIAL_PREFIX)
+        instance.bootstrap_token_hash = None  # single use
+        instance.bootstrap_expires_at = None
+        instance.credential_hash = token_digest(credential)
+
+        keys: dict[Provider, str] = {}
+        for row in await self.repo.owner_keys(instance.owner_id):
+            try:
+                keys[Provider(row.provider)] = self.vault.decrypt(
+                    row.user_id, row.provider, row.ciphertext
+                )
+            except (VaultError, ValueError):
+                log.warning("stored key unusable; left out", provider=row.provider)
+        secret = self.settings.agent_token_secret.get_secret_value()
+        agent_token = agent_credential(secret, instance.id)
+        log.info("instance bootstrapped", instance_id=str(instance.id), providers=sorted(keys))
+        return BootstrapOut(
+            instance_id=instance.id,
+            credential=credential,
+            agent_token=agent_token,
+            config=render_config(instance, keys, agent_token),
+            heartbeat_url=self.settings.public_api_url.rstrip("/") + HEARTBEAT_PATH,
+            heartbeat_interval_seconds=HEARTBEAT_INTERVAL_SECONDS,
+        )
+
+    async def heartbeat(self, credential: str | None, health: HeartbeatIn) -> None:
+        """Record the machine's own report of its desktop and agent."""
+        if credential is None:
+            raise refuse("invalid_instance_credential")
+        instance = await self.repo.by_credential_digest(token_digest(credential))
+        if instance is None or instance.state in _GONE:
+            raise refuse("invalid_instance_credential")
+        instance.desktop_healthy = health.desktop
+        instance.agent_healthy = health.agent
+        instance.last_heartbeat_at = datetime.now(UTC)
