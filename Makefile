@@ -15,7 +15,7 @@ uv: ## Install uv if it is missing
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
 		|| python3 -m pip install --quiet --user --break-system-packages uv
 
-.venv/.synced: uv.lock pyproject.toml libs/common/pyproject.toml services/*/pyproject.toml
+.venv/.synced: uv.lock pyproject.toml libs/common/pyproject.toml services/*/pyproject.toml clients/*/pyproject.toml
 	@$(MAKE) --no-print-directory uv
 	$(UV) sync --frozen --all-packages
 	@touch $@
@@ -61,7 +61,7 @@ test: install ## Run the full test suite (creates its own databases)
 lint: install ## ruff and mypy
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
-	$(UV) run --frozen mypy libs/common/src services/api/src services/provisioner/src services/proxy-gateway/src tests bench
+	$(UV) run --frozen mypy libs/common/src services/api/src services/provisioner/src services/proxy-gateway/src clients/cli/src tests bench
 
 .PHONY: fmt
 fmt: install ## Format and auto-fix

@@ -176,6 +176,13 @@ class Instance(Base):
     last_heartbeat_at: Mapped[datetime | None]
     desktop_healthy: Mapped[bool | None] = mapped_column(Boolean)
     agent_healthy: Mapped[bool | None] = mapped_column(Boolean)
+    # Idle stop: minutes without activity before the machine is stopped (0: never); the
+    # last activity the machine itself reported (desktop input, agent work) and whether the
+    # agent says it is working now; when the warning for the current idle spell went out.
+    idle_stop_minutes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    agent_busy: Mapped[bool | None] = mapped_column(Boolean)
+    last_activity_at: Mapped[datetime | None]
+    idle_warned_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 
@@ -190,6 +197,8 @@ class InstanceEvent(Base):
     instance_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"))
     state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
+    # "state" for a state change; "idle_warning" when an idle stop is near (state unchanged).
+    kind: Mapped[str] = mapped_column(String(16), default="state", server_default="state")
     created_at: Mapped[datetime] = _created_at()
 
 
@@ -230,4 +239,90 @@ class IdempotencyRecord(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     status_code: Mapped[int] = mapped_column(Integer)
     response: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = _created_at()
+
+
+class PersonalAccessToken(Base):
+    """A token a program uses in place of a login: opaque, stored only as its digest."""
+
+    __tablename__ = "personal_access_tokens"
+    __table_args__ = (
+        CheckConstraint("scope IN ('read', 'write')", name="scope_known"),
+        Index("ix_personal_access_tokens_user_id_created_at", "user_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(8))
+    token_digest: Mapped[str] = mapped_column(String(64), unique=True)
+    hint: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = _created_at()
+    expires_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class Webhook(Base):
+    """Where a user's machines' state changes are delivered, signed with its own secret."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = (Index("ix_webhooks_user_id_created_at", "user_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2048))
+    description: Mapped[str | None] = mapped_column(String(255))
+    secret_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = _created_at()
+    deleted_at: Mapped[datetime | None]
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook: written with the state change (an outbox), delivered in
+    order per machine, retried with backoff until it succeeds or runs out of attempts."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'succeeded', 'failed')", name="status_known"),
+        Index("ix_webhook_deliveries_webhook_id_id", "webhook_id", "id"),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    instance_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("instances.id", ondelete="SET NULL")
+    )
+    message_id: Mapped[str] = mapped_column(String(64), unique=True)
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = _created_at()
+    delivered_at: Mapped[datetime | None]
+
+
+class AuditEvent(Base):
+    """A security-relevant action: who, what, from where. Never a secret in it."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_user_id_id", "user_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(128))
+    address: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(512))
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     created_at: Mapped[datetime] = _created_at()

@@ -1,0 +1,3 @@
+from cloudbot_cli.app import main
+
+raise SystemExit(main())
