@@ -14,7 +14,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cloudbot_api.instances.router import SSE_KEEPALIVE_SECONDS
 from cloudbot_common.commands import Command
@@ -26,13 +26,6 @@ from cloudbot_common.security.opaque import new_token, token_digest
 from tests.api.test_auth import assert_problem
 from tests.conftest import SECRETS, make_user
 from tests.support.processes import PYTHON, free_port, http_ok, running
-
-
-@pytest.fixture
-async def engine(database_url: str):
-    engine = create_async_engine(database_url)
-    yield engine
-    await engine.dispose()
 
 
 async def create(http, user, name="desk", size="small", **headers) -> httpx.Response:

@@ -22,6 +22,8 @@ _log = get_logger(__name__)
 
 INSTANCE_EVENTS_CHANNEL = "cloudbot:events:instances"
 SESSION_EVENTS_CHANNEL = "cloudbot:events:sessions"
+# "An instance's health changed": {"instance_id": ..., "owner_id": ...}, nothing more.
+HEALTH_EVENTS_CHANNEL = "cloudbot:events:health"
 _REVOKED_SESSION_KEY = "cloudbot:revoked-session:{}"
 
 
@@ -43,6 +45,12 @@ class InstanceStateEvent:
 
 async def publish_instance_event(redis: Redis, event: InstanceStateEvent) -> None:
     await redis.publish(INSTANCE_EVENTS_CHANNEL, event.encode())
+
+
+async def publish_health_changed(redis: Redis, instance_id: uuid.UUID, owner_id: uuid.UUID) -> None:
+    """Tell listeners that an instance reported a different health (they read it again)."""
+    message = {"instance_id": str(instance_id), "owner_id": str(owner_id)}
+    await redis.publish(HEALTH_EVENTS_CHANNEL, json.dumps(message))
 
 
 def revoked_session_key(session_id: uuid.UUID | str) -> str:
@@ -74,6 +82,7 @@ class EventHub:
         self._instance_listeners: dict[str, set[Callable[[InstanceStateEvent], None]]] = {}
         self._session_listeners: dict[str, set[Callable[[], None]]] = {}
         self._any_instance: set[Callable[[InstanceStateEvent], None]] = set()
+        self._owner_listeners: dict[str, set[Callable[[], None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
@@ -98,6 +107,13 @@ class EventHub:
         listeners.add(callback)
         return lambda: self._discard(self._instance_listeners, instance_id, callback)
 
+    def on_owner(self, owner_id: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` whenever any instance of `owner_id` changes state or health.
+        Returns the function that unsubscribes."""
+        listeners = self._owner_listeners.setdefault(owner_id, set())
+        listeners.add(callback)
+        return lambda: self._discard(self._owner_listeners, owner_id, callback)
+
     def on_session_revoked(
         self, session_id: str, callback: Callable[[], None]
     ) -> Callable[[], None]:
@@ -117,7 +133,9 @@ class EventHub:
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(INSTANCE_EVENTS_CHANNEL, SESSION_EVENTS_CHANNEL)
+                    await pubsub.subscribe(
+                        INSTANCE_EVENTS_CHANNEL, SESSION_EVENTS_CHANNEL, HEALTH_EVENTS_CHANNEL
+                    )
                     self.ready.set()
                     while True:
                         # Polled with a timeout of our own: `listen()` would read under the
@@ -145,9 +163,16 @@ class EventHub:
                 ]
                 for cb in callbacks:
                     cb(event)
+                self._tell_owner(event.owner_id)
+            elif channel == HEALTH_EVENTS_CHANNEL:
+                self._tell_owner(json.loads(data)["owner_id"])
             elif channel == SESSION_EVENTS_CHANNEL:
                 session_id = json.loads(data)["session_id"]
                 for revoked in list(self._session_listeners.get(session_id, ())):
                     revoked()
         except Exception:
             _log.warning("bad event message ignored", channel=channel, exc_info=True)
+
+    def _tell_owner(self, owner_id: str) -> None:
+        for changed in list(self._owner_listeners.get(owner_id, ())):
+            changed()

@@ -88,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_keys_router, prefix="/api")
     app.include_router(instances_router, prefix="/api")
     app.include_router(instance_agent_router)
-    mount_web_app(app, settings.web_dir)
+    mount_web_app(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(
         CORSMiddleware,
@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "Content-Type",
             "Idempotency-Key",
             "Last-Event-ID",
+            "X-CloudBot-CSRF",
             "X-Request-ID",
         ],
         expose_headers=["Retry-After", "X-Request-ID", "Location"],

@@ -35,3 +35,19 @@ class AuthRepository(Repository):
             .where(LoginSession.id == session_id, LoginSession.revoked_at.is_(None))
             .values(revoked_at=now, revoked_reason=reason)
         )
+
+    async def revoke_all_sessions(
+        self, user_id: uuid.UUID, reason: str, now: datetime
+    ) -> list[uuid.UUID]:
+        """Revoke every live login session of the user; returns their ids."""
+        result = await self.session.scalars(
+            update(LoginSession)
+            .where(
+                LoginSession.user_id == user_id,
+                LoginSession.revoked_at.is_(None),
+                LoginSession.expires_at > now,
+            )
+            .values(revoked_at=now, revoked_reason=reason)
+            .returning(LoginSession.id)
+        )
+        return list(result.all())

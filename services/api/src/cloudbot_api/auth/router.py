@@ -3,9 +3,19 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Response, status
+from fastapi import APIRouter, Depends, Header, Request, Response, status
 
+from cloudbot_api.auth.cookies import (
+    COOKIE_PATH,
+    CSRF_HEADER,
+    REFRESH_COOKIE,
+    check_browser_request,
+    clear_refresh_cookie,
+    refresh_cookie,
+    set_refresh_cookie,
+)
 from cloudbot_api.auth.schemas import (
+    AccessToken,
     LoginRequest,
     RefreshRequest,
     SignupRequest,
@@ -14,7 +24,8 @@ from cloudbot_api.auth.schemas import (
 )
 from cloudbot_api.auth.service import AuthService
 from cloudbot_api.deps import ClientAddress, CurrentPrincipal, ResourcesDep, UowDep
-from cloudbot_api.errors import problem_responses
+from cloudbot_api.errors import ProblemError, problem_responses
+from cloudbot_api.resources import Resources
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -85,9 +96,15 @@ async def refresh(
     resources: ResourcesDep,
     client: ClientAddress,
 ) -> TokenPair:
+    return await _rotate(body.refresh_token, service, resources, client)
+
+
+async def _rotate(
+    refresh_token: str, service: AuthService, resources: Resources, client: str
+) -> TokenPair:
     limit = resources.settings.rate_limit_refresh
     await resources.limiter.hit(limit, "refresh", "ip:" + client)
-    claims = service.decode_refresh(body.refresh_token)
+    claims = service.decode_refresh(refresh_token)
     await resources.limiter.hit(limit, "refresh", f"user:{claims.user_id}")
     return await service.refresh(claims)
 
@@ -108,3 +125,107 @@ async def me(principal: CurrentPrincipal, service: ServiceDep) -> UserOut:
 async def logout(principal: CurrentPrincipal, service: ServiceDep) -> Response:
     await service.logout(principal.session_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/logout-all",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Sign out everywhere: end every login session of this account",
+    description=(
+        "Every access and refresh token of the account stops working, this one's too, "
+        "and its open desktop and agent connections close."
+    ),
+    responses=problem_responses(401),
+)
+async def logout_all(
+    principal: CurrentPrincipal, service: ServiceDep, resources: ResourcesDep
+) -> Response:
+    await service.logout_all(principal.user_id)
+    response = Response(status_code=status.HTTP_204_NO_CONTENT)
+    clear_refresh_cookie(response, resources.settings)
+    return response
+
+
+# The web console: the same login sessions, with the refresh token in a cookie.
+
+
+@router.post(
+    "/web/login",
+    response_model=AccessToken,
+    summary="Log in from the web console: the refresh token is set as an HttpOnly cookie",
+    description=(
+        f"Like `/auth/login`, but the refresh token goes into the `{REFRESH_COOKIE}` "
+        f"cookie (HttpOnly, SameSite=Strict, path `{COOKIE_PATH}`) and only the access "
+        f"token is in the answer. Needs the `{CSRF_HEADER}` header and an `Origin` the "
+        "API trusts. Programs use `/auth/login`."
+    ),
+    responses=problem_responses(401, 403, 413, 422, 429),
+)
+async def web_login(
+    body: LoginRequest,
+    request: Request,
+    response: Response,
+    service: ServiceDep,
+    resources: ResourcesDep,
+    client: ClientAddress,
+    user_agent: Annotated[str | None, Header()] = None,
+) -> AccessToken:
+    check_browser_request(request, resources.settings)
+    pair = await login(body, service, resources, client, user_agent)
+    set_refresh_cookie(response, pair.refresh_token, resources.settings)
+    return AccessToken.of(pair)
+
+
+@router.post(
+    "/web/refresh",
+    response_model=AccessToken,
+    summary="A new access token for the web console, from its refresh cookie",
+    description=(
+        f"Needs the `{CSRF_HEADER}` header and an `Origin` the API trusts. The cookie is "
+        "rotated like a refresh token; a reused one ends its login session."
+    ),
+    responses=problem_responses(401, 403, 429),
+)
+async def web_refresh(
+    request: Request,
+    response: Response,
+    service: ServiceDep,
+    resources: ResourcesDep,
+    client: ClientAddress,
+) -> AccessToken:
+    settings = resources.settings
+    check_browser_request(request, settings)
+    try:
+        pair = await _rotate(refresh_cookie(request), service, resources, client)
+    except ProblemError as exc:
+        if exc.status != status.HTTP_401_UNAUTHORIZED:
+            raise
+        # A cookie that no longer works is dropped, so the page shows its sign-in form.
+        gone = Response()
+        clear_refresh_cookie(gone, settings)
+        headers = {**(exc.headers or {}), "Set-Cookie": gone.headers["set-cookie"]}
+        raise ProblemError(exc.status, exc.code, exc.detail, headers=headers, **exc.extra) from exc
+    set_refresh_cookie(response, pair.refresh_token, settings)
+    return AccessToken.of(pair)
+
+
+@router.post(
+    "/web/logout",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Sign the web console out: end the cookie's login session and drop the cookie",
+    responses=problem_responses(403),
+)
+async def web_logout(request: Request, service: ServiceDep, resources: ResourcesDep) -> Response:
+    settings = resources.settings
+    check_browser_request(request, settings)
+    token = request.cookies.get(REFRESH_COOKIE)
+    if token:
+        try:
+            claims = service.decode_refresh(token)
+        except ProblemError:
+            pass  # nothing to end; the cookie is dropped all the same
+        else:
+            await service.logout_owned(claims.user_id, claims.session_id)
+    response = Response(status_code=status.HTTP_204_NO_CONTENT)
+    clear_refresh_cookie(response, settings)
+    return response

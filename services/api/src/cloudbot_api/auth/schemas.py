@@ -46,6 +46,18 @@ class TokenPair(BaseModel):
     refresh_expires_in: int
 
 
+class AccessToken(BaseModel):
+    """The browser's answer: the refresh token went into an HttpOnly cookie instead."""
+
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105
+    expires_in: int = Field(description="Seconds until the access token expires")
+
+    @classmethod
+    def of(cls, pair: TokenPair) -> AccessToken:
+        return cls(access_token=pair.access_token, expires_in=pair.expires_in)
+
+
 class UserOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

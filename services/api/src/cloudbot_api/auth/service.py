@@ -115,12 +115,28 @@ class AuthService:
     async def end_session(self, session_id: uuid.UUID, reason: str, now: datetime) -> None:
         """Revoke a login session; its access tokens stop working once this commits."""
         await self.repo.revoke_session(session_id, reason, now)
-        ttl = self.settings.access_token_ttl_seconds + 60
+        self._announce_ended([session_id])
+
+    def _announce_ended(self, session_ids: list[uuid.UUID]) -> None:
+        ttl, redis = self.settings.access_token_ttl_seconds + 60, self.redis
 
         async def announce() -> None:
-            await revoke_login_session(self.redis, session_id, remember_seconds=ttl)
+            for session_id in session_ids:
+                await revoke_login_session(redis, session_id, remember_seconds=ttl)
 
         self.uow.after_commit(announce)
+
+    async def logout_owned(self, user_id: uuid.UUID, session_id: uuid.UUID) -> None:
+        """End a login session named by a refresh token, once checked to be the user's."""
+        login = await self.repo.login_session_for_update(session_id)
+        if login is not None and login.user_id == user_id and login.revoked_at is None:
+            await self.logout(session_id)
+
+    async def logout_all(self, user_id: uuid.UUID) -> None:
+        """End every login session of the account (personal access tokens stay)."""
+        ended = await self.repo.revoke_all_sessions(user_id, "logout_all", datetime.now(UTC))
+        self._announce_ended(ended)
+        log.info("user logged out everywhere", user_id=str(user_id), sessions=len(ended))
 
     async def logout(self, session_id: uuid.UUID) -> None:
         await self.end_session(session_id, "logout", datetime.now(UTC))

@@ -27,7 +27,9 @@ BearerToken = Annotated[str | None, Depends(bearer_token)]
 
 
 def get_service(uow: UowDep, resources: ResourcesDep) -> InstanceAgentService:
-    return InstanceAgentService(uow, vault=resources.vault, settings=resources.settings)
+    return InstanceAgentService(
+        uow, vault=resources.vault, redis=resources.redis, settings=resources.settings
+    )
 
 
 ServiceDep = Annotated[InstanceAgentService, Depends(get_service)]

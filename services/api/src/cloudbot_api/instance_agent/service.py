@@ -3,13 +3,16 @@ for its bootstrap token; then heartbeats with its instance credential."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+from redis.asyncio import Redis
 
 from cloudbot_api.errors import ProblemError
 from cloudbot_api.instance_agent.config import render_config
 from cloudbot_api.instance_agent.repository import InstanceAgentRepository
 from cloudbot_api.instance_agent.schemas import BootstrapOut, HeartbeatIn
 from cloudbot_api.unit_of_work import UnitOfWork
+from cloudbot_common.events import publish_health_changed
 from cloudbot_common.instance_contract import CREDENTIAL_PREFIX, HEARTBEAT_PATH
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import InstanceState
@@ -31,8 +34,10 @@ def refuse(code: str) -> ProblemError:
 
 
 class InstanceAgentService:
-    def __init__(self, uow: UnitOfWork, *, vault: Vault, settings: Settings) -> None:
+    def __init__(self, uow: UnitOfWork, *, vault: Vault, redis: Redis, settings: Settings) -> None:
+        self.uow = uow
         self.repo = InstanceAgentRepository(uow.session)
+        self.redis = redis
         self.vault = vault
         self.settings = settings
 
@@ -82,6 +87,20 @@ class InstanceAgentService:
         instance = await self.repo.by_credential_digest(token_digest(credential))
         if instance is None or instance.state in _GONE:
             raise refuse("invalid_instance_credential")
+        now = datetime.now(UTC)
+        beat = instance.last_heartbeat_at
+        changed = (
+            beat is None
+            or now - beat > timedelta(seconds=self.settings.heartbeat_stale_seconds)
+            or (instance.desktop_healthy, instance.agent_healthy) != (health.desktop, health.agent)
+        )
         instance.desktop_healthy = health.desktop
         instance.agent_healthy = health.agent
-        instance.last_heartbeat_at = datetime.now(UTC)
+        instance.last_heartbeat_at = now
+        if changed:  # shown as it was (or as unknown) until now: tell the owner's streams
+            instance_id, owner_id, redis = instance.id, instance.owner_id, self.redis
+
+            async def announce() -> None:
+                await publish_health_changed(redis, instance_id, owner_id)
+
+            self.uow.after_commit(announce)

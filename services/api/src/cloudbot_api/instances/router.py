@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Annotated, Any
 
 import anyio
@@ -10,7 +11,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, status
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from cloudbot_api.deps import ClientAddress, CurrentPrincipal, ResourcesDep, UowDep
+from cloudbot_api.deps import ClientAddress, CurrentPrincipal, Principal, ResourcesDep, UowDep
 from cloudbot_api.errors import problem_responses
 from cloudbot_api.instances.repository import InstanceRepository
 from cloudbot_api.instances.schemas import (
@@ -20,7 +21,7 @@ from cloudbot_api.instances.schemas import (
     TicketCreate,
     TicketOut,
 )
-from cloudbot_api.instances.service import InstanceService, not_found
+from cloudbot_api.instances.service import InstanceService, not_found, to_out
 from cloudbot_common.models import InstanceState
 
 router = APIRouter(prefix="/instances", tags=["instances"])
@@ -78,6 +79,78 @@ async def create_instance(
         status_code=status_code,
         headers={"Location": f"/api/instances/{payload['id']}"},
     )
+
+
+@router.get(
+    "/events",
+    summary="Server-Sent Events of all your instances: the list, then each change",
+    description=(
+        'The first event is `event: snapshot` with `{"items": [...]}` as `GET /instances` '
+        "answers it; then `event: instance` with the whole instance each time one is "
+        'created or changes state or health, and `event: removed` with `{"id": ...}` '
+        "when one is terminated. Each connection starts with a snapshot, so a client "
+        "that reconnects needs no event id. The stream ends when the login session does."
+    ),
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **problem_responses(401)},
+)
+async def my_instance_events(
+    principal: CurrentPrincipal, resources: ResourcesDep
+) -> EventSourceResponse:
+    return EventSourceResponse(_owner_stream(resources, principal), ping=SSE_KEEPALIVE_SECONDS)
+
+
+def _shown(out: dict[str, Any]) -> tuple[Any, ...]:
+    # What a person sees change; heartbeat times alone are not news.
+    health = out["health"]
+    return (out["name"], out["state"], out["state_reason"], health["desktop"], health["agent"])
+
+
+async def _owner_stream(
+    resources: ResourcesDep, principal: Principal
+) -> AsyncIterator[dict[str, str]]:
+    wake, ended = anyio.Event(), anyio.Event()
+
+    def on_change() -> None:
+        wake.set()
+
+    unsubscribe = [
+        resources.events.on_owner(str(principal.user_id), on_change),
+        resources.events.on_session_revoked(str(principal.session_id), ended.set),
+    ]
+    stale_after = timedelta(seconds=resources.settings.heartbeat_stale_seconds)
+    sent: dict[str, dict[str, Any]] | None = None
+    try:
+        while not ended.is_set():
+            wake = anyio.Event()  # armed before reading, so nothing published after is missed
+            async with resources.sessions() as session:
+                rows = await InstanceRepository(session).list_for_owner(
+                    principal.user_id, include_terminated=False
+                )
+            now = {str(r.id): to_out(r, stale_after).model_dump(mode="json") for r in rows}
+            if sent is None:
+                yield {"event": "snapshot", "data": json.dumps({"items": list(now.values())})}
+            else:
+                for key, out in now.items():
+                    if key not in sent or _shown(sent[key]) != _shown(out):
+                        yield {"event": "instance", "data": json.dumps(out)}
+                for key in sent.keys() - now.keys():
+                    yield {"event": "removed", "data": json.dumps({"id": key})}
+            sent = now
+            # Woken by the event hub; the timeout re-reads in case a message was lost and
+            # to notice health going stale.
+            with anyio.move_on_after(SSE_KEEPALIVE_SECONDS):
+                async with anyio.create_task_group() as group:
+
+                    async def until(event: anyio.Event) -> None:
+                        await event.wait()
+                        group.cancel_scope.cancel()
+
+                    group.start_soon(until, wake)
+                    group.start_soon(until, ended)
+    finally:
+        for stop in unsubscribe:
+            stop()
 
 
 @router.get(
