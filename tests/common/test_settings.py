@@ -14,6 +14,8 @@ STRONG: dict[str, Any] = {
     "agent_token_secret": "c" * 40,
     "flower_password": "a real flower password",
     "local_dev_mode": False,
+    "ec2_subnet_id": "subnet-0123456789abcdef0",
+    "ec2_security_group_ids": "sg-0123456789abcdef0",
 }
 
 
@@ -40,6 +42,13 @@ def test_production_refuses_one_missing_secret():
 def test_production_accepts_real_secrets():
     settings = Settings(environment="production", _env_file=None, **STRONG)
     assert settings.environment == "production"
+
+
+@pytest.mark.parametrize("missing", ["ec2_subnet_id", "ec2_security_group_ids"])
+def test_production_refuses_to_launch_without_a_private_subnet_and_security_group(missing):
+    # Without them EC2 launches into the default VPC: a public subnet, a public address.
+    with pytest.raises(ValidationError, match="EC2_SUBNET_ID and EC2_SECURITY_GROUP_IDS"):
+        Settings(environment="production", _env_file=None, **{**STRONG, missing: ""})
 
 
 def test_development_defaults_are_fine_and_lists_parse():

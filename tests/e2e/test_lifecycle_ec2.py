@@ -18,6 +18,7 @@ from tests.provisioner.harness import (
     api_process,
     ec2_client,
     machines_tagged,
+    moto_network,
     provisioner,
     wait_api_state,
 )
@@ -34,6 +35,7 @@ def api_url(base_env, broker_url, moto_url, tmp_path_factory) -> Iterator[str]:
         "CELERY_BROKER_URL": broker_url,
         "LOCAL_DEV_MODE": "false",
         "AWS_ENDPOINT_URL": moto_url,
+        **moto_network(moto_url),
     }
     with api_process(env, "api-ec2") as url:
         worker_env = {**env, "PUBLIC_API_URL": url}

@@ -26,6 +26,7 @@ from tests.provisioner.harness import (
     api_process,
     ec2_client,
     machines_tagged,
+    moto_network,
     provisioner,
     user_data_of,
     wait_api_state,
@@ -45,7 +46,7 @@ def _fresh_proxy(proxy):
 
 
 @pytest.fixture(scope="module")
-def env(base_env, broker_url, proxy) -> dict[str, str]:
+def env(base_env, broker_url, proxy, moto_url) -> dict[str, str]:
     return {
         **base_env,
         **AWS_ENV,
@@ -53,6 +54,7 @@ def env(base_env, broker_url, proxy) -> dict[str, str]:
         "CELERY_BROKER_URL": broker_url,
         "LOCAL_DEV_MODE": "false",
         "AWS_ENDPOINT_URL": proxy.url,
+        **moto_network(moto_url),
     }
 
 

@@ -19,6 +19,7 @@ from tests.provisioner.harness import (
     api_process,
     ec2_client,
     machines_tagged,
+    moto_network,
     provisioner,
     redis_server,
     wait_api_state,
@@ -40,6 +41,7 @@ def ec2_env(base_env, moto_url) -> dict[str, str]:
         **FAST_RETRIES,
         "LOCAL_DEV_MODE": "false",
         "AWS_ENDPOINT_URL": moto_url,
+        **moto_network(moto_url),
     }
 
 

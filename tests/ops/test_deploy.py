@@ -420,3 +420,33 @@ def test_iam_policy_allows_only_what_the_provisioner_calls() -> None:
     allowed_keys = set(tagged["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"])
     assert {ec2.TAG_INSTANCE_ID, ec2.TAG_OWNER_ID, ec2.TAG_CONTROL_PLANE, "Name"} == allowed_keys
     assert f"aws:RequestTag/{ec2.TAG_CONTROL_PLANE}" in tagged["Condition"]["StringEquals"]
+
+
+def _launch_statements(policy: dict[str, Any], resource: str) -> list[dict[str, Any]]:
+    """The statements allowing RunInstances on ARNs of `resource` (instance, volume, ...)."""
+    found = []
+    for s in policy["Statement"]:
+        resources = [s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"]
+        if s["Action"] == "ec2:RunInstances" and any(f":{resource}/" in r for r in resources):
+            found.append(s)
+    return found
+
+
+def test_iam_policy_launches_only_offered_sizes_private_encrypted_and_imdsv2() -> None:
+    policy = json.loads((ROOT / "deploy" / "aws" / "iam-policy.json").read_text())
+    # The offered sizes as the code defines them; a deployment that changes INSTANCE_SIZES
+    # edits this list too (README, Production checklist).
+    offered = Settings(_env_file=None).instance_sizes.values()
+    [instances] = _launch_statements(policy, "instance")
+    assert instances["Resource"] == "arn:aws:ec2:REGION:ACCOUNT_ID:instance/*"
+    conditions = instances["Condition"]["StringEquals"]
+    assert sorted(conditions["ec2:InstanceType"]) == sorted(offered)
+    assert conditions["ec2:MetadataHttpTokens"] == "required"
+    [volumes] = _launch_statements(policy, "volume")
+    assert volumes["Condition"]["Bool"] == {"ec2:Encrypted": "true"}
+    [interfaces] = _launch_statements(policy, "network-interface")
+    assert interfaces["Condition"]["Bool"] == {"ec2:AssociatePublicIpAddress": "false"}
+    # Each of them names one kind of resource: a condition on one kind cannot be dodged
+    # through a statement that allows the same kind unconditionally.
+    for statement in (instances, volumes, interfaces):
+        assert isinstance(statement["Resource"], str)

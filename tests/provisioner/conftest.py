@@ -4,7 +4,14 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tests.provisioner.harness import AWS_ENV, FAST_RETRIES, Db, moto_server, redis_server
+from tests.provisioner.harness import (
+    AWS_ENV,
+    FAST_RETRIES,
+    Db,
+    moto_network,
+    moto_server,
+    redis_server,
+)
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +40,7 @@ def ec2_env(worker_env: dict[str, str], moto_url: str) -> dict[str, str]:
         **AWS_ENV,
         "LOCAL_DEV_MODE": "false",
         "AWS_ENDPOINT_URL": moto_url,
+        **moto_network(moto_url),
     }
 
 

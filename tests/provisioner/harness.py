@@ -125,6 +125,39 @@ def ec2_client(endpoint: str) -> Any:
     )
 
 
+_NETWORK_TAG = "cloudbot-test-network"
+
+
+def moto_network(endpoint: str) -> dict[str, str]:
+    """EC2_SUBNET_ID and EC2_SECURITY_GROUP_IDS naming a network in the moto server at
+    `endpoint`, made on first use. Its subnet maps public addresses on launch, like a
+    public subnet, so that a launch that does not refuse one gets one."""
+    ec2 = ec2_client(endpoint)
+    tagged = [{"Name": "tag:Name", "Values": [_NETWORK_TAG]}]
+    subnets = ec2.describe_subnets(Filters=tagged)["Subnets"]
+    if subnets:
+        subnet_id, vpc_id = subnets[0]["SubnetId"], subnets[0]["VpcId"]
+        group_id = ec2.describe_security_groups(Filters=tagged)["SecurityGroups"][0]["GroupId"]
+    else:
+        name = [{"Key": "Name", "Value": _NETWORK_TAG}]
+        vpc_id = ec2.create_vpc(
+            CidrBlock="10.77.0.0/16", TagSpecifications=[{"ResourceType": "vpc", "Tags": name}]
+        )["Vpc"]["VpcId"]
+        group_id = ec2.create_security_group(
+            GroupName=_NETWORK_TAG,
+            Description="the gateway only",
+            VpcId=vpc_id,
+            TagSpecifications=[{"ResourceType": "security-group", "Tags": name}],
+        )["GroupId"]
+        subnet_id = ec2.create_subnet(
+            VpcId=vpc_id,
+            CidrBlock="10.77.1.0/24",
+            TagSpecifications=[{"ResourceType": "subnet", "Tags": name}],
+        )["Subnet"]["SubnetId"]
+        ec2.modify_subnet_attribute(SubnetId=subnet_id, MapPublicIpOnLaunch={"Value": True})
+    return {"EC2_SUBNET_ID": subnet_id, "EC2_SECURITY_GROUP_IDS": group_id}
+
+
 TOKEN = re.compile(r"cbb_[A-Za-z0-9_-]{20,}")
 
 

@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     ec2_subnet_id: str | None = None
     ec2_security_group_ids: CsvList = Field(default_factory=list)
     ec2_key_name: str | None = None
+    # The image's root device, launched encrypted with this size.
+    ec2_root_device_name: str = "/dev/xvda"
+    ec2_root_volume_gib: int = Field(16, ge=1)
 
     task_max_retries: int = 5
     task_retry_backoff_max_seconds: int = 60
@@ -185,6 +188,11 @@ class Settings(BaseSettings):
                 problems.append(f"{name.upper()} must be at least 32 characters")
         if self.local_dev_mode:
             problems.append("LOCAL_DEV_MODE must be false in production")
+        if not self.local_dev_mode and not (self.ec2_subnet_id and self.ec2_security_group_ids):
+            problems.append(
+                "EC2_SUBNET_ID and EC2_SECURITY_GROUP_IDS must be set in production "
+                "(a private subnet, and a security group admitting the gateway only)"
+            )
         if "*" in self.cors_origins:
             problems.append("CORS_ORIGINS must not contain '*' in production")
         if problems:

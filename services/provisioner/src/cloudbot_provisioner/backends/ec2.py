@@ -196,6 +196,13 @@ class Ec2Backend:
             {"Key": TAG_CONTROL_PLANE, "Value": s.control_plane_id},
             {"Key": "Name", "Value": f"cloudbot-{spec.instance_id.hex[:12]}"},
         ]
+        if not s.ec2_subnet_id or not s.ec2_security_group_ids:
+            # Without them EC2 picks the default VPC's subnet (public, with a public IP)
+            # and its default security group: the machine would not be behind the gateway.
+            raise PermanentError(
+                "Could not launch the machine: EC2_SUBNET_ID and EC2_SECURITY_GROUP_IDS "
+                "must name the private subnet and the gateway-only security group."
+            )
         params: dict[str, Any] = {
             "ImageId": s.ec2_ami_id,
             "InstanceType": spec.instance_type,
@@ -210,11 +217,31 @@ class Ec2Backend:
             # IMDSv2 only: the user data (and its bootstrap token, until used) is not
             # readable through a simple SSRF on the machine.
             "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+            # No public address whatever the subnet's default: only the gateway reaches
+            # the machine, over the private network.
+            "NetworkInterfaces": [
+                {
+                    "DeviceIndex": 0,
+                    "SubnetId": s.ec2_subnet_id,
+                    "Groups": list(s.ec2_security_group_ids),
+                    "AssociatePublicIpAddress": False,
+                    "DeleteOnTermination": True,
+                }
+            ],
+            # The disk holds the user's provider keys: encrypted (the account's default EBS
+            # key unless the account says otherwise).
+            "BlockDeviceMappings": [
+                {
+                    "DeviceName": s.ec2_root_device_name,
+                    "Ebs": {
+                        "Encrypted": True,
+                        "VolumeSize": s.ec2_root_volume_gib,
+                        "VolumeType": "gp3",
+                        "DeleteOnTermination": True,
+                    },
+                }
+            ],
         }
-        if s.ec2_subnet_id:
-            params["SubnetId"] = s.ec2_subnet_id
-        if s.ec2_security_group_ids:
-            params["SecurityGroupIds"] = list(s.ec2_security_group_ids)
         if s.ec2_key_name:
             params["KeyName"] = s.ec2_key_name
         async with _calling_ec2("launch the machine"):
