@@ -12,10 +12,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from cloudbot_api.audit.service import Auditor
 from cloudbot_api.errors import ProblemError
 from cloudbot_api.resources import Resources
 from cloudbot_api.unit_of_work import UnitOfWork
+from cloudbot_common.audit import Origin
 from cloudbot_common.events import is_login_session_revoked
+from cloudbot_common.security import access_tokens
 from cloudbot_common.security.jwt_tokens import TokenError, TokenType
 from cloudbot_common.settings import Settings
 
@@ -52,10 +55,24 @@ UowDep = Annotated[UnitOfWork, Depends(get_uow, scope="function")]
 _bearer = HTTPBearer(auto_error=False, description="Access token from /api/auth/login")
 
 
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
+    """Who is asking. A login (access JWT) or a personal access token; for a token,
+    `session_id` is the token's id, so that tickets and gateway sessions opened with it end
+    when it is revoked, as a login session's do."""
+
     user_id: uuid.UUID
     session_id: uuid.UUID
+    token_id: uuid.UUID | None = None
+    scope: str = "write"
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names who acted."""
+        return f"token:{self.token_id}" if self.token_id else f"session:{self.session_id}"
 
 
 def unauthorized(detail: str) -> ProblemError:
@@ -63,11 +80,14 @@ def unauthorized(detail: str) -> ProblemError:
 
 
 async def get_principal(
+    request: Request,
     resources: ResourcesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     if credentials is None:
         raise unauthorized("Missing bearer token.")
+    if access_tokens.is_personal_token(credentials.credentials):
+        return await _token_principal(request, resources, credentials.credentials)
     try:
         claims = resources.tokens.decode(credentials.credentials, TokenType.ACCESS)
     except TokenError as exc:
@@ -77,7 +97,34 @@ async def get_principal(
     return Principal(user_id=claims.user_id, session_id=claims.session_id)
 
 
+async def _token_principal(request: Request, resources: Resources, credential: str) -> Principal:
+    async with resources.sessions() as session:
+        token = await access_tokens.find_active(session, credential)
+    if token is None:
+        raise unauthorized("Invalid personal access token: unknown, revoked or expired.")
+    if token.scope == "read" and request.method not in _SAFE_METHODS:
+        raise ProblemError(
+            403, "insufficient_scope", "This personal access token may only read (scope read)."
+        )
+    return Principal(token.user_id, token.id, token_id=token.id, scope=token.scope)
+
+
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+async def get_login(principal: CurrentPrincipal) -> Principal:
+    """A person's login: the account and token routes refuse personal access tokens, so a
+    leaked token cannot mint more tokens or act for the account itself."""
+    if principal.token_id is not None:
+        raise ProblemError(
+            403,
+            "login_required",
+            "This route needs a login (an access token), not a personal access token.",
+        )
+    return principal
+
+
+CurrentLogin = Annotated[Principal, Depends(get_login)]
 
 
 @lru_cache(maxsize=8)
@@ -111,3 +158,15 @@ def client_address(request: Request, settings: SettingsDep) -> str:
 
 
 ClientAddress = Annotated[str, Depends(client_address)]
+
+
+def get_auditor(uow: UowDep, request: Request, client: ClientAddress) -> Auditor:
+    origin = Origin(
+        address=client,
+        user_agent=request.headers.get("user-agent"),
+        request_id=getattr(request.state, "request_id", None),
+    )
+    return Auditor(uow, origin=origin)
+
+
+AuditorDep = Annotated[Auditor, Depends(get_auditor)]

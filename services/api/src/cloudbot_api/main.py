@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from cloudbot_api import health
 from cloudbot_api.api_keys.router import router as api_keys_router
+from cloudbot_api.audit.router import router as audit_router
 from cloudbot_api.auth.router import router as auth_router
 from cloudbot_api.errors import install_error_handlers, problem_openapi
 from cloudbot_api.instance_agent.router import router as instance_agent_router
@@ -20,6 +21,7 @@ from cloudbot_api.metrics import install_metrics
 from cloudbot_api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from cloudbot_api.ratelimit import RateLimiter
 from cloudbot_api.resources import Resources
+from cloudbot_api.tokens.router import router as tokens_router
 from cloudbot_api.webapp import mount_web_app
 from cloudbot_common.commands import make_celery
 from cloudbot_common.db import create_engine, create_session_factory
@@ -87,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(auth_router, prefix="/api")
     app.include_router(api_keys_router, prefix="/api")
     app.include_router(instances_router, prefix="/api")
+    app.include_router(tokens_router, prefix="/api")
+    app.include_router(audit_router, prefix="/api")
     app.include_router(instance_agent_router)
     mount_web_app(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)

@@ -1,7 +1,8 @@
 """Who is asking: the Origin allow-list and the two kinds of credential.
 
-Programs send `Authorization: Bearer <access token>`; browsers, which cannot set headers on
-a WebSocket, send `?ticket=<one-time ticket>`. An access token in the URL is refused, since
+Programs send `Authorization: Bearer <access token>` (a login's JWT, or a personal access
+token, checked against the database); browsers, which cannot set headers on a WebSocket,
+send `?ticket=<one-time ticket>`. An access token in the URL is refused, since
 URLs end up in proxy logs and browser history. Nothing here logs a credential or a URL.
 """
 
@@ -14,7 +15,9 @@ from http import HTTPStatus
 from redis.asyncio import Redis
 from websockets.datastructures import Headers
 
+from cloudbot_common.db import SessionFactory
 from cloudbot_common.events import is_login_session_revoked
+from cloudbot_common.security import access_tokens
 from cloudbot_common.security.jwt_tokens import TokenCodec, TokenError, TokenType
 from cloudbot_common.tickets import Channel, redeem_ticket
 from cloudbot_gateway.refusals import Refusal
@@ -28,7 +31,7 @@ _JWT_PREFIX = "eyJ"
 class Principal:
     user_id: uuid.UUID
     session_id: uuid.UUID
-    via: str  # "bearer" or "ticket"
+    via: str  # "bearer", "token" (a personal access token) or "ticket"
 
 
 def _unauthorized(code: str, detail: str) -> Refusal:
@@ -36,9 +39,16 @@ def _unauthorized(code: str, detail: str) -> Refusal:
 
 
 class Authenticator:
-    def __init__(self, codec: TokenCodec, redis: Redis, allowed_origins: list[str]) -> None:
+    def __init__(
+        self,
+        codec: TokenCodec,
+        redis: Redis,
+        sessions: SessionFactory,
+        allowed_origins: list[str],
+    ) -> None:
         self._codec = codec
         self._redis = redis
+        self._sessions = sessions
         self._origins = frozenset(allowed_origins)
 
     def check_origin(self, headers: Headers) -> None:
@@ -63,17 +73,32 @@ class Authenticator:
             )
         authorizations = headers.get_all("Authorization")
         if authorizations:
-            principal = self._bearer(authorizations)
+            principal = await self._bearer(authorizations)
         else:
             principal = await self._ticket(query.get("ticket"), instance_id, channel)
         if await is_login_session_revoked(self._redis, principal.session_id):
             raise _unauthorized("session_revoked", "The login session has ended.")
         return principal
 
-    def _bearer(self, authorizations: list[str]) -> Principal:
+    async def _bearer(self, authorizations: list[str]) -> Principal:
         scheme, _, token = authorizations[0].partition(" ")
         if len(authorizations) > 1 or scheme.lower() != "bearer" or not token.strip():
             raise _unauthorized("invalid_credential", "Malformed Authorization header.")
+        if access_tokens.is_personal_token(token.strip()):
+            # Checked against the database: a revoked token is refused at once.
+            async with self._sessions() as session:
+                row = await access_tokens.find_active(session, token.strip())
+            if row is None:
+                raise _unauthorized(
+                    "invalid_credential", "Unknown, revoked or expired personal access token."
+                )
+            if row.scope != "write":  # a desktop or agent session drives the machine
+                raise Refusal(
+                    HTTPStatus.FORBIDDEN,
+                    "insufficient_scope",
+                    "A personal access token with scope write is needed here.",
+                )
+            return Principal(row.user_id, row.id, "token")
         try:
             claims = self._codec.decode(token.strip(), TokenType.ACCESS)
         except TokenError as exc:

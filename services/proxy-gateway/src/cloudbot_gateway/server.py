@@ -21,7 +21,8 @@ from websockets.exceptions import InvalidHandshake
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from cloudbot_common.db import create_engine
+from cloudbot_common.audit import Origin
+from cloudbot_common.db import create_engine, create_session_factory
 from cloudbot_common.events import EventHub
 from cloudbot_common.health import check_database, check_redis
 from cloudbot_common.logging import get_logger
@@ -31,6 +32,7 @@ from cloudbot_common.settings import Settings
 from cloudbot_common.tickets import Channel
 from cloudbot_gateway import zerocopy
 from cloudbot_gateway.auth import Authenticator
+from cloudbot_gateway.journal import Journal
 from cloudbot_gateway.metrics import Metrics
 from cloudbot_gateway.refusals import Refusal, http_response, not_found
 from cloudbot_gateway.relay import MAX_QUEUE, open_agent, relay_agent
@@ -99,7 +101,9 @@ class Gateway:
             max_per_user=s.gateway_max_sessions_per_user,
             idle_timeout=s.gateway_idle_timeout_seconds,
         )
-        self.auth = Authenticator(TokenCodec(s), self.redis, s.allowed_ws_origins)
+        db_sessions = create_session_factory(self.engine)
+        self.auth = Authenticator(TokenCodec(s), self.redis, db_sessions, s.allowed_ws_origins)
+        self.journal = Journal(db_sessions, self.redis)
         self._agent_secret = s.agent_token_secret.get_secret_value()
         self.zero_copy = s.gateway_zero_copy and zerocopy.supported()
         self.metrics.zero_copy.set(self.zero_copy)
@@ -148,6 +152,7 @@ class Gateway:
         except TimeoutError:
             _log.warning("connections still open at exit", sessions=len(self.sessions))
         await self.sessions.aclose()
+        await self.journal.aclose()
         await self.targets.aclose()
         await self.hub.stop()
         await self.redis.aclose()
@@ -179,6 +184,12 @@ class Gateway:
             ).response()
         assert isinstance(connection, GatewayConnection)
         connection.session = session
+        peer = connection.remote_address
+        session.origin = Origin(
+            address=str(peer[0]) if peer else None,
+            user_agent=request.headers.get("User-Agent"),
+            request_id=None,
+        )
         if isinstance(session.upstream, DesktopUpstream):
             session.upstream.attach(connection, session)
         # If the handshake never completes (client gone, server closing), the handler does
@@ -292,6 +303,7 @@ class Gateway:
         if session is None or session.started:
             return
         self.sessions.attach(session)
+        self.journal.opened(session)
         _log.info(
             "session opened",
             session=session.id,
@@ -308,6 +320,7 @@ class Gateway:
                 cause = await relay_agent(connection, session.upstream, session, session.stop)
         finally:
             self.sessions.detach(session, cause)
+            self.journal.closed(session, cause)
             _log.info(
                 "session closed",
                 session=session.id,

@@ -24,6 +24,8 @@ from typing import Any
 from redis.asyncio import Redis
 from websockets.frames import CloseCode
 
+from cloudbot_common import activity
+from cloudbot_common.audit import Origin
 from cloudbot_common.events import EventHub, InstanceStateEvent, revoked_session_key
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import InstanceState
@@ -73,6 +75,7 @@ class Session:
     stop: asyncio.Future[Stop]
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     upstream: Any = None
+    origin: Origin | None = None  # the client's address and user agent, for the audit log
     started: bool = False
     bytes_up: int = 0
     bytes_down: int = 0
@@ -258,6 +261,7 @@ class SessionRegistry:
                     client=pipe,
                 )
                 pipe.exists(revoked_session_key(session.login_session_id))
+            activity.mark(pipe, {s.instance_id for s in sessions})  # in use: not idle
             results = await pipe.execute()
         states = await self._states({s.instance_id for s in sessions})
         for i, session in enumerate(sessions):

@@ -6,15 +6,15 @@ from fastapi import APIRouter, Depends, Response, status
 
 from cloudbot_api.api_keys.schemas import ApiKeyCreate, ApiKeyOut, ApiKeyReplace
 from cloudbot_api.api_keys.service import ApiKeyService
-from cloudbot_api.deps import CurrentPrincipal, ResourcesDep, UowDep
+from cloudbot_api.deps import AuditorDep, CurrentPrincipal, ResourcesDep, UowDep
 from cloudbot_api.errors import problem_responses
 from cloudbot_common.providers import Provider
 
 router = APIRouter(prefix="/user/api-keys", tags=["api keys"])
 
 
-def get_service(uow: UowDep, resources: ResourcesDep) -> ApiKeyService:
-    return ApiKeyService(uow, vault=resources.vault)
+def get_service(uow: UowDep, resources: ResourcesDep, audit: AuditorDep) -> ApiKeyService:
+    return ApiKeyService(uow, vault=resources.vault, audit=audit)
 
 
 ServiceDep = Annotated[ApiKeyService, Depends(get_service)]
@@ -41,7 +41,7 @@ async def create_key(
     body: ApiKeyCreate, principal: CurrentPrincipal, service: ServiceDep
 ) -> ApiKeyOut:
     return ApiKeyOut.model_validate(
-        await service.create(principal.user_id, body.provider, body.key)
+        await service.create(principal.user_id, body.provider, body.key, actor=principal.actor)
     )
 
 
@@ -54,7 +54,9 @@ async def create_key(
 async def replace_key(
     provider: Provider, body: ApiKeyReplace, principal: CurrentPrincipal, service: ServiceDep
 ) -> ApiKeyOut:
-    return ApiKeyOut.model_validate(await service.put(principal.user_id, provider, body.key))
+    return ApiKeyOut.model_validate(
+        await service.put(principal.user_id, provider, body.key, actor=principal.actor)
+    )
 
 
 @router.delete(
@@ -66,5 +68,5 @@ async def replace_key(
 async def delete_key(
     provider: Provider, principal: CurrentPrincipal, service: ServiceDep
 ) -> Response:
-    await service.delete(principal.user_id, provider)
+    await service.delete(principal.user_id, provider, actor=principal.actor)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -23,20 +23,27 @@ from cloudbot_api.auth.schemas import (
     UserOut,
 )
 from cloudbot_api.auth.service import AuthService
-from cloudbot_api.deps import ClientAddress, CurrentPrincipal, ResourcesDep, UowDep
+from cloudbot_api.deps import (
+    AuditorDep,
+    ClientAddress,
+    CurrentLogin,
+    ResourcesDep,
+    UowDep,
+)
 from cloudbot_api.errors import ProblemError, problem_responses
 from cloudbot_api.resources import Resources
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
 
-def get_service(uow: UowDep, resources: ResourcesDep) -> AuthService:
+def get_service(uow: UowDep, resources: ResourcesDep, audit: AuditorDep) -> AuthService:
     return AuthService(
         uow,
         passwords=resources.passwords,
         tokens=resources.tokens,
         redis=resources.redis,
         settings=resources.settings,
+        audit=audit,
     )
 
 
@@ -110,9 +117,12 @@ async def _rotate(
 
 
 @router.get(
-    "/me", response_model=UserOut, summary="The signed-in user", responses=problem_responses(401)
+    "/me",
+    response_model=UserOut,
+    summary="The signed-in user",
+    responses=problem_responses(401, 403),
 )
-async def me(principal: CurrentPrincipal, service: ServiceDep) -> UserOut:
+async def me(principal: CurrentLogin, service: ServiceDep) -> UserOut:
     return UserOut.model_validate(await service.me(principal.user_id))
 
 
@@ -120,10 +130,10 @@ async def me(principal: CurrentPrincipal, service: ServiceDep) -> UserOut:
     "/logout",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="End this login session (its access and refresh tokens stop working)",
-    responses=problem_responses(401),
+    responses=problem_responses(401, 403),
 )
-async def logout(principal: CurrentPrincipal, service: ServiceDep) -> Response:
-    await service.logout(principal.session_id)
+async def logout(principal: CurrentLogin, service: ServiceDep) -> Response:
+    await service.logout(principal.user_id, principal.session_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -135,12 +145,12 @@ async def logout(principal: CurrentPrincipal, service: ServiceDep) -> Response:
         "Every access and refresh token of the account stops working, this one's too, "
         "and its open desktop and agent connections close."
     ),
-    responses=problem_responses(401),
+    responses=problem_responses(401, 403),
 )
 async def logout_all(
-    principal: CurrentPrincipal, service: ServiceDep, resources: ResourcesDep
+    principal: CurrentLogin, service: ServiceDep, resources: ResourcesDep
 ) -> Response:
-    await service.logout_all(principal.user_id)
+    await service.logout_all(principal.user_id, actor=principal.actor)
     response = Response(status_code=status.HTTP_204_NO_CONTENT)
     clear_refresh_cookie(response, resources.settings)
     return response

@@ -7,10 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
 
+from cloudbot_api.audit.service import Auditor
 from cloudbot_api.auth.repository import AuthRepository
 from cloudbot_api.auth.schemas import TokenPair
 from cloudbot_api.errors import ProblemError
 from cloudbot_api.unit_of_work import UnitOfWork
+from cloudbot_common.audit import Action
 from cloudbot_common.events import revoke_login_session
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import LoginSession, RefreshToken, User
@@ -40,8 +42,10 @@ class AuthService:
         tokens: TokenCodec,
         redis: Redis,
         settings: Settings,
+        audit: Auditor,
     ) -> None:
         self.uow = uow
+        self.audit = audit
         self.repo = AuthRepository(uow.session)
         self.passwords = passwords
         self.tokens = tokens
@@ -54,6 +58,9 @@ class AuthService:
         user = User(id=uuid.uuid4(), email=email, password_hash=await self.passwords.hash(password))
         if not await self.repo.add_unless_taken(user):  # a concurrent signup won the race
             raise _email_taken()
+        self.audit.record(
+            Action.SIGNUP, user_id=user.id, actor="anonymous", target=f"user:{user.id}"
+        )
         log.info("user signed up", user_id=str(user.id))
         return user
 
@@ -62,6 +69,9 @@ class AuthService:
         # Verified even when the user is unknown (against a dummy hash): same answer, same time.
         ok = await self.passwords.verify(user.password_hash if user else None, password)
         if user is None or not ok:
+            if user is not None:  # the owner sees attempts on their account
+                self.audit.record(Action.LOGIN_FAILED, user_id=user.id, actor="anonymous")
+                self.uow.keep_on_error()
             raise INVALID_CREDENTIALS
         if self.passwords.needs_rehash(user.password_hash):
             user.password_hash = await self.passwords.hash(password)
@@ -74,6 +84,7 @@ class AuthService:
             user_agent=(user_agent or "")[:512] or None,
         )
         await self.repo.add(login)
+        self.audit.record(Action.LOGIN, user_id=user.id, actor=f"session:{login.id}")
         log.info("user logged in", user_id=str(user.id), session_id=str(login.id))
         return await self._issue_pair(user.id, login.id, now)
 
@@ -97,6 +108,9 @@ class AuthService:
             raise _invalid_refresh()
         if token.used_at is not None:
             await self.end_session(login.id, "refresh_token_reused", now)
+            self.audit.record(
+                Action.REFRESH_REUSED, user_id=login.user_id, actor=f"session:{login.id}"
+            )
             log.warning(
                 "refresh token reused; login session revoked",
                 user_id=str(login.user_id),
@@ -130,16 +144,18 @@ class AuthService:
         """End a login session named by a refresh token, once checked to be the user's."""
         login = await self.repo.login_session_for_update(session_id)
         if login is not None and login.user_id == user_id and login.revoked_at is None:
-            await self.logout(session_id)
+            await self.logout(user_id, session_id)
 
-    async def logout_all(self, user_id: uuid.UUID) -> None:
+    async def logout_all(self, user_id: uuid.UUID, *, actor: str) -> None:
         """End every login session of the account (personal access tokens stay)."""
         ended = await self.repo.revoke_all_sessions(user_id, "logout_all", datetime.now(UTC))
         self._announce_ended(ended)
+        self.audit.record(Action.LOGOUT, user_id=user_id, actor=actor, everywhere=len(ended))
         log.info("user logged out everywhere", user_id=str(user_id), sessions=len(ended))
 
-    async def logout(self, session_id: uuid.UUID) -> None:
+    async def logout(self, user_id: uuid.UUID, session_id: uuid.UUID) -> None:
         await self.end_session(session_id, "logout", datetime.now(UTC))
+        self.audit.record(Action.LOGOUT, user_id=user_id, actor=f"session:{session_id}")
         log.info("user logged out", session_id=str(session_id))
 
     async def me(self, user_id: uuid.UUID) -> User:

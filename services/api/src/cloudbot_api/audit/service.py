@@ -1,0 +1,51 @@
+"""The audit log as the API writes and reads it. Other domains' services take an `Auditor`
+(made per request with the client's origin) and record their actions through it."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from cloudbot_api.audit.repository import AuditRepository
+from cloudbot_api.audit.schemas import AuditEventOut, AuditPage
+from cloudbot_api.unit_of_work import UnitOfWork
+from cloudbot_common.audit import Action, Origin, record
+
+
+class Auditor:
+    def __init__(self, uow: UnitOfWork, *, origin: Origin) -> None:
+        self._session = uow.session
+        self.origin = origin
+
+    def record(
+        self,
+        action: Action,
+        *,
+        user_id: uuid.UUID | None,
+        actor: str,
+        target: str | None = None,
+        **details: Any,
+    ) -> None:
+        record(
+            self._session,
+            action,
+            user_id=user_id,
+            actor=actor,
+            origin=self.origin,
+            target=target,
+            **details,
+        )
+
+
+class AuditService:
+    def __init__(self, uow: UnitOfWork) -> None:
+        self.repo = AuditRepository(uow.session)
+
+    async def page(self, user_id: uuid.UUID, before: int | None, limit: int) -> AuditPage:
+        rows = await self.repo.page(user_id, before, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return AuditPage(
+            items=[AuditEventOut.model_validate(r) for r in rows],
+            next_before=rows[-1].id if more and rows else None,
+        )
