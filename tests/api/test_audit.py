@@ -11,7 +11,7 @@ from tests.conftest import SECRETS, make_user
 from tests.support.clients import fake_client_address
 
 
-async def audit(http: httpx.AsyncClient, headers: dict[str, str], **params: object) -> dict:
+async def audit(http: httpx.AsyncClient, headers: dict[str, str], **params: int) -> dict:
     r = await http.get("/api/user/audit", headers=headers, params=params)
     assert r.status_code == 200, r.text
     return r.json()
