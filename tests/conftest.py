@@ -103,6 +103,8 @@ def base_env(database_url: str, redis_url: str) -> dict[str, str]:
         "LOCAL_STATE_DIR": str(LOG_DIR.parent / ".local" / f"test-{os.getpid()}"),
         "OUTBOX_RELAY_AFTER_SECONDS": "3",
         "RECONCILE_INTERVAL_SECONDS": "2",
+        # A killed beat's schedule lock frees in seconds, not the default half minute.
+        "BEAT_LOCK_TTL_SECONDS": "3",
     }
 
 

@@ -16,7 +16,7 @@ import threading
 import urllib.parse
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -56,6 +56,7 @@ FAST_RETRIES = {
     "TASK_RETRY_BACKOFF_MAX_SECONDS": "1",
     "OUTBOX_RELAY_AFTER_SECONDS": "3",
     "RECONCILE_INTERVAL_SECONDS": "2",
+    "BEAT_LOCK_TTL_SECONDS": "3",
 }
 
 
@@ -81,6 +82,13 @@ class RedisServer:
             self._proc.stop()
             self._proc = None
         wait_for(self._refused, 10, "redis-server to stop")
+
+    def kill(self) -> None:
+        """Crash it: SIGKILL, and everything it held is gone (nothing is kept on disk)."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.popen.wait(10)
+        self.stop()
 
     def _refused(self) -> bool:
         try:
@@ -200,6 +208,17 @@ _NO_INSTANCES_XML = (
 )
 
 
+_INSTANCE_ID = re.compile(rb"<instanceId>(i-[0-9a-f]+)</instanceId>")
+
+
+@dataclass
+class _Hold:
+    release: threading.Event
+    before: bool
+    answer: bool
+    matching: Callable[[bytes], bool] | None
+
+
 class Ec2FaultProxy:
     """Forwards EC2 query requests to moto, except for the actions told to fail (with the
     error XML EC2 sends), to hang after moto has acted (a response that never comes), or,
@@ -212,8 +231,12 @@ class Ec2FaultProxy:
         self.requests: defaultdict[str, list[dict[str, list[str]]]] = defaultdict(list)
         self._blind: dict[str, int] = {}
         self._faults: dict[str, Fault] = {}
-        self._holds: dict[str, threading.Event] = {}
+        self._holds: dict[str, _Hold] = {}
         self.held = threading.Event()
+        # The address the last held call came from, to tell which process made it.
+        self.held_client: tuple[str, int] | None = None
+        # Machine ids RunInstances answered with, in order.
+        self.launched: list[str] = []
         self._lock = threading.Lock()
         proxy = self
 
@@ -239,8 +262,8 @@ class Ec2FaultProxy:
         return self
 
     def __exit__(self, *_: object) -> None:
-        for event in self._holds.values():
-            event.set()
+        for hold in self._holds.values():
+            hold.release.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -267,12 +290,27 @@ class Ec2FaultProxy:
             self.calls.clear()
             self.requests.clear()
             self._blind.clear()
+            for hold in self._holds.values():
+                hold.release.set()
+            self._holds.clear()
             self.held.clear()
+            self.held_client = None
+            self.launched.clear()
 
-    def hold(self, action: str) -> threading.Event:
-        """Let moto act on `action`, then keep the caller waiting until released."""
+    def hold(
+        self,
+        action: str,
+        *,
+        before: bool = False,
+        answer: bool = False,
+        matching: Callable[[bytes], bool] | None = None,
+    ) -> threading.Event:
+        """Keep the next caller of `action` (whose request body satisfies `matching`)
+        waiting until released: after moto has acted, or `before` it has. Once released,
+        the held call is forwarded if it was held before, and answered if `answer`; else
+        the caller is expected to have died meanwhile and gets nothing."""
         release = threading.Event()
-        self._holds[action] = release
+        self._holds[action] = _Hold(release, before, answer, matching)
         return release
 
     def _serve(self, handler: BaseHTTPRequestHandler, action: str, body: bytes) -> None:
@@ -297,18 +335,32 @@ class Ec2FaultProxy:
         headers = {
             k: v for k, v in handler.headers.items() if k.lower() not in ("host", "content-length")
         }
+        with self._lock:
+            hold = self._holds.get(action)
+            if hold is not None and (hold.matching is None or hold.matching(body)):
+                del self._holds[action]
+            else:
+                hold = None
+        if hold is not None and hold.before:
+            self._wait_released(handler, hold)
         upstream = httpx.post(self.upstream + handler.path, content=body, headers=headers)
-        release = self._holds.pop(action, None)
-        if release is not None:
-            self.held.set()
-            release.wait(120)
-            return  # the caller is expected to have died meanwhile
+        if action == "RunInstances":
+            self.launched.extend(m.decode() for m in _INSTANCE_ID.findall(upstream.content))
+        if hold is not None and not hold.before:
+            self._wait_released(handler, hold)
+            if not hold.answer:
+                return
         self._reply(
             handler,
             upstream.status_code,
             upstream.content,
             upstream.headers.get("content-type", "text/xml"),
         )
+
+    def _wait_released(self, handler: BaseHTTPRequestHandler, hold: _Hold) -> None:
+        self.held_client = handler.client_address
+        self.held.set()
+        hold.release.wait(120)
 
     @staticmethod
     def _reply(handler: BaseHTTPRequestHandler, status: int, body: bytes, ctype: str) -> None:

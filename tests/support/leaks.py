@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 TOKEN_SHAPES = re.compile(
     rb"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}|\bcb[a-z]_[A-Za-z0-9_-]{20,}"
@@ -21,4 +22,29 @@ def find_leaks(log_dir: Path, secrets: Iterable[str]) -> list[str]:
             leaks.add(f"{path.name}: a registered secret")
         if TOKEN_SHAPES.search(data):
             leaks.add(f"{path.name}: token-shaped text")
+    return sorted(leaks)
+
+
+def redis_leaks(redis: Any, secrets: Iterable[str]) -> list[str]:
+    """Each Redis key whose value holds a registered secret or text shaped like one of
+    our tokens; the queued tasks' messages, arguments included, are values too."""
+    needles = [s.encode() for s in secrets if s]
+    leaks = []
+    for key in redis.scan_iter(count=500):
+        kind = redis.type(key)
+        if kind == b"string":
+            values = [redis.get(key)]
+        elif kind == b"list":
+            values = redis.lrange(key, 0, -1)
+        elif kind == b"hash":
+            values = [v for pair in redis.hgetall(key).items() for v in pair]
+        elif kind == b"set":
+            values = list(redis.smembers(key))
+        elif kind == b"zset":
+            values = redis.zrange(key, 0, -1)
+        else:
+            values = [repr(redis.xrange(key)).encode()] if kind == b"stream" else []
+        data = b"\n".join([key, *(v for v in values if isinstance(v, bytes))])
+        if any(n in data for n in needles) or TOKEN_SHAPES.search(data):
+            leaks.append(key.decode(errors="replace"))
     return sorted(leaks)

@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     outbox_relay_after_seconds: int = 30
     reconcile_interval_seconds: int = 60
     transition_timeout_seconds: int = 600
+    # The beat that schedules holds a Redis lock this long, renewed a few times within it;
+    # another beat stands by, and takes over once a dead holder's lock expires.
+    beat_lock_ttl_seconds: int = Field(30, ge=3)
     heartbeat_stale_seconds: int = 120
 
     gateway_host: str = "127.0.0.1"

@@ -30,6 +30,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     # Opening the backend (botocore loads the EC2 model) can outlast Celery's 4 s default.
     worker_proc_alive_timeout=30,
+    # Exactly one beat schedules, however many run (a Redis lock; see beat.py).
+    beat_scheduler="cloudbot_provisioner.beat:SingleBeatScheduler",
     beat_schedule_filename=str(
         Path(tempfile.gettempdir()) / f"cloudbot-beat-{settings.control_plane_id}"
     ),
