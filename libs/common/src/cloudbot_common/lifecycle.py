@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from cloudbot_common import webhooks
 from cloudbot_common.events import InstanceStateEvent
 from cloudbot_common.models import Instance, InstanceEvent
 from cloudbot_common.models import InstanceState as S
@@ -82,6 +83,8 @@ async def _record(
     entry = InstanceEvent(instance_id=instance.id, state=instance.state, reason=reason)
     session.add(entry)
     await session.flush()
+    # Owed to the owner's webhooks, in the same transaction as the change (an outbox).
+    await webhooks.enqueue(session, instance, entry, webhooks.STATE_CHANGED)
     return InstanceStateEvent(
         event_id=entry.id,
         instance_id=str(instance.id),

@@ -138,6 +138,19 @@ class Settings(BaseSettings):
     beat_lock_ttl_seconds: int = Field(30, ge=3)
     heartbeat_stale_seconds: int = 120
 
+    # Webhooks: targets on private, loopback or link-local addresses are refused unless
+    # listed here (CIDRs); plain http only to such listed networks.
+    webhook_allowed_networks: CsvList = Field(default_factory=list)
+    webhook_timeout_seconds: float = 10.0
+    webhook_max_attempts: int = Field(12, ge=1)
+    webhook_retry_max_seconds: int = Field(3600, ge=1)
+    webhook_relay_seconds: float = Field(2.0, gt=0)
+    # Idle stop: the default for new machines (0: never), the warning's lead, the sweep's
+    # period.
+    idle_stop_minutes: int = Field(60, ge=0)
+    idle_warning_minutes: int = Field(5, ge=0)
+    idle_sweep_seconds: float = Field(30.0, gt=0)
+
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8001
     gateway_max_message_bytes: int = 1 << 20
@@ -163,6 +176,7 @@ class Settings(BaseSettings):
                 "allowed_ws_origins",
                 "trusted_proxies",
                 "ec2_security_group_ids",
+                "webhook_allowed_networks",
             ):
                 if key in data:
                     data[key] = _split_csv(data[key])

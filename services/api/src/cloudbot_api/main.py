@@ -23,6 +23,7 @@ from cloudbot_api.ratelimit import RateLimiter
 from cloudbot_api.resources import Resources
 from cloudbot_api.tokens.router import router as tokens_router
 from cloudbot_api.webapp import mount_web_app
+from cloudbot_api.webhooks.router import router as webhooks_router
 from cloudbot_common.commands import make_celery
 from cloudbot_common.db import create_engine, create_session_factory
 from cloudbot_common.events import EventHub
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(instances_router, prefix="/api")
     app.include_router(tokens_router, prefix="/api")
     app.include_router(audit_router, prefix="/api")
+    app.include_router(webhooks_router, prefix="/api")
     app.include_router(instance_agent_router)
     mount_web_app(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)

@@ -19,6 +19,8 @@ from cloudbot_provisioner.runtime import close_runtime, open_runtime
 
 RELAY_TASK = "cloudbot.provisioner.relay_outbox"
 RECONCILE_TASK = "cloudbot.provisioner.reconcile"
+WEBHOOK_RELAY_TASK = "cloudbot.webhooks.relay"
+WEBHOOK_DELIVER_TASK = "cloudbot.webhooks.deliver"
 
 settings = get_settings()
 app = make_celery(settings, "cloudbot_provisioner")
@@ -46,6 +48,11 @@ app.conf.update(
             "task": RECONCILE_TASK,
             "schedule": _reconcile_every,
             "options": {"expires": _reconcile_every},
+        },
+        "webhook-relay": {
+            "task": WEBHOOK_RELAY_TASK,
+            "schedule": settings.webhook_relay_seconds,
+            "options": {"expires": settings.webhook_relay_seconds},
         },
     },
 )

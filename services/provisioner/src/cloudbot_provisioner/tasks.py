@@ -18,8 +18,15 @@ import structlog
 from cloudbot_common.commands import Command
 from cloudbot_common.db import unit_of_work
 from cloudbot_common.logging import get_logger
-from cloudbot_provisioner import outbox_relay, reconciler, repository
-from cloudbot_provisioner.celery_app import RECONCILE_TASK, RELAY_TASK, app, settings
+from cloudbot_provisioner import outbox_relay, reconciler, repository, webhook_delivery
+from cloudbot_provisioner.celery_app import (
+    RECONCILE_TASK,
+    RELAY_TASK,
+    WEBHOOK_DELIVER_TASK,
+    WEBHOOK_RELAY_TASK,
+    app,
+    settings,
+)
 from cloudbot_provisioner.errors import PermanentError, TransientError
 from cloudbot_provisioner.instances import handlers
 from cloudbot_provisioner.runtime import Runtime, get_runtime
@@ -175,3 +182,29 @@ def reconcile() -> dict[str, int]:
         # The next run tries again; nothing is lost by skipping this one.
         log.warning("reconciliation skipped", reason=e.reason)
         return {}
+
+
+@_task(WEBHOOK_RELAY_TASK, ignore_result=True)
+def relay_webhooks() -> int:
+    """Hand each (webhook, machine) pair with a delivery due to a worker."""
+    rt = _runtime()
+    pairs = rt.run(webhook_delivery.due_pairs(rt))
+    for webhook_id, instance_id in pairs:
+        app.send_task(
+            WEBHOOK_DELIVER_TASK,
+            kwargs={
+                "webhook_id": str(webhook_id),
+                "instance_id": str(instance_id) if instance_id else None,
+            },
+            # A pair's next relay sends it again if this one waited too long.
+            expires=max(rt.settings.webhook_relay_seconds * 5, 10),
+        )
+    return len(pairs)
+
+
+@_task(WEBHOOK_DELIVER_TASK, ignore_result=True)
+def deliver_webhooks(webhook_id: str, instance_id: str | None) -> int:
+    """Send one pair's due deliveries in order (their retries are counted in Postgres)."""
+    rt = _runtime()
+    iid = uuid.UUID(instance_id) if instance_id else None
+    return rt.run(webhook_delivery.deliver_pair(rt, uuid.UUID(webhook_id), iid))
