@@ -47,6 +47,28 @@ def test_secret_fields_and_token_text_are_redacted(captured):
     assert lines[2]["service"] == "test"
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sk-" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8S9t0",
+        "sk-proj-" + "Ab12_Cd34-Ef56Gh78Ij90Kl12Mn34Op56",
+        "sk-ant-api03-" + "Zz9_Yy8-Xx7Ww6Vv5Uu4Tt3Ss2Rr1Qq0Pp",
+    ],
+)
+def test_provider_keys_in_free_text_are_redacted(captured, key):
+    log = get_logger("t")
+    log.warning(f"provider refused the key {key}: invalid")
+    log.info("upstream said", detail=f'{{"error": "bad key \'{key}\'"}}')
+    logging.getLogger("std").error("calling provider with %s failed", key)
+    lines = captured()
+    assert key not in json.dumps(lines)
+    assert lines[0]["event"].startswith("provider refused the key sk-")
+    assert "[redacted]: invalid" in lines[0]["event"]
+    # Words that merely start alike are left alone.
+    log.info("task-sk-12 and desk-topology stay")
+    assert captured()[-1]["event"] == "task-sk-12 and desk-topology stay"
+
+
 def test_leak_scan_finds_secrets_and_token_shapes(tmp_path: Path):
     (tmp_path / "clean.log").write_text('{"event": "request", "path": "/api/auth/login"}\n')
     assert find_leaks(tmp_path, ["a-registered-secret"]) == []

@@ -18,12 +18,15 @@ _SECRET_FIELD = re.compile(
     r"pass(word)?|secret|token|authorization|api[_-]?key|credential|cookie|ticket|ciphertext",
     re.IGNORECASE,
 )
-# Bearer tokens, JWTs and our own opaque token prefixes, wherever they appear in text.
+# Bearer tokens, JWTs, our own opaque token prefixes and model providers' API keys
+# (OpenAI's sk-... and sk-proj-..., Anthropic's sk-ant-...), wherever they appear in text.
+# The named prefixes stay in front of the redaction mark; what follows them goes.
 _SECRET_TEXT = re.compile(
-    r"(Bearer\s+)\S+"
+    r"(?P<bearer>Bearer\s+)\S+"
     r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
-    r"|\b(cb[a-z]_)[A-Za-z0-9_-]{16,}"
-    r"|([?&](ticket|token|access_token)=)[^&\s\"']+",
+    r"|\b(?P<opaque>cb[a-z]_)[A-Za-z0-9_-]{16,}"
+    r"|(?<![A-Za-z0-9_-])(?P<provider>sk-(?:ant-|proj-)?)[A-Za-z0-9_-]{12,}"
+    r"|(?P<param>[?&](?:ticket|token|access_token)=)[^&\s\"']+",
     re.IGNORECASE,
 )
 REDACTED = "[redacted]"
@@ -31,8 +34,8 @@ REDACTED = "[redacted]"
 
 def redact_text(text: str) -> str:
     def repl(m: re.Match[str]) -> str:
-        prefix = m.group(1) or m.group(2) or m.group(3) or ""
-        return prefix + REDACTED
+        kept = m.group("bearer") or m.group("opaque") or m.group("provider") or m.group("param")
+        return (kept or "") + REDACTED
 
     return _SECRET_TEXT.sub(repl, text)
 
