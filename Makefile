@@ -51,11 +51,11 @@ desktop-deps: ## Install Xvfb, x11vnc and xterm for local desktops (Debian; as r
 .PHONY: dev
 dev: migrate desktop-deps ## Run the whole stack locally (api, worker, beat, gateway, Flower)
 	@mkdir -p .local
-	LOG_JSON=false $(UV) run --frozen honcho --procfile Procfile.dev --env /dev/null start
+	ENVIRONMENT=development LOG_JSON=false $(UV) run --frozen honcho --procfile Procfile.dev --env /dev/null start
 
 .PHONY: test
 test: install ## Run the full test suite (creates its own databases)
-	$(UV) run --frozen pytest $(PYTEST_ARGS)
+	ENVIRONMENT=test $(UV) run --frozen pytest $(PYTEST_ARGS)
 
 .PHONY: lint
 lint: install ## ruff and mypy
@@ -70,7 +70,7 @@ fmt: install ## Format and auto-fix
 
 .PHONY: bench
 bench: install ## Run the benchmarks, each figure beside its anchor from the same run
-	$(UV) run --frozen python -m bench
+	ENVIRONMENT=test $(UV) run --frozen python -m bench
 
 .PHONY: clean
 clean: ## Remove the virtual environment and caches

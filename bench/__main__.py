@@ -319,7 +319,7 @@ def main() -> None:
         sys.exit(f"open file limit {hard} is too low for {plan.idle} connections")
     # On SIGTERM, unwind through the stack's clean-up (stop processes, drop the database).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    settings = Settings()
+    settings = Settings(environment="test")
     redis_db = os.environ.get("BENCH_REDIS_DB", "15")
     redis_url = urlsplit(settings.redis_url)._replace(path=f"/{redis_db}").geturl()
     with stack(settings, redis_url) as s:

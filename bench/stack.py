@@ -180,7 +180,7 @@ async def _prepare_database(
     database_url = url.set(database=name).render_as_string(hide_password=False)
     migrate = await asyncio.create_subprocess_exec(
         PYTHON, "-m", "cloudbot_common.migrate", "upgrade", "head",
-        env={**os.environ, "DATABASE_URL": database_url},
+        env={**os.environ, "ENVIRONMENT": "test", "DATABASE_URL": database_url},
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     if await migrate.wait() != 0:
@@ -228,6 +228,7 @@ def _start_gateway(name: str, port: int, database_url: str, redis_url: str, **en
         name,
         [PYTHON, "-m", "cloudbot_gateway"],
         {
+            "ENVIRONMENT": "test",
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "GATEWAY_PORT": str(port),

@@ -28,6 +28,11 @@ REDIS_BASE = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REDIS_FIRST_DB = int(os.environ.get("TEST_REDIS_DB", "8"))
 
 
+# Settings made in the test process itself (and anything it starts without `base_env`)
+# take the development secrets: say so, since an unset ENVIRONMENT means production.
+os.environ.setdefault("ENVIRONMENT", "test")
+
+
 def _worker_index() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     return int(worker.removeprefix("gw") or 0)
@@ -66,7 +71,7 @@ def database_url() -> Iterator[str]:
     url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
     subprocess.run(
         [PYTHON, "-m", "cloudbot_common.migrate", "upgrade", "head"],
-        env={**os.environ, "DATABASE_URL": url},
+        env={**os.environ, "ENVIRONMENT": "test", "DATABASE_URL": url},
         check=True,
     )
     yield url

@@ -8,15 +8,23 @@ from pydantic import ValidationError
 from cloudbot_common.settings import Settings
 
 STRONG: dict[str, Any] = {
-    "jwt_access_secret": "a" * 40 + "strong-access",
-    "jwt_refresh_secret": "b" * 40 + "strong-refresh",
+    "jwt_access_secret": "Jq3v_8ZkWm2Lr7Tn5Yc1Px9Hb4Gd6Fs0Ae-Ui",
+    "jwt_refresh_secret": "R2d-7Nx4Kp9Vq1Lm6Wz3Ty8Hc5Bf0Gj_Se",
     "encryption_key": "q9Qf0aH3Pq8VfYcJ8b3CwK3Jj8m2x3X4nM5v7o1pZ0k=",
-    "agent_token_secret": "c" * 40,
+    "agent_token_secret": "A8s_D7f6G5h4J3k2L1z0X9c8V7b6N5m4Q3w2E1",
     "flower_password": "a real flower password",
     "local_dev_mode": False,
     "ec2_subnet_id": "subnet-0123456789abcdef0",
     "ec2_security_group_ids": "sg-0123456789abcdef0",
+    "public_api_url": "https://api.cloudbot.example",
+    "public_gateway_url": "wss://gateway.cloudbot.example",
 }
+
+
+@pytest.fixture(autouse=True)
+def _no_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The test run sets ENVIRONMENT=test for the services; these tests say what they mean.
+    monkeypatch.delenv("ENVIRONMENT", raising=False)
 
 
 def test_production_refuses_development_secrets_naming_them():
@@ -51,9 +59,53 @@ def test_production_refuses_to_launch_without_a_private_subnet_and_security_grou
         Settings(environment="production", _env_file=None, **{**STRONG, missing: ""})
 
 
+def test_unset_environment_means_production_rules():
+    with pytest.raises(ValidationError) as info:
+        Settings(_env_file=None)
+    text = str(info.value)
+    assert "ENVIRONMENT is not set" in text
+    assert "JWT_ACCESS_SECRET" in text
+    assert "LOCAL_DEV_MODE" in text
+    # Real secrets and no local desktops: production without saying so is fine.
+    assert Settings(_env_file=None, **STRONG).environment == "production"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("jwt_access_secret", "short-but-not-dev"),
+        ("jwt_refresh_secret", "ab" * 24),
+        ("agent_token_secret", "x" * 64),
+        ("agent_token_secret", "tooshort"),
+        ("flower_password", "flower"),
+        ("flower_password", "aaaaaaaaaaaaaaaaaaaaaaaa"),
+        ("encryption_key", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+        ("encryption_key", "not-a-fernet-key"),
+        ("encryption_key", STRONG["encryption_key"] + ",c2hvcnQ="),
+    ],
+)
+def test_production_refuses_weak_secrets(name: str, value: str):
+    with pytest.raises(ValidationError, match=name.upper()):
+        Settings(environment="production", _env_file=None, **{**STRONG, name: value})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("public_api_url", "http://api.cloudbot.example"),
+        ("public_gateway_url", "ws://gateway.cloudbot.example"),
+        ("public_gateway_url", "https://gateway.cloudbot.example"),
+    ],
+)
+def test_production_requires_tls_public_urls(name: str, value: str):
+    with pytest.raises(ValidationError, match=name.upper()):
+        Settings(environment="production", _env_file=None, **{**STRONG, name: value})
+
+
 def test_development_defaults_are_fine_and_lists_parse():
     settings = Settings(
         _env_file=None,
+        environment="development",
         cors_origins="http://a.test, http://b.test",
         instance_sizes="small=t3.small,big=m7i.xlarge",
     )

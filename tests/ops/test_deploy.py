@@ -126,6 +126,8 @@ def test_compose_settings_come_from_the_env_file(compose: dict[str, Any]) -> Non
     assert set(env_file_values) <= known, set(env_file_values) - known
     for name in CLOUDBOT_SERVICES:
         env = services[name]["environment"]
+        # Said in so many words: an unset ENVIRONMENT means production rules.
+        assert env["ENVIRONMENT"] == "development", name
         assert env["LOCAL_DEV_MODE"] == "true", name
         assert env["DATABASE_URL"].startswith("postgresql+asyncpg://"), name
         assert "@postgres:5432/" in env["DATABASE_URL"], name

@@ -76,7 +76,7 @@ def find_task(flower: Flower, task_id: str, timeout: float = 20) -> dict[str, ob
 
 
 def test_flower_lists_a_provisioning_command(flower: Flower, private_env: dict[str, str]) -> None:
-    settings = Settings(redis_url=private_env["REDIS_URL"])
+    settings = Settings(redis_url=private_env["REDIS_URL"], environment="test")
     celery = make_celery(settings, "flower-test-producer")
     instance_id, command_id = uuid.uuid4(), uuid.uuid4()
     try:

@@ -405,7 +405,7 @@ def provisioner(
     node = f"{name}-{secrets.token_hex(3)}@{socket.gethostname()}"
     broker = env.get("CELERY_BROKER_URL") or env["REDIS_URL"]
     control = make_celery(
-        Settings(redis_url=broker, celery_broker_url=broker), "tests-control"
+        Settings(redis_url=broker, celery_broker_url=broker, environment="test"), "tests-control"
     ).control
     proc = Process(name, worker_argv(node, state_dir, beat=beat), env)
     try:
@@ -425,7 +425,8 @@ class Db:
         self.engine: AsyncEngine = create_async_engine(database_url, poolclass=NullPool)
         self.sessions = create_session_factory(self.engine)
         self.celery = make_celery(
-            Settings(redis_url=broker_url, celery_broker_url=broker_url), "tests"
+            Settings(redis_url=broker_url, celery_broker_url=broker_url, environment="test"),
+            "tests",
         )
 
     async def close(self) -> None:

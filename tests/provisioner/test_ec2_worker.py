@@ -57,7 +57,7 @@ async def test_full_lifecycle(worker, db, ec2, ec2_env, secret_registry):
     assert tags["cloudbot:owner-id"] == str(owner)
     assert tags["cloudbot:control-plane"] == ec2_env["CONTROL_PLANE_ID"]
     assert machine["InstanceType"] == "t3.small"
-    assert machine["ImageId"] == Settings().ec2_ami_id
+    assert machine["ImageId"] == Settings(environment="test").ec2_ami_id
     assert await db.open_commands(instance_id) == 0
 
     await db.command(instance_id, Command.STOP, S.STOPPING)
@@ -159,7 +159,7 @@ async def test_reconciler_terminates_machines_without_a_live_row(worker, db, ec2
             {"Key": "cloudbot:instance-id", "Value": instance_id},
         ]
         r = ec2.run_instances(
-            ImageId=Settings().ec2_ami_id,
+            ImageId=Settings(environment="test").ec2_ami_id,
             InstanceType="t3.small",
             MinCount=1,
             MaxCount=1,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Self
@@ -31,6 +33,35 @@ class Environment(StrEnum):
     PRODUCTION = "production"
 
 
+# Minimum strength of each secret in production: (characters, distinct characters). A
+# secret made with `secrets.token_urlsafe(48)` has 64 characters and about 40 distinct.
+_SECRET_STRENGTH = {
+    "jwt_access_secret": (32, 16),
+    "jwt_refresh_secret": (32, 16),
+    "agent_token_secret": (32, 16),
+    "flower_password": (16, 8),
+}
+# A Fernet key is 32 random bytes; a random one has about 30 distinct byte values.
+_FERNET_KEY_MIN_DISTINCT_BYTES = 16
+
+
+def _weak_fernet_keys(value: str) -> str | None:
+    """Why the comma-separated Fernet keys in `value` are unfit, or None if they are fit."""
+    keys = [k.strip() for k in value.split(",") if k.strip()]
+    if not keys:
+        return "is missing"
+    for key in keys:
+        try:
+            raw = base64.urlsafe_b64decode(key.encode())
+        except (binascii.Error, ValueError):
+            return "holds a key that is not url-safe base64"
+        if len(raw) != 32:
+            return "holds a key that is not 32 bytes (a Fernet key)"
+        if len(set(raw)) < _FERNET_KEY_MIN_DISTINCT_BYTES:
+            return "holds a key that is not random (generate it with Fernet.generate_key())"
+    return None
+
+
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -54,7 +85,9 @@ class Settings(BaseSettings):
         env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
     )
 
-    environment: Environment = Environment.DEVELOPMENT
+    # Unset means production: the development secrets and LOCAL_DEV_MODE are only accepted
+    # when ENVIRONMENT says development or test in so many words.
+    environment: Environment = Environment.PRODUCTION
     log_level: str = "INFO"
     log_json: bool = True
     control_plane_id: str = "cloudbot-local"
@@ -186,7 +219,7 @@ class Settings(BaseSettings):
         return data
 
     @model_validator(mode="after")
-    def _refuse_dev_secrets_in_production(self) -> Self:
+    def _refuse_weak_configuration_in_production(self) -> Self:
         if self.environment is not Environment.PRODUCTION:
             return self
         problems = []
@@ -201,8 +234,19 @@ class Settings(BaseSettings):
             value = secret.get_secret_value()
             if not value or value in _DEV_VALUES or any(v in value for v in _DEV_VALUES):
                 problems.append(f"{name.upper()} is missing or left at its development default")
-            elif name.startswith("jwt_") and len(value) < 32:
-                problems.append(f"{name.upper()} must be at least 32 characters")
+            elif name == "encryption_key":
+                if why := _weak_fernet_keys(value):
+                    problems.append(f"ENCRYPTION_KEY {why}")
+            else:
+                length, distinct = _SECRET_STRENGTH[name]
+                if len(value) < length or len(set(value)) < distinct:
+                    problems.append(
+                        f"{name.upper()} is too weak: at least {length} characters, "
+                        f"{distinct} of them different"
+                    )
+        for name, value in self.jwt_previous_access_secrets.items():
+            if len(value.get_secret_value()) < _SECRET_STRENGTH["jwt_access_secret"][0]:
+                problems.append(f"JWT_PREVIOUS_ACCESS_SECRETS: the secret of {name} is too short")
         if self.local_dev_mode:
             problems.append("LOCAL_DEV_MODE must be false in production")
         if not self.local_dev_mode and not (self.ec2_subnet_id and self.ec2_security_group_ids):
@@ -212,7 +256,17 @@ class Settings(BaseSettings):
             )
         if "*" in self.cors_origins:
             problems.append("CORS_ORIGINS must not contain '*' in production")
+        if not self.public_api_url.startswith("https://"):
+            problems.append("PUBLIC_API_URL must be an https:// URL in production")
+        if not self.public_gateway_url.startswith("wss://"):
+            problems.append("PUBLIC_GATEWAY_URL must be a wss:// URL in production")
         if problems:
+            if "environment" not in self.model_fields_set:
+                problems.insert(
+                    0,
+                    "ENVIRONMENT is not set, so production rules apply (set it to "
+                    "development or test on a laptop)",
+                )
             raise ValueError("; ".join(problems))
         return self
 
