@@ -228,7 +228,7 @@ async def run(s: Stack, plan: Plan) -> dict[str, object]:
         "cpus": os.cpu_count(),
         "gateway_workers": GATEWAY_WORKERS,
     }
-    metrics = httpx.get(f"http://127.0.0.1:{s.gateway_port}/metrics", timeout=5).text
+    metrics = httpx.get(f"http://127.0.0.1:{s.gateway_metrics_port}/metrics", timeout=5).text
     figures["zero_copy"] = "cloudbot_gateway_zero_copy 1.0" in metrics
     # Memory first, on a fresh gateway, before anything else has grown its heap.
     figures["idle_bytes_per_connection"] = {

@@ -154,6 +154,7 @@ class Stack:
     source: Proc
     instance_id: uuid.UUID
     token: str
+    gateway_metrics_port: int  # the gateway's internal metrics listener
 
     @property
     def vnc_path(self) -> str:
@@ -217,12 +218,14 @@ async def _drop_database(settings: Settings, database_url: str) -> None:
         await conn.close()
 
 
-def _workers_listening(port: int) -> int:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
+def _workers_listening(metrics_port: int) -> int:
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1).text
     return int(float(text.split("\ncloudbot_gateway_workers ", 1)[1].split()[0]))
 
 
-def _start_gateway(name: str, port: int, database_url: str, redis_url: str, **env: str) -> Proc:
+def _start_gateway(
+    name: str, port: int, metrics_port: int, database_url: str, redis_url: str, **env: str
+) -> Proc:
     """The gateway with GATEWAY_WORKERS processes, once every one of them listens."""
     gateway = start(
         name,
@@ -232,6 +235,7 @@ def _start_gateway(name: str, port: int, database_url: str, redis_url: str, **en
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "GATEWAY_PORT": str(port),
+            "GATEWAY_METRICS_PORT": str(metrics_port),
             "GATEWAY_MAX_SESSIONS_PER_USER": "1000000",
             "GATEWAY_IDLE_TIMEOUT_SECONDS": "3600",
             "GATEWAY_WORKERS": str(GATEWAY_WORKERS),
@@ -242,7 +246,7 @@ def _start_gateway(name: str, port: int, database_url: str, redis_url: str, **en
     _wait(
         lambda: (
             httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-            and _workers_listening(port) == GATEWAY_WORKERS
+            and _workers_listening(metrics_port) == GATEWAY_WORKERS
         ),
         gateway,
     )
@@ -252,7 +256,7 @@ def _start_gateway(name: str, port: int, database_url: str, redis_url: str, **en
 @contextlib.contextmanager
 def stack(settings: Settings, redis_url: str) -> Iterator[Stack]:
     source_port, gateway_port, websockify_port = free_port(), free_port(), free_port()
-    copying_port = free_port()
+    copying_port, metrics_port = free_port(), free_port()
     database_url, user_id, instance_id = asyncio.run(_prepare_database(settings, source_port))
     token = TokenCodec(settings).issue(TokenType.ACCESS, user_id, uuid.uuid4()).token
     procs: list[Proc] = []
@@ -260,11 +264,12 @@ def stack(settings: Settings, redis_url: str) -> Iterator[Stack]:
         source = start("source", [PYTHON, "-m", "bench.source", str(source_port)])
         procs.append(source)
         _wait(lambda: _tcp_open(source_port), source)
-        gateway = _start_gateway("gateway", gateway_port, database_url, redis_url)
+        gateway = _start_gateway("gateway", gateway_port, metrics_port, database_url, redis_url)
         procs.append(gateway)
         copying = _start_gateway(
-            "gateway-copying", copying_port, database_url, redis_url, GATEWAY_ZERO_COPY="false"
-        )
+            "gateway-copying", copying_port, free_port(), database_url, redis_url,
+            GATEWAY_ZERO_COPY="false",
+        )  # fmt: skip
         procs.append(copying)
         websockify = start(
             "websockify",
@@ -275,7 +280,7 @@ def stack(settings: Settings, redis_url: str) -> Iterator[Stack]:
         _wait(lambda: _tcp_open(websockify_port), websockify)
         yield Stack(
             source_port, gateway_port, copying_port, websockify_port, gateway, copying,
-            websockify, source, instance_id, token,
+            websockify, source, instance_id, token, metrics_port,
         )  # fmt: skip
     finally:
         for proc in reversed(procs):

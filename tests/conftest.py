@@ -110,6 +110,10 @@ def base_env(database_url: str, redis_url: str) -> dict[str, str]:
         "RECONCILE_INTERVAL_SECONDS": "2",
         # A killed beat's schedule lock frees in seconds, not the default half minute.
         "BEAT_LOCK_TTL_SECONDS": "3",
+        # No metrics listeners unless a test asks for one on a free port: the defaults
+        # (9100, 9101) would collide between the services of parallel runs.
+        "API_METRICS_PORT": "0",
+        "GATEWAY_METRICS_PORT": "0",
     }
 
 

@@ -1,4 +1,9 @@
-"""CORS, OpenAPI documentation and the error shape on the edges of the API."""
+"""CORS, OpenAPI documentation, the error shape and the response headers on the edges of
+the API."""
+
+import httpx
+
+from tests.conftest import SECRETS
 
 
 async def test_cors_allows_only_listed_origins(http):
@@ -53,3 +58,49 @@ async def test_request_id_is_returned_and_caller_ids_are_kept(http):
     assert r.headers["x-request-id"] == "abc-123"
     r = await http.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
     assert r.headers["x-request-id"] != "bad id with spaces"
+
+
+async def test_token_answers_are_never_stored_and_nothing_is_sniffed(http, user):
+    login = await http.post(
+        "/api/auth/login", json={"email": user.email, "password": user.password}
+    )
+    refresh = await http.post(
+        "/api/auth/refresh", json={"refresh_token": login.json()["refresh_token"]}
+    )
+    for r in (login, refresh):
+        assert r.status_code == 200, r.text
+        SECRETS.add(r.json()["access_token"], r.json()["refresh_token"])
+        assert r.headers["cache-control"] == "no-store"
+        assert r.headers["x-content-type-options"] == "nosniff"
+    for r in (
+        await http.get("/api/auth/me", headers=user.headers),
+        await http.get("/api/auth/me"),  # a problem document too
+        await http.get("/healthz"),
+        await http.get("/openapi.json"),
+    ):
+        assert r.headers["x-content-type-options"] == "nosniff", r.url
+    assert (await http.get("/api/auth/me", headers=user.headers)).headers[
+        "cache-control"
+    ] == "no-store"
+
+
+async def test_hsts_only_over_https_as_a_trusted_proxy_says(api_server):
+    # The tests' trusted proxy is 127.0.0.1; 127.0.0.2 is a client connecting directly.
+    async with httpx.AsyncClient(base_url=api_server.url) as proxy:
+        over_https = await proxy.get("/healthz", headers={"X-Forwarded-Proto": "https"})
+        over_http = await proxy.get("/healthz", headers={"X-Forwarded-Proto": "http"})
+        plain = await proxy.get("/healthz")
+    assert over_https.headers["strict-transport-security"].startswith("max-age=")
+    assert "strict-transport-security" not in over_http.headers
+    assert "strict-transport-security" not in plain.headers
+    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    async with httpx.AsyncClient(base_url=api_server.url, transport=transport) as direct:
+        spoofed = await direct.get("/healthz", headers={"X-Forwarded-Proto": "https"})
+    assert spoofed.status_code == 200
+    assert "strict-transport-security" not in spoofed.headers
+
+
+async def test_metrics_are_not_on_the_public_port(http):
+    r = await http.get("/metrics")
+    assert r.status_code == 404
+    assert r.headers["content-type"].startswith("application/problem+json")

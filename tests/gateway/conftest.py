@@ -43,6 +43,7 @@ ORIGIN = "http://app.test"  # in ALLOWED_WS_ORIGINS of the test environment
 class GatewayServer:
     port: int
     pid: int
+    metrics_port: int  # the internal listener's (GATEWAY_METRICS_PORT)
 
     @property
     def ws_url(self) -> str:
@@ -57,6 +58,7 @@ def gateway_env(base_env: dict[str, str], port: int, **extra: str) -> dict[str, 
     return {
         **base_env,
         "GATEWAY_PORT": str(port),
+        "GATEWAY_METRICS_PORT": str(free_port()),
         "GATEWAY_MAX_SESSIONS_PER_USER": str(MAX_SESSIONS_PER_USER),
         **extra,
     }
@@ -69,7 +71,7 @@ def _run_gateway(name: str, env: dict[str, str], port: int) -> Iterator[GatewayS
         env,
         ready=http_ok(f"http://127.0.0.1:{port}/readyz"),
     ) as process:
-        yield GatewayServer(port, process.pid)
+        yield GatewayServer(port, process.pid, int(env["GATEWAY_METRICS_PORT"]))
 
 
 @pytest.fixture(scope="session")
@@ -316,7 +318,7 @@ async def refused(url: str, **kwargs: Any) -> Response:
 
 async def scrape(gateway: GatewayServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """The gateway's metrics: (name, sorted labels) -> value."""
-    async with httpx.AsyncClient(base_url=gateway.http_url) as client:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.metrics_port}") as client:
         text = (await client.get("/metrics")).text
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value

@@ -38,6 +38,19 @@ async def test_health_and_readiness(gateway: GatewayServer) -> None:
         }
 
 
+async def test_metrics_only_on_the_internal_listener(gateway: GatewayServer) -> None:
+    async with httpx.AsyncClient() as client:
+        public = await client.get(f"{gateway.http_url}/metrics")
+        assert public.status_code == 404
+        assert "cloudbot_gateway" not in public.text
+        internal = f"http://127.0.0.1:{gateway.metrics_port}"
+        r = await client.get(f"{internal}/metrics")
+        assert r.status_code == 200
+        assert "cloudbot_gateway_open_sessions" in r.text
+        for path in ("/healthz", "/readyz", "/"):
+            assert (await client.get(f"{internal}{path}")).status_code == 404, path
+
+
 async def test_metrics(
     gateway: GatewayServer, db: AsyncEngine, owner: Owner, desktop: Desktop
 ) -> None:
@@ -70,7 +83,7 @@ def impatient_gateway(base_env: dict[str, str]):
         env,
         ready=http_ok(f"http://127.0.0.1:{port}/readyz"),
     ) as process:
-        yield GatewayServer(port, process.pid), process
+        yield GatewayServer(port, process.pid, int(env["GATEWAY_METRICS_PORT"])), process
 
 
 async def test_idle_sessions_are_closed(

@@ -72,7 +72,7 @@ def workers_gateway(base_env: dict[str, str]) -> Iterator[tuple[GatewayServer, P
         "gateway-workers", argv, env, ready=http_ok(f"http://127.0.0.1:{port}/readyz")
     ) as process:
         wait_for(lambda: listeners(port) == WORKERS, what="every worker listening")
-        yield GatewayServer(port, process.pid), process
+        yield GatewayServer(port, process.pid, int(env["GATEWAY_METRICS_PORT"])), process
 
 
 @dataclass

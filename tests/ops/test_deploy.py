@@ -147,8 +147,9 @@ def test_compose_publishes_on_loopback_only(compose: dict[str, Any]) -> None:
         name: sorted(str(p).rsplit(":", 1)[0] for p in service.get("ports", []))
         for name, service in compose["services"].items()
     }
-    assert published["api"] == ["127.0.0.1:8000"]
-    assert published["worker"] == ["127.0.0.1:8001"]  # the gateway's, see network_mode
+    assert published["api"] == ["127.0.0.1:8000", "127.0.0.1:9100"]  # the API, its metrics
+    # The gateway's, see network_mode.
+    assert published["worker"] == ["127.0.0.1:8001", "127.0.0.1:9101"]
     assert published["flower"] == ["127.0.0.1:5555"]
     assert not published["postgres"]
     assert not published["redis"]

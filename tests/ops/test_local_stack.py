@@ -81,6 +81,7 @@ def processes_with(marker: str) -> list[int]:
 @pytest.fixture(scope="module")
 def stack(private_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     api_port, gateway_port, flower_port = free_port(), free_port(), free_port()
+    api_metrics_port, gateway_metrics_port = free_port(), free_port()
     marker = f"cloudbot-ops-stack-{secrets.token_hex(4)}"
     flower_auth = ("ops", "flower-" + secrets.token_urlsafe(18))
     SECRETS.add(flower_auth[1])
@@ -94,6 +95,8 @@ def stack(private_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
         "API_PORT": str(api_port),
         "PUBLIC_API_URL": f"http://127.0.0.1:{api_port}",
         "GATEWAY_PORT": str(gateway_port),
+        "API_METRICS_PORT": str(api_metrics_port),
+        "GATEWAY_METRICS_PORT": str(gateway_metrics_port),
         "PUBLIC_GATEWAY_URL": f"ws://127.0.0.1:{gateway_port}",
         "GATEWAY_DRAIN_TIMEOUT_SECONDS": "2",
         "FLOWER_PORT": str(flower_port),
@@ -231,7 +234,10 @@ def test_make_dev_stack_end_to_end(stack: Stack) -> None:
         assert isinstance(greeting, bytes)
         assert greeting.startswith(b"RFB 003.")
 
-        api_metrics = httpx.get(f"{stack.api}/metrics", timeout=5).text
+        # Metrics are on the internal listeners only; the public ports answer 404.
+        assert httpx.get(f"{stack.api}/metrics", timeout=5).status_code == 404
+        assert httpx.get(f"{stack.gateway}/metrics", timeout=5).status_code == 404
+        api_metrics = httpx.get(metrics_url(stack, "API"), timeout=5).text
         assert metric_value(api_metrics, "cloudbot_instances", state="running") == 1
         assert (
             metric_value(
@@ -243,12 +249,16 @@ def test_make_dev_stack_end_to_end(stack: Stack) -> None:
             )
             == 1
         )
-        gateway_metrics = httpx.get(f"{stack.gateway}/metrics", timeout=5).text
+        gateway_metrics = httpx.get(metrics_url(stack, "GATEWAY"), timeout=5).text
         assert metric_value(gateway_metrics, "cloudbot_gateway_sessions_total", channel="vnc") >= 1
     finally:
         client.delete(f"/api/instances/{instance_id}")
         wait_for_state(client, instance_id, "terminated", 60, stack)
         client.close()
+
+
+def metrics_url(stack: Stack, service: str) -> str:
+    return f"http://127.0.0.1:{stack.env[service + '_METRICS_PORT']}/metrics"
 
 
 def test_the_worker_answers_celerys_ping(stack: Stack) -> None:

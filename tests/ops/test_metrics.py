@@ -1,10 +1,11 @@
-"""The API's Prometheus endpoint: request figures by route, and the platform gauges read
-from Postgres and the broker at scrape time."""
+"""The API's Prometheus endpoint on its internal listener: request figures by route, and
+the platform gauges read from Postgres and the broker at scrape time."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import asyncpg
 import httpx
@@ -19,17 +20,23 @@ from tests.support.processes import PYTHON, free_port, http_ok, running
 REDIS_SLOT = "metrics"
 
 
+@dataclass(frozen=True)
+class Api:
+    url: str  # the public listener
+    metrics_url: str  # the internal one
+
+
 @pytest.fixture(scope="module")
-def api_url(private_env: dict[str, str]) -> Iterator[str]:
-    port = free_port()
-    env = {**private_env, "API_PORT": str(port)}
+def api(private_env: dict[str, str]) -> Iterator[Api]:
+    port, metrics_port = free_port(), free_port()
+    env = {**private_env, "API_PORT": str(port), "API_METRICS_PORT": str(metrics_port)}
     with running(
         "api-metrics",
         [PYTHON, "-m", "cloudbot_api"],
         env,
         ready=http_ok(f"http://127.0.0.1:{port}/healthz"),
     ):
-        yield f"http://127.0.0.1:{port}"
+        yield Api(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}")
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -47,22 +54,34 @@ def value(found: Samples, name: str, **labels: str) -> float:
     return found[(name, frozenset(labels.items()))]
 
 
-async def scrape(url: str) -> Samples:
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+async def scrape(api: Api) -> Samples:
+    async with httpx.AsyncClient(base_url=api.metrics_url, timeout=10) as client:
         r = await client.get("/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     return samples(r.text)
 
 
-async def test_requests_are_counted_by_route_template(api_url: str) -> None:
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
+async def test_metrics_are_served_on_the_internal_listener_only(api: Api) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        public = await client.get(f"{api.url}/metrics")
+        assert public.status_code == 404
+        assert public.headers["content-type"].startswith("application/problem+json")
+        assert "cloudbot_instances" not in public.text
+        assert (await client.get(f"{api.metrics_url}/metrics")).status_code == 200
+        # Nothing of the API is reachable on the metrics listener.
+        for path in ("/healthz", "/api/auth/me", "/docs", "/openapi.json"):
+            assert (await client.get(f"{api.metrics_url}{path}")).status_code == 404, path
+
+
+async def test_requests_are_counted_by_route_template(api: Api) -> None:
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
         for provider in ("openai", "anthropic"):
             r = await client.delete(f"/api/user/api-keys/{provider}")
             assert r.status_code == 401
         assert (await client.get("/healthz")).status_code == 200
 
-    found = await scrape(api_url)
+    found = await scrape(api)
     route = "/api/user/api-keys/{provider}"
     assert value(found, "http_requests_total", handler=route, method="DELETE", status="401") == 2
     assert value(found, "http_request_duration_seconds_count", handler=route, method="DELETE") == 2
@@ -75,9 +94,9 @@ async def test_requests_are_counted_by_route_template(api_url: str) -> None:
 
 
 async def test_platform_gauges_are_read_at_scrape_time(
-    api_url: str, private_env: dict[str, str]
+    api: Api, private_env: dict[str, str]
 ) -> None:
-    found = await scrape(api_url)
+    found = await scrape(api)
     assert value(found, "cloudbot_provisioning_queue_depth") == 0
     assert value(found, "cloudbot_outbox_lag_seconds") == 0
     assert value(found, "cloudbot_instances", state="running") == 0
@@ -122,7 +141,7 @@ async def test_platform_gauges_are_read_at_scrape_time(
     finally:
         celery.close()
 
-    found = await scrape(api_url)
+    found = await scrape(api)
     assert value(found, "cloudbot_provisioning_queue_depth") == 3
     assert value(found, "cloudbot_instances", state="running") == 1
     assert value(found, "cloudbot_instances", state="stopped") == 1

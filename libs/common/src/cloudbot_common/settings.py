@@ -133,6 +133,9 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Prometheus /metrics on an internal listener of its own; port 0: no metrics listener.
+    api_metrics_host: str = "127.0.0.1"
+    api_metrics_port: int = Field(9100, ge=0, le=65535)
     # The desktop page's files (web/ of the repository, after `make install`); empty: the
     # checkout's own.
     web_dir: str = ""
@@ -186,6 +189,8 @@ class Settings(BaseSettings):
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8001
+    gateway_metrics_host: str = "127.0.0.1"
+    gateway_metrics_port: int = Field(9101, ge=0, le=65535)
     gateway_max_message_bytes: int = 1 << 20
     gateway_max_sessions_per_user: int = 20
     gateway_idle_timeout_seconds: int = 300
@@ -219,6 +224,15 @@ class Settings(BaseSettings):
         return data
 
     @model_validator(mode="after")
+    def _metrics_ports_apart(self) -> Self:
+        # Requests are told apart by the port they came in on (see cloudbot_api.main).
+        if self.api_metrics_port == self.api_port:
+            raise ValueError("API_METRICS_PORT must differ from API_PORT")
+        if self.gateway_metrics_port == self.gateway_port:
+            raise ValueError("GATEWAY_METRICS_PORT must differ from GATEWAY_PORT")
+        return self
+
+    @model_validator(mode="after")
     def _refuse_weak_configuration_in_production(self) -> Self:
         if self.environment is not Environment.PRODUCTION:
             return self
@@ -244,9 +258,9 @@ class Settings(BaseSettings):
                         f"{name.upper()} is too weak: at least {length} characters, "
                         f"{distinct} of them different"
                     )
-        for name, value in self.jwt_previous_access_secrets.items():
-            if len(value.get_secret_value()) < _SECRET_STRENGTH["jwt_access_secret"][0]:
-                problems.append(f"JWT_PREVIOUS_ACCESS_SECRETS: the secret of {name} is too short")
+        for kid, previous in self.jwt_previous_access_secrets.items():
+            if len(previous.get_secret_value()) < _SECRET_STRENGTH["jwt_access_secret"][0]:
+                problems.append(f"JWT_PREVIOUS_ACCESS_SECRETS: the secret of {kid} is too short")
         if self.local_dev_mode:
             problems.append("LOCAL_DEV_MODE must be false in production")
         if not self.local_dev_mode and not (self.ec2_subnet_id and self.ec2_security_group_ids):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -14,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cloudbot_api.audit.service import Auditor
 from cloudbot_api.errors import ProblemError
+from cloudbot_api.proxies import rate_limit_address
 from cloudbot_api.resources import Resources
 from cloudbot_api.unit_of_work import UnitOfWork
 from cloudbot_common.audit import Origin
@@ -127,40 +126,24 @@ async def get_login(principal: CurrentPrincipal) -> Principal:
 CurrentLogin = Annotated[Principal, Depends(get_login)]
 
 
-@lru_cache(maxsize=8)
-def _networks(
-    proxies: tuple[str, ...],
-) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(p, strict=False) for p in proxies)
-
-
-def client_address(request: Request, settings: SettingsDep) -> str:
-    """The client's address, believing X-Forwarded-For only from configured proxies."""
+def client_ip(request: Request, resources: ResourcesDep) -> str:
+    """The client's address, believing X-Forwarded-For only from the configured proxies."""
     peer = request.client.host if request.client else "unknown"
-    if not settings.trusted_proxies:
-        return peer
-    trusted = _networks(tuple(settings.trusted_proxies))
+    return resources.proxies.client(peer, request.headers.getlist("x-forwarded-for"))
 
-    def is_trusted(addr: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        return any(ip in net for net in trusted)
 
-    if not is_trusted(peer):
-        return peer
-    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
-    for hop in reversed(hops):
-        if not is_trusted(hop):
-            return hop
-    return peer
+ClientIp = Annotated[str, Depends(client_ip)]
+
+
+def client_address(ip: ClientIp) -> str:
+    """The client's address as rate limits count it: an IPv6 client by its /64."""
+    return rate_limit_address(ip)
 
 
 ClientAddress = Annotated[str, Depends(client_address)]
 
 
-def get_auditor(uow: UowDep, request: Request, client: ClientAddress) -> Auditor:
+def get_auditor(uow: UowDep, request: Request, client: ClientIp) -> Auditor:
     origin = Origin(
         address=client,
         user_agent=request.headers.get("user-agent"),

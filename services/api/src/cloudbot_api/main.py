@@ -9,16 +9,19 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cloudbot_api import health
 from cloudbot_api.api_keys.router import router as api_keys_router
 from cloudbot_api.audit.router import router as audit_router
 from cloudbot_api.auth.router import router as auth_router
 from cloudbot_api.errors import install_error_handlers, problem_openapi
+from cloudbot_api.headers import SecurityHeadersMiddleware
 from cloudbot_api.instance_agent.router import router as instance_agent_router
 from cloudbot_api.instances.router import router as instances_router
 from cloudbot_api.metrics import install_metrics
 from cloudbot_api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from cloudbot_api.proxies import TrustedProxies
 from cloudbot_api.ratelimit import RateLimiter
 from cloudbot_api.resources import Resources
 from cloudbot_api.tokens.router import router as tokens_router
@@ -58,6 +61,7 @@ def build_resources(settings: Settings) -> Resources:
         tokens=TokenCodec(settings),
         vault=Vault(settings.encryption_key.get_secret_value()),
         limiter=RateLimiter(settings.redis_url, enabled=settings.rate_limit_enabled),
+        proxies=TrustedProxies(settings.trusted_proxies),
         events=EventHub(redis),
     )
 
@@ -111,16 +115,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ],
         expose_headers=["Retry-After", "X-Request-ID", "Location"],
     )
+    app.add_middleware(SecurityHeadersMiddleware, proxies=TrustedProxies(settings.trusted_proxies))
     app.add_middleware(RequestContextMiddleware)
-    install_metrics(app)
+    app.state.metrics_app = install_metrics(app)
     return app
+
+
+class ByListener:
+    """One ASGI app for the two listeners of the process: requests that came in on the
+    metrics port go to the metrics app, all others (and the lifespan) to the API."""
+
+    def __init__(self, api: FastAPI, metrics: ASGIApp, metrics_port: int) -> None:
+        self.api = api
+        self.metrics = metrics
+        self.metrics_port = metrics_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        if scope["type"] != "lifespan" and server is not None and server[1] == self.metrics_port:
+            await self.metrics(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
 
 
 def run() -> None:
     settings = get_settings()
     configure_logging("api", level=settings.log_level, json_output=settings.log_json)
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    listeners = [(settings.api_host, settings.api_port)]
+    if settings.api_metrics_port:
+        listeners.append((settings.api_metrics_host, settings.api_metrics_port))
+    config = uvicorn.Config(
+        ByListener(app, app.state.metrics_app, settings.api_metrics_port),
         host=settings.api_host,
         port=settings.api_port,
         log_config=None,
@@ -128,3 +154,9 @@ def run() -> None:
         proxy_headers=False,
         timeout_graceful_shutdown=20,
     )
+    # uvicorn's own binding, once per listener; one server serves both.
+    sockets = [
+        uvicorn.Config(config.app, host=host, port=port, log_config=None).bind_socket()
+        for host, port in listeners
+    ]
+    uvicorn.Server(config).run(sockets=sockets)

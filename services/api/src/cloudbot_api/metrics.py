@@ -1,4 +1,5 @@
-"""Prometheus metrics of the API at `/metrics`.
+"""Prometheus metrics of the API at `/metrics` on its own internal listener
+(API_METRICS_HOST:API_METRICS_PORT), never on the public port.
 
 Request counts and latency by route come from prometheus-fastapi-instrumentator. The
 platform gauges (instances per state, provisioning queue depth, outbox lag) are read from
@@ -26,6 +27,8 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+from starlette.routing import Route
 
 from cloudbot_api.resources import Resources
 from cloudbot_common.commands import PROVISIONING_QUEUE
@@ -129,8 +132,9 @@ class PlatformGauges:
                 await client.aclose()
 
 
-def install_metrics(app: FastAPI) -> CollectorRegistry:
-    """Instrument every route and serve the metrics at `/metrics`.
+def install_metrics(app: FastAPI) -> Starlette:
+    """Instrument every route of `app`; returns the app that serves the metrics at
+    `/metrics`, to be served on the internal listener only.
 
     Each app gets its own registry, so several apps in one process (tests) never clash.
     """
@@ -152,11 +156,10 @@ def install_metrics(app: FastAPI) -> CollectorRegistry:
         registry=registry,
     )
 
-    @app.get(METRICS_PATH, include_in_schema=False)
     async def metrics(request: Request) -> Response:
         started = time.perf_counter()
-        await gauges.refresh(request.app.state.resources)
+        await gauges.refresh(app.state.resources)
         scrape_seconds.set(time.perf_counter() - started)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return registry
+    return Starlette(routes=[Route(METRICS_PATH, metrics, methods=["GET"])])

@@ -8,6 +8,7 @@ from celery import Celery
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cloudbot_api.proxies import TrustedProxies
 from cloudbot_api.ratelimit import RateLimiter
 from cloudbot_common.db import SessionFactory
 from cloudbot_common.events import EventHub
@@ -28,6 +29,7 @@ class Resources:
     tokens: TokenCodec
     vault: Vault
     limiter: RateLimiter
+    proxies: TrustedProxies
     events: EventHub
 
     async def close(self) -> None:

@@ -1,5 +1,6 @@
 """The gateway process: one websockets server answering the WebSocket routes and the
-health and metrics endpoints, deciding every refusal before the handshake completes."""
+health endpoints, deciding every refusal before the handshake completes, and another on
+the internal metrics listener (GATEWAY_METRICS_HOST:GATEWAY_METRICS_PORT) for /metrics."""
 
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ class Gateway:
         self._ws_logger = logging.getLogger("cloudbot_gateway.websockets")
         self._ws_logger.setLevel(max(logging.WARNING, logging.getLogger().level))
         self._server: Server | None = None
+        self._metrics_server: Server | None = None
 
     async def start(self, *, sock: Any = None, reuse_port: bool = False) -> None:
         """Listen on `sock`, or on the configured address (shared with the other workers of
@@ -131,6 +133,17 @@ class Gateway:
             backlog=4096,
             reuse_port=reuse_port or None,
         )
+        if s.gateway_metrics_port:
+            # Workers share this port too; whichever answers reports them all (metrics.py).
+            self._metrics_server = await serve(
+                self._never_upgraded,
+                s.gateway_metrics_host,
+                s.gateway_metrics_port,
+                process_request=self._metrics_request,
+                server_header=None,
+                logger=self._ws_logger,
+                reuse_port=reuse_port or None,
+            )
         self.metrics.workers.set(1)
         _log.info(
             "gateway listening", host=s.gateway_host, port=s.gateway_port, zero_copy=self.zero_copy
@@ -153,6 +166,9 @@ class Gateway:
             _log.warning("connections still open at exit", sessions=len(self.sessions))
         await self.sessions.aclose()
         await self.journal.aclose()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            await self._metrics_server.wait_closed()
         await self.targets.aclose()
         await self.hub.stop()
         await self.redis.aclose()
@@ -279,10 +295,16 @@ class Gateway:
             return _json(HTTPStatus.OK, {"status": "ok"})
         if path == "/readyz":
             return await self._readyz()
-        if path == "/metrics":
-            body, content_type = self.metrics.render()
-            return http_response(HTTPStatus.OK, body, [("Content-Type", content_type)])
         return not_found().response()
+
+    async def _metrics_request(self, _: ServerConnection, request: Request) -> Response:
+        if request.path.partition("?")[0] != "/metrics":
+            return not_found().response()
+        body, content_type = self.metrics.render()
+        return http_response(HTTPStatus.OK, body, [("Content-Type", content_type)])
+
+    async def _never_upgraded(self, connection: ServerConnection) -> None:
+        """The metrics listener answers every request in `_metrics_request`."""
 
     async def _readyz(self) -> Response:
         checks = {**await check_database(self.engine), **await check_redis(self.redis)}
