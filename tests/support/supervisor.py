@@ -88,7 +88,8 @@ class Supervisor:
         node = f"{name}@{socket.gethostname()}"
         broker = self.env.get("CELERY_BROKER_URL") or self.env["REDIS_URL"]
         control = make_celery(
-            Settings(redis_url=broker, celery_broker_url=broker), "tests-control"
+            Settings(redis_url=broker, celery_broker_url=broker, environment="test"),
+            "tests-control",
         ).control
         argv = [
             *CELERY,
