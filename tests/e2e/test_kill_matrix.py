@@ -40,6 +40,7 @@ from tests.provisioner.harness import (
     RedisServer,
     ec2_client,
     machines_tagged,
+    moto_network,
     moto_server,
     user_data_of,
     wait_api_state,
@@ -85,6 +86,7 @@ def stack(base_env: dict[str, str], database_url: str, tmp_path_factory) -> Iter
         env = {
             **base_env,
             **AWS_ENV,
+            **moto_network(moto),
             "LOCAL_DEV_MODE": "false",
             "AWS_ENDPOINT_URL": ec2.url,
             "DATABASE_URL": url.set(port=postgres.port).render_as_string(hide_password=False),
