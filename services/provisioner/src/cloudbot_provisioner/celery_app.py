@@ -21,6 +21,7 @@ RELAY_TASK = "cloudbot.provisioner.relay_outbox"
 RECONCILE_TASK = "cloudbot.provisioner.reconcile"
 WEBHOOK_RELAY_TASK = "cloudbot.webhooks.relay"
 WEBHOOK_DELIVER_TASK = "cloudbot.webhooks.deliver"
+IDLE_SWEEP_TASK = "cloudbot.instances.idle_sweep"
 
 settings = get_settings()
 app = make_celery(settings, "cloudbot_provisioner")
@@ -48,6 +49,11 @@ app.conf.update(
             "task": RECONCILE_TASK,
             "schedule": _reconcile_every,
             "options": {"expires": _reconcile_every},
+        },
+        "idle-sweep": {
+            "task": IDLE_SWEEP_TASK,
+            "schedule": settings.idle_sweep_seconds,
+            "options": {"expires": settings.idle_sweep_seconds},
         },
         "webhook-relay": {
             "task": WEBHOOK_RELAY_TASK,

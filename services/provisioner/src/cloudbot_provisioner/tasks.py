@@ -18,8 +18,9 @@ import structlog
 from cloudbot_common.commands import Command
 from cloudbot_common.db import unit_of_work
 from cloudbot_common.logging import get_logger
-from cloudbot_provisioner import outbox_relay, reconciler, repository, webhook_delivery
+from cloudbot_provisioner import idle, outbox_relay, reconciler, repository, webhook_delivery
 from cloudbot_provisioner.celery_app import (
+    IDLE_SWEEP_TASK,
     RECONCILE_TASK,
     RELAY_TASK,
     WEBHOOK_DELIVER_TASK,
@@ -191,6 +192,7 @@ def relay_webhooks() -> int:
     pairs = rt.run(webhook_delivery.due_pairs(rt))
     for webhook_id, instance_id in pairs:
         app.send_task(
+            IDLE_SWEEP_TASK,
             WEBHOOK_DELIVER_TASK,
             kwargs={
                 "webhook_id": str(webhook_id),
@@ -208,3 +210,10 @@ def deliver_webhooks(webhook_id: str, instance_id: str | None) -> int:
     rt = _runtime()
     iid = uuid.UUID(instance_id) if instance_id else None
     return rt.run(webhook_delivery.deliver_pair(rt, uuid.UUID(webhook_id), iid))
+
+
+@_task(IDLE_SWEEP_TASK, ignore_result=True)
+def idle_sweep() -> dict[str, int]:
+    """Warn about, then stop, machines nobody has used for their idle time."""
+    rt = _runtime()
+    return asdict(rt.run(idle.sweep(rt)))

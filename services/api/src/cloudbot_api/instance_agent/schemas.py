@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,3 +21,10 @@ class HeartbeatIn(BaseModel):
 
     desktop: bool = Field(description="The desktop's VNC server answers")
     agent: bool = Field(description="The CloudBot agent answers")
+    working: bool | None = Field(
+        default=None, description="The agent is working on a task now (holds off idle stop)"
+    )
+    last_active_at: datetime | None = Field(
+        default=None,
+        description="When the agent last worked on a task or the desktop last saw input",
+    )

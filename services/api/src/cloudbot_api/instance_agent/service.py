@@ -97,6 +97,12 @@ class InstanceAgentService:
         instance.desktop_healthy = health.desktop
         instance.agent_healthy = health.agent
         instance.last_heartbeat_at = now
+        # For idle stop: the machine's own word on whether it is in use.
+        instance.agent_busy = health.working
+        if health.last_active_at is not None:
+            reported = min(health.last_active_at, now)  # a machine's clock may run ahead
+            if instance.last_activity_at is None or reported > instance.last_activity_at:
+                instance.last_activity_at = reported
         if changed:  # shown as it was (or as unknown) until now: tell the owner's streams
             instance_id, owner_id, redis = instance.id, instance.owner_id, self.redis
 

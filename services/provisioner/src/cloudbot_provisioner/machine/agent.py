@@ -35,10 +35,12 @@ import logging
 import os
 import random
 import signal
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,9 @@ class Agent:
         self.agent_token: str | None = _secret("CLOUDBOT_AGENT_TOKEN") or self.state.get(
             "agent_token"
         )
+        # What heartbeats report for idle stop: until when a task runs, when one last ran.
+        self.busy_until = 0.0
+        self.last_active: float | None = None
 
     # --- WebSocket endpoint -------------------------------------------------------------
 
@@ -113,7 +118,9 @@ class Agent:
         return None
 
     async def handle(self, ws: ServerConnection) -> None:
-        """Says hello, then echoes: the smallest agent a gateway and a browser can talk to."""
+        """Says hello, then echoes: the smallest agent a gateway and a browser can talk to.
+        `/work <seconds>` stands for a task that long: the heartbeats report the agent as
+        working until it is done, which holds off idle stop as a real agent's tasks do."""
         await ws.send(
             json.dumps(
                 {
@@ -125,7 +132,25 @@ class Agent:
             )
         )
         async for message in ws:
-            await ws.send(message)
+            self.last_active = time.time()
+            if isinstance(message, str) and message.startswith("/work "):
+                seconds = _task_seconds(message)
+                self.busy_until = max(self.busy_until, time.time() + seconds)
+                await ws.send(json.dumps({"type": "working", "seconds": seconds}))
+            else:
+                await ws.send(message)
+
+    def activity(self) -> dict[str, Any]:
+        """Whether a task runs now and when the agent last did something."""
+        now = time.time()
+        moments = [m for m in (self.last_active, min(self.busy_until, now)) if m]
+        last = max(moments) if moments else None
+        return {
+            "working": now < self.busy_until,
+            "last_active_at": (
+                datetime.fromtimestamp(last, UTC).isoformat() if last is not None else None
+            ),
+        }
 
     # --- Bootstrap and heartbeats -------------------------------------------------------
 
@@ -164,7 +189,7 @@ class Agent:
         interval = float(self.state.get("heartbeat_interval_seconds") or 30)
         credential = str(self.state["credential"])
         while True:
-            health = {"desktop": await self.desktop_healthy(), "agent": True}
+            health = {"desktop": await self.desktop_healthy(), "agent": True, **self.activity()}
             status, _ = await asyncio.to_thread(_post_json, url, credential, health)
             if status not in (200, 202, 204):
                 log.warning("heartbeat answered %s", status)
@@ -211,6 +236,14 @@ class Agent:
         self.state = state
         if body.get("agent_token"):
             self.agent_token = str(body["agent_token"])
+
+
+def _task_seconds(message: str) -> float:
+    try:
+        seconds = float(message.split(maxsplit=1)[1])
+    except (IndexError, ValueError):
+        return 0.0
+    return min(max(seconds, 0.0), 24 * 3600.0)
 
 
 def _constant_time_equal(a: str, b: str) -> bool:
