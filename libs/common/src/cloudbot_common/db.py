@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+from sqlalchemy import event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -16,15 +20,46 @@ from cloudbot_common.settings import Settings
 
 SessionFactory = async_sessionmaker[AsyncSession]
 
+# A pooled connection idle for longer than this is checked before use. One in steady use
+# is not: the check costs three round trips (asyncpg's ping opens a transaction for
+# pgbouncer's sake), more than the query it would precede.
+PING_AFTER_IDLE_SECONDS = 5.0
+
 
 def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
-    return create_async_engine(
+    engine = create_async_engine(
         settings.database_url,
         pool_size=pool_size or settings.database_pool_size,
-        max_overflow=5,
-        pool_pre_ping=True,
+        # No overflow: under a burst an asyncio pool discards returned overflow connections
+        # while waiters are queued, and opens new ones for the next (a Postgres backend
+        # started per request). Waiting briefly for a pooled connection is cheaper.
+        max_overflow=0,
         pool_recycle=1800,
     )
+    _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: AsyncEngine) -> None:
+    """pool_pre_ping, but only for connections that sat idle: a connection returned a
+    moment ago is as good as the statement that just ran on it. A server restart is still
+    noticed: the first statement to fail on a dead connection invalidates the whole pool."""
+    idle_since = "cloudbot_idle_since"
+
+    @event.listens_for(engine.sync_engine, "checkin")
+    def _checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info[idle_since] = time.monotonic()
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get(idle_since)
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            dbapi_connection.ping()
+        except Exception as exc:
+            # The pool discards this connection and checks out another.
+            raise DisconnectionError("pooled connection is dead") from exc
 
 
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:

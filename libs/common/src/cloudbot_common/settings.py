@@ -136,6 +136,9 @@ class Settings(BaseSettings):
     # Prometheus /metrics on an internal listener of its own; port 0: no metrics listener.
     api_metrics_host: str = "127.0.0.1"
     api_metrics_port: int = Field(9100, ge=0, le=65535)
+    # Share of successful, quick requests that get an access line (errors and slow requests
+    # always do); below 1 where the log volume or its cost matters.
+    api_access_log_sample: float = Field(default=1.0, ge=0.0, le=1.0)
     # The desktop page's files (web/ of the repository, after `make install`); empty: the
     # checkout's own.
     web_dir: str = ""

@@ -1,4 +1,8 @@
-"""FastAPI dependencies, as `Annotated` aliases the routers use."""
+"""FastAPI dependencies, as `Annotated` aliases the routers use.
+
+Every dependency is `async def`: FastAPI runs a plain `def` dependency in a worker thread,
+and that hop cost more than most of these do.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from cloudbot_common.security.jwt_tokens import TokenError, TokenType
 from cloudbot_common.settings import Settings
 
 
-def get_resources(request: Request) -> Resources:
+async def get_resources(request: Request) -> Resources:
     resources: Resources = request.app.state.resources
     return resources
 
@@ -30,15 +34,22 @@ def get_resources(request: Request) -> Resources:
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
 
 
-def get_settings(resources: ResourcesDep) -> Settings:
+async def get_settings(resources: ResourcesDep) -> Settings:
     return resources.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def get_uow(resources: ResourcesDep) -> AsyncIterator[UnitOfWork]:
-    async with resources.sessions() as session:
+# Methods that only read: their unit of work runs each statement on its own (autocommit),
+# which spares the BEGIN and COMMIT round trips around a single query.
+_READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
+
+
+async def get_uow(resources: ResourcesDep, request: Request) -> AsyncIterator[UnitOfWork]:
+    read_only = request.method in _READ_ONLY_METHODS
+    factory = resources.read_sessions if read_only else resources.sessions
+    async with factory() as session:
         uow = UnitOfWork(session)
         try:
             yield uow
@@ -126,7 +137,7 @@ async def get_login(principal: CurrentPrincipal) -> Principal:
 CurrentLogin = Annotated[Principal, Depends(get_login)]
 
 
-def client_ip(request: Request, resources: ResourcesDep) -> str:
+async def client_ip(request: Request, resources: ResourcesDep) -> str:
     """The client's address, believing X-Forwarded-For only from the configured proxies."""
     peer = request.client.host if request.client else "unknown"
     return resources.proxies.client(peer, request.headers.getlist("x-forwarded-for"))
@@ -135,7 +146,7 @@ def client_ip(request: Request, resources: ResourcesDep) -> str:
 ClientIp = Annotated[str, Depends(client_ip)]
 
 
-def client_address(ip: ClientIp) -> str:
+async def client_address(ip: ClientIp) -> str:
     """The client's address as rate limits count it: an IPv6 client by its /64."""
     return rate_limit_address(ip)
 
@@ -143,7 +154,7 @@ def client_address(ip: ClientIp) -> str:
 ClientAddress = Annotated[str, Depends(client_address)]
 
 
-def get_auditor(uow: UowDep, request: Request, client: ClientIp) -> Auditor:
+async def get_auditor(uow: UowDep, request: Request, client: ClientIp) -> Auditor:
     origin = Origin(
         address=client,
         user_agent=request.headers.get("user-agent"),

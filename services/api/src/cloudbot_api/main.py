@@ -55,6 +55,9 @@ def build_resources(settings: Settings) -> Resources:
         settings=settings,
         engine=engine,
         sessions=create_session_factory(engine),
+        read_sessions=create_session_factory(
+            engine.execution_options(isolation_level="AUTOCOMMIT")
+        ),
         redis=redis,
         celery=make_celery(settings, "cloudbot-api"),
         passwords=Passwords(settings),
@@ -90,14 +93,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.openapi = problem_openapi(app)  # type: ignore[method-assign]
-    app.include_router(health.router)
-    app.include_router(auth_router, prefix="/api")
-    app.include_router(api_keys_router, prefix="/api")
-    app.include_router(instances_router, prefix="/api")
-    app.include_router(tokens_router, prefix="/api")
-    app.include_router(audit_router, prefix="/api")
-    app.include_router(webhooks_router, prefix="/api")
-    app.include_router(instance_agent_router)
+    routers = (
+        (health.router, ""),
+        (auth_router, "/api"),
+        (api_keys_router, "/api"),
+        (instances_router, "/api"),
+        (tokens_router, "/api"),
+        (audit_router, "/api"),
+        (webhooks_router, "/api"),
+        (instance_agent_router, ""),
+    )
+    for router, prefix in routers:
+        app.include_router(router, prefix=prefix)
     mount_web_app(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(
@@ -116,8 +123,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         expose_headers=["Retry-After", "X-Request-ID", "Location"],
     )
     app.add_middleware(SecurityHeadersMiddleware, proxies=TrustedProxies(settings.trusted_proxies))
-    app.add_middleware(RequestContextMiddleware)
-    app.state.metrics_app = install_metrics(app)
+    app.state.metrics_app, metrics = install_metrics(app)
+    for router, prefix in routers:
+        metrics.name_routes(router.routes, prefix)
+    app.add_middleware(
+        RequestContextMiddleware, metrics=metrics, access_log_sample=settings.api_access_log_sample
+    )
     return app
 
 

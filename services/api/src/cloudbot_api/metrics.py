@@ -1,7 +1,7 @@
 """Prometheus metrics of the API at `/metrics` on its own internal listener
 (API_METRICS_HOST:API_METRICS_PORT), never on the public port.
 
-Request counts and latency by route come from prometheus-fastapi-instrumentator. The
+Request counts and latency by route are counted by the request middleware. The
 platform gauges (instances per state, provisioning queue depth, outbox lag) are read from
 Postgres and the broker when Prometheus scrapes, so they are never stale and cost nothing
 between scrapes. Every API replica reports the same platform figures: aggregate them with
@@ -23,20 +23,20 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
-from prometheus_fastapi_instrumentator import Instrumentator
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from cloudbot_api.middleware import RouteMetrics
 from cloudbot_api.resources import Resources
 from cloudbot_common.commands import PROVISIONING_QUEUE
 from cloudbot_common.models import Instance, InstanceState, OutboxCommand
 
 METRICS_PATH = "/metrics"
 # Probes and the scrape itself would drown the request figures.
-_NOT_INSTRUMENTED = [f"^{METRICS_PATH}$", "^/healthz$", "^/readyz$"]
+_NOT_INSTRUMENTED = frozenset({METRICS_PATH, "/healthz", "/readyz"})
 # kombu's Redis transport keeps one list per priority step; unprioritised messages sit in
 # the plain queue name, the others in "<queue>\x06\x16<priority>".
 _PRIORITY_STEPS = (0, 3, 6, 9)
@@ -132,23 +132,16 @@ class PlatformGauges:
                 await client.aclose()
 
 
-def install_metrics(app: FastAPI) -> Starlette:
-    """Instrument every route of `app`; returns the app that serves the metrics at
-    `/metrics`, to be served on the internal listener only.
+def install_metrics(app: FastAPI) -> tuple[Starlette, RouteMetrics]:
+    """The app that serves the metrics at `/metrics` (on the internal listener only), and
+    the request figures for the request middleware to fill.
 
     Each app gets its own registry, so several apps in one process (tests) never clash.
     """
     registry = CollectorRegistry(auto_describe=True)
     for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         registry.register(collector)
-    Instrumentator(
-        should_group_status_codes=False,
-        should_ignore_untemplated=False,
-        should_group_untemplated=True,
-        should_exclude_streaming_duration=True,
-        excluded_handlers=_NOT_INSTRUMENTED,
-        registry=registry,
-    ).instrument(app)
+    route_metrics = RouteMetrics.create(registry, _NOT_INSTRUMENTED)
     gauges = PlatformGauges(registry)
     scrape_seconds = Gauge(
         "cloudbot_metrics_scrape_seconds",
@@ -162,4 +155,4 @@ def install_metrics(app: FastAPI) -> Starlette:
         scrape_seconds.set(time.perf_counter() - started)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[Route(METRICS_PATH, metrics, methods=["GET"])])
+    return Starlette(routes=[Route(METRICS_PATH, metrics, methods=["GET"])]), route_metrics

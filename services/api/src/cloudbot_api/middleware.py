@@ -1,12 +1,19 @@
-"""Pure ASGI middleware: request ids with an access log, and a cap on request bodies."""
+"""Pure ASGI middleware: request ids with an access log and route metrics, and a cap on
+request bodies. Pure ASGI (no BaseHTTPMiddleware) and few layers: each layer costs every
+request a call and a wrapped `send`."""
 
 from __future__ import annotations
 
+import random
 import re
 import time
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloudbot_api.errors import problem_response
@@ -14,47 +21,117 @@ from cloudbot_common.logging import get_logger
 
 log = get_logger("cloudbot_api.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# A request at least this slow always gets its access line, whatever the sampling.
+_SLOW_SECONDS = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMetrics:
+    """Request counts and latency by route template (never the raw path, whose ids would
+    make a series per instance), method and status."""
+
+    requests: Counter
+    duration: Histogram
+    # Routes not counted: probes and the scrape itself would drown the request figures.
+    excluded: frozenset[str]
+    # The full template of each route included under a prefix, by the route's id: a route
+    # knows only its own router's part of the path.
+    templates: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry, excluded: frozenset[str]) -> RouteMetrics:
+        return cls(
+            Counter(
+                "http_requests_total",
+                "HTTP requests by route template, method and status",
+                ["handler", "method", "status"],
+                registry=registry,
+            ),
+            Histogram(
+                "http_request_duration_seconds",
+                "Time to answer HTTP requests by route template and method",
+                ["handler", "method"],
+                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                registry=registry,
+            ),
+            excluded,
+        )
+
+    def name_routes(self, routes: Iterable[BaseRoute], prefix: str) -> None:
+        for route in routes:
+            path = getattr(route, "path", None)
+            if path is not None:
+                self.templates[id(route)] = prefix + path
+
+    def observe(self, scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        # Unmatched paths (404s, scanners) share one series.
+        handler = self.templates.get(id(route)) or getattr(route, "path", None) or "none"
+        if handler in self.excluded:
+            return
+        method = scope["method"]
+        self.requests.labels(handler, method, str(status)).inc()
+        self.duration.labels(handler, method).observe(seconds)
 
 
 class RequestContextMiddleware:
-    """Binds a request id (the caller's X-Request-ID if sane, else a new one) to every log
-    line of the request and to the commands it enqueues, and logs one access line."""
+    """The outermost layer, once per request: a request id (the caller's X-Request-ID if
+    sane, else a new one) bound to every log line of the request and to the commands it
+    enqueues, the route's metrics, and an access line.
 
-    def __init__(self, app: ASGIApp) -> None:
+    Access lines of successful, quick requests are sampled at `access_log_sample` (1:
+    all); errors (status >= 400) and slow requests are always logged.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, metrics: RouteMetrics | None = None, access_log_sample: float = 1.0
+    ) -> None:
         self.app = app
+        self.metrics = metrics
+        self.sample = access_log_sample
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        incoming = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
         request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (b"x-request-id", request_id.encode())
         status = 500
-        started = time.perf_counter()
+        started = answered = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
+                answered = time.perf_counter()
+                message["headers"] = [*message.get("headers", []), id_header]
             await send(message)
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 await self.app(scope, receive, send_with_id)
             finally:
-                # The path only: query strings are never logged.
-                log.info(
-                    "request",
-                    method=scope["method"],
-                    path=scope["path"],
-                    status=status,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 1),
-                )
+                seconds = time.perf_counter() - started
+                if self.metrics is not None:
+                    # Until the response starts: an event stream's length is not latency.
+                    self.metrics.observe(scope, status, max(answered - started, 0.0))
+                # Sampling needs no secure randomness.
+                sampled = random.random() < self.sample  # noqa: S311
+                if status >= 400 or seconds >= _SLOW_SECONDS or sampled:
+                    # The path only: query strings are never logged.
+                    log.info(
+                        "request",
+                        method=scope["method"],
+                        path=scope["path"],
+                        status=status,
+                        duration_ms=round(seconds * 1000, 1),
+                    )
 
 
 class BodyLimitMiddleware:

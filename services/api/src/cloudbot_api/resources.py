@@ -23,6 +23,8 @@ class Resources:
     settings: Settings
     engine: AsyncEngine
     sessions: SessionFactory
+    # Autocommit sessions for requests that only read (see `deps.get_uow`).
+    read_sessions: SessionFactory
     redis: Redis
     celery: Celery
     passwords: Passwords

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,11 @@ ALGORITHM = "HS256"
 # Clock skew between replicas that an expiry check forgives.
 LEEWAY_SECONDS = 5
 _REQUIRED = ["exp", "iat", "iss", "aud", "sub", "jti", "typ", "sid"]
+# Access tokens verified lately, by their exact text: a client sends the same token with
+# every request for its whole life, and verifying it again costs more than the rest of a
+# small request's authentication. Only the expiry depends on the time; it is checked on
+# every use. Keys change only with a restart, so a verdict never goes stale otherwise.
+_VERIFIED_CACHE_SIZE = 4096
 
 
 class TokenType(StrEnum):
@@ -54,6 +60,7 @@ class TokenCodec:
             | {self._kid: settings.jwt_access_secret.get_secret_value()},
             TokenType.REFRESH: {self._kid: settings.jwt_refresh_secret.get_secret_value()},
         }
+        self._verified: dict[str, TokenClaims] = {}
         self._ttl = {
             TokenType.ACCESS: timedelta(seconds=settings.access_token_ttl_seconds),
             TokenType.REFRESH: timedelta(seconds=settings.refresh_token_ttl_seconds),
@@ -86,6 +93,20 @@ class TokenCodec:
         return IssuedToken(token=token, jti=jti, expires_at=expires_at)
 
     def decode(self, token: str, typ: TokenType) -> TokenClaims:
+        if typ is not TokenType.ACCESS:
+            return self._decode(token, typ)
+        claims = self._verified.get(token)
+        if claims is None:
+            claims = self._decode(token, typ)
+            if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+                del self._verified[next(iter(self._verified))]  # the oldest entry
+            self._verified[token] = claims
+        elif claims.expires_at.timestamp() + LEEWAY_SECONDS <= time.time():
+            del self._verified[token]
+            raise TokenError("token expired")
+        return claims
+
+    def _decode(self, token: str, typ: TokenType) -> TokenClaims:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:

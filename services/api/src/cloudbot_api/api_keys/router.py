@@ -13,7 +13,7 @@ from cloudbot_common.providers import Provider
 router = APIRouter(prefix="/user/api-keys", tags=["api keys"])
 
 
-def get_service(uow: UowDep, resources: ResourcesDep, audit: AuditorDep) -> ApiKeyService:
+async def get_service(uow: UowDep, resources: ResourcesDep, audit: AuditorDep) -> ApiKeyService:
     return ApiKeyService(uow, vault=resources.vault, audit=audit)
 
 

@@ -12,7 +12,7 @@ from cloudbot_api.errors import problem_responses
 router = APIRouter(prefix="/user/audit", tags=["audit"])
 
 
-def get_service(uow: UowDep) -> AuditService:
+async def get_service(uow: UowDep) -> AuditService:
     return AuditService(uow)
 
 

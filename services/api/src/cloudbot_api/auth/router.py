@@ -36,7 +36,7 @@ from cloudbot_api.resources import Resources
 router = APIRouter(prefix="/auth", tags=["auth"])
 
 
-def get_service(uow: UowDep, resources: ResourcesDep, audit: AuditorDep) -> AuthService:
+async def get_service(uow: UowDep, resources: ResourcesDep, audit: AuditorDep) -> AuthService:
     return AuthService(
         uow,
         passwords=resources.passwords,

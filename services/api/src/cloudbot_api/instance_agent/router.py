@@ -17,7 +17,7 @@ router = APIRouter(tags=["instance agent"])
 _bearer = HTTPBearer(auto_error=False, description="Bootstrap token or instance credential")
 
 
-def bearer_token(
+async def bearer_token(
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str | None:
     return creds.credentials if creds else None
@@ -26,7 +26,7 @@ def bearer_token(
 BearerToken = Annotated[str | None, Depends(bearer_token)]
 
 
-def get_service(uow: UowDep, resources: ResourcesDep) -> InstanceAgentService:
+async def get_service(uow: UowDep, resources: ResourcesDep) -> InstanceAgentService:
     return InstanceAgentService(
         uow, vault=resources.vault, redis=resources.redis, settings=resources.settings
     )

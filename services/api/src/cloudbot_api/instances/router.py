@@ -29,7 +29,7 @@ router = APIRouter(prefix="/instances", tags=["instances"])
 SSE_KEEPALIVE_SECONDS = 15
 
 
-def get_service(uow: UowDep, resources: ResourcesDep, request: Request) -> InstanceService:
+async def get_service(uow: UowDep, resources: ResourcesDep, request: Request) -> InstanceService:
     return InstanceService(uow, resources, getattr(request.state, "request_id", None))
 
 

@@ -15,7 +15,7 @@ router = APIRouter(prefix="/user/tokens", tags=["personal access tokens"])
 NO_STORE = {"Cache-Control": "no-store"}
 
 
-def get_service(uow: UowDep, resources: ResourcesDep, audit: AuditorDep) -> TokenService:
+async def get_service(uow: UowDep, resources: ResourcesDep, audit: AuditorDep) -> TokenService:
     return TokenService(uow, redis=resources.redis, audit=audit)
 
 
