@@ -20,7 +20,7 @@ from cloudbot_common import webhooks
 router = APIRouter(prefix="/user/webhooks", tags=["webhooks"])
 
 
-def get_service(uow: UowDep, resources: ResourcesDep, audit: AuditorDep) -> WebhookService:
+async def get_service(uow: UowDep, resources: ResourcesDep, audit: AuditorDep) -> WebhookService:
     return WebhookService(
         uow,
         vault=resources.vault,
