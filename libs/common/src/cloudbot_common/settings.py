@@ -176,6 +176,7 @@ class Settings(BaseSettings):
     # another beat stands by, and takes over once a dead holder's lock expires.
     beat_lock_ttl_seconds: int = Field(30, ge=3)
     heartbeat_stale_seconds: int = 120
+    heartbeat_interval_seconds: int = Field(30, ge=1)
 
     # Webhooks: targets on private, loopback or link-local addresses are refused unless
     # listed here (CIDRs); plain http only to such listed networks.

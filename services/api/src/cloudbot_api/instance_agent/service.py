@@ -23,7 +23,6 @@ from cloudbot_common.settings import Settings
 
 log = get_logger(__name__)
 
-HEARTBEAT_INTERVAL_SECONDS = 30
 _GONE = (InstanceState.TERMINATING, InstanceState.TERMINATED, InstanceState.FAILED)
 
 
@@ -77,7 +76,7 @@ class InstanceAgentService:
             agent_token=agent_token,
             config=render_config(instance, keys, agent_token),
             heartbeat_url=self.settings.public_api_url.rstrip("/") + HEARTBEAT_PATH,
-            heartbeat_interval_seconds=HEARTBEAT_INTERVAL_SECONDS,
+            heartbeat_interval_seconds=self.settings.heartbeat_interval_seconds,
         )
 
     async def heartbeat(self, credential: str | None, health: HeartbeatIn) -> None:

@@ -18,6 +18,7 @@ from cloudbot_api.instances.schemas import (
     InstanceCreate,
     InstanceList,
     InstanceOut,
+    InstanceUpdate,
     TicketCreate,
     TicketOut,
 )
@@ -191,6 +192,18 @@ for _method, _path, _action, _summary in (
     )
 
 
+@router.patch(
+    "/{instance_id}",
+    response_model=InstanceOut,
+    summary="Change a machine's settings (its idle stop)",
+    responses=problem_responses(401, 403, 404, 413, 422),
+)
+async def update_instance(
+    instance_id: uuid.UUID, body: InstanceUpdate, principal: CurrentPrincipal, service: ServiceDep
+) -> InstanceOut:
+    return service.out(await service.update(principal.user_id, instance_id, body))
+
+
 @router.post(
     "/{instance_id}/tickets",
     status_code=status.HTTP_201_CREATED,
@@ -209,8 +222,9 @@ async def create_ticket(
     summary="Server-Sent Events of the instance's state changes",
     description=(
         "Each event is `event: state` with the state history entry as data and its id as "
-        "the event id. Reconnect with `Last-Event-ID` to resume after the last one seen. "
-        "The stream ends after `terminated`."
+        "the event id, or `event: idle_warning` when the machine will soon be stopped for "
+        "being unused (its reason says when). Reconnect with `Last-Event-ID` to resume "
+        "after the last one seen. The stream ends after `terminated`."
     ),
     response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {}}}, **problem_responses(401, 404, 422)},
@@ -253,8 +267,9 @@ async def _event_stream(
                     "reason": row.reason,
                     "at": row.created_at.isoformat(),
                 }
-                yield {"id": str(row.id), "event": "state", "data": json.dumps(data)}
-                if row.state == InstanceState.TERMINATED:
+                # "state", or "idle_warning" when an idle stop is near (state unchanged).
+                yield {"id": str(row.id), "event": row.kind, "data": json.dumps(data)}
+                if row.kind == "state" and row.state == InstanceState.TERMINATED:
                     return
             if not rows:
                 # Woken by the event hub; the timeout re-reads in case a message was lost.

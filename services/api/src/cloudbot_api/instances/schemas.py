@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from cloudbot_common.models import InstanceState
 from cloudbot_common.tickets import Channel
 
+IDLE_STOP_MAX_MINUTES = 7 * 24 * 60
+
 
 class InstanceCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -20,6 +22,21 @@ class InstanceCreate(BaseModel):
     )
     size: str = Field(
         min_length=1, max_length=32, description="One of the sizes the operator offers"
+    )
+    idle_stop_minutes: int | None = Field(
+        default=None,
+        ge=0,
+        le=IDLE_STOP_MAX_MINUTES,
+        description="Stop the machine after this many minutes unused (no desktop or agent "
+        "session, no input, the agent idle); 0: never; omitted: the operator's default",
+    )
+
+
+class InstanceUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    idle_stop_minutes: int = Field(
+        ge=0, le=IDLE_STOP_MAX_MINUTES, description="Minutes unused before an idle stop; 0: never"
     )
 
 
@@ -37,6 +54,7 @@ class InstanceOut(BaseModel):
     state_reason: str | None
     state_changed_at: datetime
     health: Health
+    idle_stop_minutes: int = Field(description="Minutes unused before an idle stop; 0: never")
     created_at: datetime
     updated_at: datetime
 

@@ -10,7 +10,13 @@ from datetime import UTC, datetime, timedelta
 
 from cloudbot_api.errors import ProblemError
 from cloudbot_api.instances.repository import InstanceRepository
-from cloudbot_api.instances.schemas import Health, InstanceCreate, InstanceOut, TicketOut
+from cloudbot_api.instances.schemas import (
+    Health,
+    InstanceCreate,
+    InstanceOut,
+    InstanceUpdate,
+    TicketOut,
+)
 from cloudbot_api.resources import Resources
 from cloudbot_api.unit_of_work import UnitOfWork
 from cloudbot_common.commands import Command, add_command, publish
@@ -61,6 +67,7 @@ def to_out(instance: Instance, stale_after: timedelta) -> InstanceOut:
             agent=instance.agent_healthy if fresh else None,
             last_heartbeat_at=beat,
         ),
+        idle_stop_minutes=instance.idle_stop_minutes,
         created_at=instance.created_at,
         updated_at=instance.updated_at,
     )
@@ -125,6 +132,11 @@ class InstanceService:
             instance_type=instance_type,
             backend="local" if self.r.settings.local_dev_mode else "ec2",
             state=InstanceState.PENDING,
+            idle_stop_minutes=(
+                body.idle_stop_minutes
+                if body.idle_stop_minutes is not None
+                else self.r.settings.idle_stop_minutes
+            ),
         )
         await self.repo.add(instance)
         event = await record_initial_state(self.uow.session, instance)
@@ -151,6 +163,19 @@ class InstanceService:
         await self.uow.session.refresh(instance)
         self._after_commit(command, event)
         log.info("instance action requested", instance_id=str(instance.id), action=action)
+        return instance
+
+    async def update(
+        self, owner_id: uuid.UUID, instance_id: uuid.UUID, body: InstanceUpdate
+    ) -> Instance:
+        instance = await self.repo.get_owned(owner_id, instance_id, lock=True)
+        if instance is None:
+            raise not_found()
+        instance.idle_stop_minutes = body.idle_stop_minutes
+        instance.idle_warned_at = None  # a new limit re-arms the warning
+        await self.uow.session.flush()
+        await self.uow.session.refresh(instance)
+        log.info("instance updated", instance_id=str(instance.id), idle_stop=body.idle_stop_minutes)
         return instance
 
     async def ticket(
