@@ -100,32 +100,52 @@ class Api:
     def sizes(self) -> list[dict[str, Any]]:
         return list(self.call("GET", "/sizes")["items"])
 
-    def events(self, instance_id: str, after: int | None = None) -> Iterator[dict[str, Any]]:
-        """The instance's state events as they come (Server-Sent Events), resuming after
-        `after` and reconnecting if the stream drops; ends after `terminated`."""
+    def events(
+        self, instance_id: str, after: int | None = None, *, follow: bool = True
+    ) -> Iterator[dict[str, Any]]:
+        """The instance's events (Server-Sent Events) after event `after`: its history,
+        then, with `follow`, new ones as they come, reconnecting if the stream drops (it
+        ends after `terminated`). Each event carries its `id`."""
         last = after
+        # Without follow, the history is what arrives before the stream goes quiet.
+        timeout = httpx.Timeout(10, read=None if follow else 1.0)
         while True:
             headers = {"Accept": "text/event-stream"}
             if last is not None:
                 headers["Last-Event-ID"] = str(last)
             try:
                 with self._http.stream(
-                    "GET", f"/api/instances/{instance_id}/events", headers=headers, timeout=None
+                    "GET", f"/api/instances/{instance_id}/events", headers=headers, timeout=timeout
                 ) as response:
                     if not response.is_success:
                         response.read()
                         _raise_for(response)
                     for event_id, name, data in _sse(response.iter_lines()):
                         last = event_id if event_id is not None else last
-                        yield {"event": name, **data}
+                        yield {"event": name, "id": event_id, **data}
                         if name == "state" and data.get("state") == "terminated":
                             return
+            except httpx.ReadTimeout:
+                if not follow:
+                    return
             except httpx.TransportError:
+                if not follow:
+                    raise
                 time.sleep(1)  # the stream dropped: resume from the last event seen
 
-    def wait_for(self, instance_id: str, wanted: set[str]) -> Iterator[dict[str, Any]]:
-        """Events until the instance reaches one of `wanted` (or a final state)."""
-        for event in self.events(instance_id):
+    def last_event_id(self, instance_id: str) -> int | None:
+        """The id of the instance's latest event so far."""
+        last = None
+        for event in self.events(instance_id, follow=False):
+            last = event["id"]
+        return last
+
+    def wait_for(
+        self, instance_id: str, wanted: set[str], after: int | None
+    ) -> Iterator[dict[str, Any]]:
+        """Events after `after` until the instance reaches one of `wanted` (or a final
+        state)."""
+        for event in self.events(instance_id, after):
             yield event
             state = event.get("state") if event["event"] == "state" else None
             if state in wanted or state in FINAL_STATES:
@@ -139,7 +159,8 @@ class Api:
 
     # Provider keys.
     def keys(self) -> list[dict[str, Any]]:
-        return list(self.call("GET", "/user/api-keys")["items"])
+        result = self.call("GET", "/user/api-keys")
+        return list(result["items"] if isinstance(result, dict) else result)
 
     def set_key(self, provider: str, key: str) -> dict[str, Any]:
         try:

@@ -39,12 +39,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--api", help="API URL (default: $CLOUDBOT_API_URL or the saved one)")
     parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
     sub = parser.add_subparsers(required=True, metavar="command")
+    # `--json` is taken after the command too (`cloudbot list --json`).
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
     def command(name: str, run: Callable[[argparse.Namespace], int], help_: str) -> Any:
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, parents=[json_flag])
         p.set_defaults(run=run)
         return p
 
+    p = command("signup", _signup, "create an account")
+    p.add_argument("--email")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     p = command("login", _login, "sign in and keep a personal access token for this machine")
     p.add_argument("--email")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
@@ -84,10 +90,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("keys", _keys, "your provider API keys (masked)")
     keys = p.add_subparsers(dest="keys_command", metavar="action")
-    keys.add_parser("list", help="list them (the default)")
-    add = keys.add_parser("set", help="store or replace a key (read from stdin)")
+    keys.add_parser("list", help="list them (the default)", parents=[json_flag])
+    add = keys.add_parser(
+        "set", help="store or replace a key (read from stdin)", parents=[json_flag]
+    )
     add.add_argument("provider")
-    remove = keys.add_parser("remove", help="forget a key")
+    remove = keys.add_parser("remove", help="forget a key", parents=[json_flag])
     remove.add_argument("provider")
     return parser
 
@@ -99,6 +107,21 @@ def _api(args: argparse.Namespace, need_token: bool = True) -> Api:
     return Api(creds.api_url, creds.token)
 
 
+def _ask_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return getpass.getpass("Password: ")
+
+
+def _signup(args: argparse.Namespace) -> int:
+    email = args.email or input("Email: ")
+    password = _ask_password(args)
+    with _api(args, need_token=False) as api:
+        user = api.call("POST", "/auth/signup", json={"email": email, "password": password})
+    _say(args, user, f"Account {user['email']} created; now run `cloudbot login`.")
+    return 0
+
+
 def _login(args: argparse.Namespace) -> int:
     creds = config.load(args.api)
     if args.token:
@@ -107,10 +130,7 @@ def _login(args: argparse.Namespace) -> int:
         token = args.token
     else:
         email = args.email or input("Email: ")
-        if args.password_stdin:
-            password = sys.stdin.readline().rstrip("\n")
-        else:
-            password = getpass.getpass("Password: ")
+        password = _ask_password(args)
         with Api(creds.api_url) as api:
             access = api.login(email, password)
             try:
@@ -160,16 +180,21 @@ def _create(args: argparse.Namespace) -> int:
     with _api(args) as api:
         # One key per invocation: a retry inside this run cannot make a second machine.
         row = api.create(body, idempotency_key=f"cli-{uuid.uuid4()}")
-        return _settle(args, api, row, "create")
+        return _settle(args, api, row, "create", after=None)
 
 
 def _act(args: argparse.Namespace) -> int:
     with _api(args) as api:
+        # Waiting starts after what already happened, so an earlier `running` is not taken
+        # for the one this command leads to.
+        after = api.last_event_id(args.instance) if args.wait else None
         row = api.command(args.instance, args.verb)
-        return _settle(args, api, row, args.verb)
+        return _settle(args, api, row, args.verb, after=after)
 
 
-def _settle(args: argparse.Namespace, api: Api, row: dict[str, Any], verb: str) -> int:
+def _settle(
+    args: argparse.Namespace, api: Api, row: dict[str, Any], verb: str, *, after: int | None
+) -> int:
     if not args.wait:
         if args.json:
             _json(row)
@@ -178,7 +203,7 @@ def _settle(args: argparse.Namespace, api: Api, row: dict[str, Any], verb: str) 
         return 0
     wanted = SETTLES_IN[verb]
     state = row["state"]
-    for event in api.wait_for(str(row["id"]), {wanted}):
+    for event in api.wait_for(str(row["id"]), {wanted}, after):
         if event["event"] == "state":
             state = event["state"]
             if not args.json:
@@ -191,13 +216,7 @@ def _settle(args: argparse.Namespace, api: Api, row: dict[str, Any], verb: str) 
 
 def _events(args: argparse.Namespace) -> int:
     with _api(args) as api:
-        if not args.follow:
-            # What happened so far: the stream replays history; stop once it is idle.
-            current = api.instance(args.instance)["state"]
-            events = api.wait_for(args.instance, {current})
-        else:
-            events = api.events(args.instance)
-        for event in events:
+        for event in api.events(args.instance, follow=args.follow):
             if args.json:
                 print(json.dumps(event), flush=True)
             elif event["event"] == "state":
