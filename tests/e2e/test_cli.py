@@ -13,6 +13,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -75,7 +76,7 @@ class Cli:
             return done.stderr
         return done.stdout
 
-    def json(self, *args: str, stdin: str | None = None) -> object:
+    def json(self, *args: str, stdin: str | None = None) -> Any:
         return json.loads(self.run(*args, "--json", stdin=stdin))
 
 
