@@ -38,9 +38,12 @@ def bearer(token: str) -> dict[str, str]:
 def second_api(api_server: ApiServer) -> Iterator[str]:
     """Another API replica on the same database and Redis."""
     port = free_port()
-    env = {**api_server.env, "API_PORT": str(port), "PUBLIC_API_URL": f"http://127.0.0.1:{port}"}
-    if "API_METRICS_PORT" in env:
-        env["API_METRICS_PORT"] = str(free_port())
+    env = {
+        **api_server.env,
+        "API_PORT": str(port),
+        "API_METRICS_PORT": str(free_port()),
+        "PUBLIC_API_URL": f"http://127.0.0.1:{port}",
+    }
     with running(
         "api-replica",
         [PYTHON, "-m", "cloudbot_api"],
