@@ -192,7 +192,6 @@ def relay_webhooks() -> int:
     pairs = rt.run(webhook_delivery.due_pairs(rt))
     for webhook_id, instance_id in pairs:
         app.send_task(
-            IDLE_SWEEP_TASK,
             WEBHOOK_DELIVER_TASK,
             kwargs={
                 "webhook_id": str(webhook_id),
