@@ -74,4 +74,4 @@ bench: install ## Run the benchmarks, each figure beside its anchor from the sam
 
 .PHONY: clean
 clean: ## Remove the virtual environment and caches
-	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .test-logs
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .test-logs .test-artifacts

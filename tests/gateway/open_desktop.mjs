@@ -21,16 +21,18 @@ const browser = await chromium.launch({
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   let refreshes = 0;
-  page.on("request", (request) => {
-    if (new URL(request.url()).pathname === "/api/auth/refresh") refreshes += 1;
+  page.on("response", (response) => {
+    const path = new URL(response.url()).pathname;
+    if (path === "/api/auth/web/refresh" && response.ok()) refreshes += 1;
   });
   await page.goto(`${env.API_URL}/app/`);
-  await page.fill("input[name=email]", env.EMAIL);
-  await page.fill("input[name=password]", env.PASSWORD);
-  await page.click("#login button[type=submit]");
-  await page.waitForSelector(`button[data-instance="${env.INSTANCE_ID}"]`, { timeout: 15000 });
+  await page.fill("#signin-email", env.EMAIL);
+  await page.fill("#signin-password", env.PASSWORD);
+  await page.click("#signin button[type=submit]");
+  const open = `button[data-action=open][data-instance="${env.INSTANCE_ID}"]`;
+  await page.waitForSelector(open, { timeout: 15000 });
   await page.waitForTimeout(Number(env.IDLE_MS || 0));
-  await page.click(`button[data-instance="${env.INSTANCE_ID}"]`, { timeout: 15000 });
+  await page.click(open, { timeout: 15000 });
   await page.waitForSelector("body[data-desktop=connected]", { timeout: 20000 });
   // The framebuffer arrives after the connect event: wait until the canvas shows it.
   const red = await page.waitForFunction(() => {
@@ -46,14 +48,14 @@ try {
   }, null, { timeout: 20000 });
   // Talk to the machine's agent beside the desktop: what it answers shows in the list.
   await page.waitForSelector("body[data-agent=connected]", { timeout: 20000 });
-  await page.fill("#agent input[name=message]", env.SAY);
-  await page.click("#agent button[type=submit]");
-  await page.waitForSelector("#agent .messages li:not(.mine)", { timeout: 20000 });
-  const agentSaid = await page.$$eval("#agent .messages li:not(.mine)", (items) =>
+  await page.fill("#say-text", env.SAY);
+  await page.click("#say button[type=submit]");
+  await page.waitForSelector("#agent .messages li.agent", { timeout: 20000 });
+  const agentSaid = await page.$$eval("#agent .messages li.agent p", (items) =>
     items.map((item) => item.textContent));
   console.log(JSON.stringify({
     red: await red.jsonValue(),
-    status: await page.textContent("#desktop .status"),
+    status: await page.textContent("#vnc-status"),
     refreshes,
     agentSaid,
   }));

@@ -11,6 +11,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -30,10 +31,15 @@ ACCESS_TTL_SECONDS = 1
 EXPIRED_AFTER_MS = (ACCESS_TTL_SECONDS + LEEWAY_SECONDS + 1) * 1000
 
 
+@dataclass(frozen=True)
+class Site:
+    url: str  # the API's, which serves the page
+    gateway: str  # PUBLIC_GATEWAY_URL
+
+
 @pytest.fixture(scope="module")
-def site(base_env: dict[str, str]) -> Iterator[str]:
-    """The API serving the page, and a gateway that admits the page's origin; yields the
-    API's URL."""
+def site(base_env: dict[str, str]) -> Iterator[Site]:
+    """The API serving the page, and a gateway that admits the page's origin."""
     api_port, gateway_port = free_port(), free_port()
     api_url = f"http://127.0.0.1:{api_port}"
     env = {
@@ -56,11 +62,11 @@ def site(base_env: dict[str, str]) -> Iterator[str]:
             ready=http_ok(f"{api_url}/healthz"),
         ),
     ):
-        yield api_url
+        yield Site(api_url, env["PUBLIC_GATEWAY_URL"])
 
 
-async def test_the_page_is_served(site: str) -> None:
-    async with httpx.AsyncClient(base_url=site) as http:
+async def test_the_page_is_served(site: Site) -> None:
+    async with httpx.AsyncClient(base_url=site.url) as http:
         home = await http.get("/")
         assert home.status_code == 307
         assert home.headers["location"] == "/app/"
@@ -69,18 +75,25 @@ async def test_the_page_is_served(site: str) -> None:
         assert '<script type="module" src="app.js">' in page.text
         # Only its own scripts run; the browser test below shows noVNC works under it.
         assert "default-src 'self'" in page.headers["content-security-policy"]
-        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        csp = page.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp
+        # WebSockets to the configured gateway only, not to any ws: or wss: address.
+        connect = next(d.split()[1:] for d in csp.split(";") if d.split()[0] == "connect-src")
+        assert connect == ["'self'", site.gateway]
+        icon = await http.get("/app/favicon.svg")
+        assert icon.status_code == 200
+        assert icon.headers["content-type"].startswith("image/svg+xml")
         rfb = await http.get("/app/novnc/core/rfb.js")
         assert rfb.status_code == 200
         assert "export default class RFB" in rfb.text
 
 
 async def test_a_person_opens_their_desktop_in_a_browser_after_their_token_expired(
-    site: str, desktop: Desktop, agent: FakeAgent, db: AsyncEngine
+    site: Site, desktop: Desktop, agent: FakeAgent, db: AsyncEngine
 ) -> None:
     if not Path(CHROMIUM).exists():
         pytest.fail("Chromium is missing: apt-get install chromium fonts-dejavu-core")
-    async with httpx.AsyncClient(base_url=site) as http:
+    async with httpx.AsyncClient(base_url=site.url) as http:
         user = await make_user(http)
         me = (await http.get("/api/auth/me", headers=user.headers)).json()
     instance_id = await add_instance(
@@ -95,7 +108,7 @@ async def test_a_person_opens_their_desktop_in_a_browser_after_their_token_expir
             **os.environ,
             "PLAYWRIGHT_CORE": str(PLAYWRIGHT),
             "CHROMIUM": CHROMIUM,
-            "API_URL": site,
+            "API_URL": site.url,
             "EMAIL": user.email,
             "PASSWORD": user.password,
             "INSTANCE_ID": str(instance_id),
@@ -111,7 +124,8 @@ async def test_a_person_opens_their_desktop_in_a_browser_after_their_token_expir
     result = json.loads(out.decode().strip().splitlines()[-1])
     assert result["red"] > 0.9, "the canvas shows the desktop's red background"
     assert result["status"].endswith(": connected")
-    # The ticket request met an expired token: one refresh, then it went through.
+    # The ticket request met an expired token: one refresh (from the page's cookie), then
+    # it went through.
     assert result["refreshes"] == 1
     # The agent beside the desktop (this one echoes) got the message and answered it.
     assert result["agentSaid"] == [said]

@@ -1,0 +1,325 @@
+// Drives Debian's Chromium through the whole web console as a person would (see
+// test_console.py). Prints JSON lines: {"ask": "restart-gateway"} when the desktop is open
+// (then waits for a line on stdin), and at the end {"result": {"checks": {...}}}.
+// Environment: PLAYWRIGHT_CORE, AXE, CHROMIUM, API_URL, VIEWPORT (WxH), EMAIL, PASSWORD,
+// KEYS (three provider keys, comma-separated), ARTIFACTS (folder for screenshots).
+import { readFileSync } from "node:fs";
+import { createInterface } from "node:readline";
+import { pathToFileURL } from "node:url";
+
+const env = process.env;
+const { chromium } = await import(pathToFileURL(env.PLAYWRIGHT_CORE).href);
+const [width, height] = env.VIEWPORT.split("x").map(Number);
+const phone = width < 600;
+const keys = env.KEYS.split(",");
+const axeSource = readFileSync(env.AXE, "utf8");
+const stdin = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+const checks = { overflow: {}, axe: {}, cspViolations: [] };
+const T = { timeout: 30000 };
+
+const browser = await chromium.launch({
+  executablePath: env.CHROMIUM || "/usr/bin/chromium",
+  args: [
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+    "--no-first-run", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync",
+  ],
+});
+const context = await browser.newContext({
+  viewport: { width, height }, hasTouch: phone, isMobile: phone, deviceScaleFactor: 1,
+});
+await context.grantPermissions(["clipboard-read", "clipboard-write"], { origin: env.API_URL });
+
+function watch(page) {
+  page.on("console", (message) => {
+    if (message.type() === "error" && /Content.Security.Policy/i.test(message.text())) {
+      checks.cspViolations.push(message.text());
+    }
+  });
+}
+
+const page = await context.newPage();
+watch(page);
+let navigations = 0;
+let listRequests = 0;
+page.on("framenavigated", (frame) => { if (frame === page.mainFrame()) navigations += 1; });
+page.on("request", (request) => {
+  const url = new URL(request.url());
+  if (url.pathname === "/api/instances" && request.method() === "GET") listRequests += 1;
+});
+
+let shot = 0;
+async function screen(name) {
+  // Each main screen: a screenshot, no sideways scroll, and what axe finds.
+  shot += 1;
+  await page.screenshot({ path: `${env.ARTIFACTS}/${shot}-${name}.png` });
+  const wide = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  if (wide > 0) checks.overflow[name] = wide;
+  await page.evaluate(axeSource);
+  const found = await page.evaluate(async () => {
+    const { violations } = await window.axe.run(document, {
+      runOnly: { type: "tag", values: ["wcag2a", "wcag2aa"] },
+    });
+    return violations.map((v) => `${v.id}: ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`);
+  });
+  if (found.length) checks.axe[name] = found;
+}
+
+// Share of the canvas's pixels near a colour; and how many distinct colours it shows.
+async function canvasShare(rgb) {
+  return page.evaluate(([r, g, b]) => {
+    const canvas = document.querySelector("#screen canvas");
+    if (!canvas || !canvas.width) return 0;
+    const { data } = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+    let near = 0;
+    for (let i = 0; i < data.length; i += 4) {
+      if (Math.abs(data[i] - r) + Math.abs(data[i + 1] - g) + Math.abs(data[i + 2] - b) < 40) near += 1;
+    }
+    return near / (data.length / 4);
+  }, rgb);
+}
+
+async function waitShare(rgb, min = 0.3) {
+  const deadline = Date.now() + 20000;
+  let share = 0;
+  while (Date.now() < deadline) {
+    share = await canvasShare(rgb);
+    if (share >= min) return share;
+    await page.waitForTimeout(250);
+  }
+  return share;
+}
+
+async function screenSummary() {
+  return page.evaluate(() => {
+    const canvas = document.querySelector("#screen canvas");
+    const { data } = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+    const counts = new Map();
+    for (let i = 0; i < data.length; i += 16) {
+      const key = (data[i] << 16) | (data[i + 1] << 8) | data[i + 2];
+      counts.set(key, (counts.get(key) || 0) + 1);
+    }
+    const sorted = [...counts.values()].sort((a, b) => b - a);
+    const total = data.length / 16;
+    return {
+      background: sorted[0] / total, // the root window's colour fills most of the screen
+      colours: [...counts.values()].filter((n) => n / total > 0.001).length,
+    };
+  });
+}
+
+// A point of the remote screen (framebuffer pixels) on the page.
+async function at(x, y) {
+  return page.evaluate(([x, y]) => {
+    const canvas = document.querySelector("#screen canvas");
+    const rect = canvas.getBoundingClientRect();
+    return {
+      x: rect.left + (x * rect.width) / canvas.width,
+      y: rect.top + (y * rect.height) / canvas.height,
+    };
+  }, [x, y]);
+}
+
+async function typeToMachine(text) {
+  // The pointer into the terminal first: without a window manager, keys go where it is.
+  const point = await at(400, 300);
+  await page.mouse.click(point.x, point.y);
+  // On a phone, through the on-screen keyboard control: a field the phone's keyboard
+  // types into.
+  if (phone) await page.click("#keyboard");
+  await page.keyboard.type(text, { delay: 20 });
+  await page.keyboard.press("Enter");
+}
+
+async function state(id) {
+  return page.getAttribute(`li.machine[data-instance="${id}"]`, "data-state").catch(() => null);
+}
+
+try {
+  // Sign up.
+  await page.goto(`${env.API_URL}/app/`);
+  await page.waitForSelector("body[data-view=auth]", T);
+  await screen("signin");
+  await page.click("#to-signup");
+  await page.fill("#signup-email", env.EMAIL);
+  await page.fill("#signup-password", env.PASSWORD);
+  await page.click("#signup button[type=submit]");
+  await page.waitForSelector("body[data-view=home][data-feed=live]", T);
+  checks.storage = await page.evaluate(() => ({
+    localStorage: localStorage.length, sessionStorage: sessionStorage.length,
+  }));
+  checks.documentCookie = await page.evaluate(() => document.cookie);
+
+  // Keys: add two, replace one, remove the other; only hints are shown.
+  await page.selectOption("#key-provider", "anthropic");
+  await page.fill("#key-value", keys[0]);
+  await page.click("#add-key button[type=submit]");
+  await page.waitForSelector('li.key[data-provider="anthropic"]', T);
+  const firstHint = await page.textContent('li.key[data-provider="anthropic"] [data-role=hint]');
+  await page.selectOption("#key-provider", "openai");
+  await page.fill("#key-value", keys[2]);
+  await page.click("#add-key button[type=submit]");
+  await page.waitForSelector('li.key[data-provider="openai"]', T);
+  await page.click('li.key[data-provider="anthropic"] [data-action=replace]');
+  await page.fill("#replace-anthropic", keys[1]);
+  await page.click('li.key[data-provider="anthropic"] form.replace button[type=submit]');
+  await page.waitForFunction((hint) => document.querySelector(
+    'li.key[data-provider="anthropic"] [data-role=hint]')?.textContent !== hint, firstHint, T);
+  const secondHint = await page.textContent('li.key[data-provider="anthropic"] [data-role=hint]');
+  checks.keyHints = [firstHint, secondHint];
+  await page.click('li.key[data-provider="openai"] [data-action=remove]');
+  await page.waitForSelector("dialog#confirm[open]", T);
+  await screen("confirm-remove-key");
+  await page.click("#confirm-ok");
+  await page.waitForSelector('li.key[data-provider="openai"]', { state: "detached", ...T });
+  checks.keysAfterRemove = await page.$$eval("li.key", (items) => items.map((i) => i.dataset.provider));
+  checks.keysText = await page.textContent("#keys");
+  await screen("keys");
+
+  // Create a machine and watch it turn running, live.
+  const statesSeen = [];
+  await page.fill("#create-name", "my desk");
+  await page.click("#create button[type=submit]");
+  await page.waitForSelector("li.machine", T);
+  const id = await page.getAttribute("li.machine", "data-instance");
+  await page.waitForFunction((id) => {
+    const item = document.querySelector(`li.machine[data-instance="${id}"]`);
+    return item?.dataset.state === "running";
+  }, id, { timeout: 90000, polling: 100 });
+  statesSeen.push(await state(id));
+  checks.statesSeen = statesSeen;
+  checks.navigations = navigations;
+  checks.listRequests = listRequests;
+  // One more is over the quota: said beside the form.
+  await page.fill("#create-name", "one too many");
+  await page.click("#create button[type=submit]");
+  await page.waitForSelector("#create .error:not(:empty)", T);
+  checks.quotaError = await page.textContent("#create .error");
+  await page.fill("#create-name", "");
+  await screen("machines");
+
+  // The desktop, with the agent beside it.
+  await page.click(`button[data-action=open][data-instance="${id}"]`);
+  await page.waitForSelector("body[data-desktop=connected]", T);
+  await page.waitForFunction(() => {
+    const canvas = document.querySelector("#screen canvas");
+    if (!canvas?.width) return false;
+    const { data } = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+    for (let i = 0; i < data.length; i += 4 * 97) if (data[i] || data[i + 1] || data[i + 2]) return true;
+    return false;
+  }, null, T);
+  await page.waitForTimeout(500);
+  checks.screen = await screenSummary();
+  await page.waitForSelector("body[data-agent=connected]", T);
+  await screen("desktop");
+  const box = await page.locator("#say-text").boundingBox();
+  checks.agentInView = box !== null && box.y >= 0 && box.y + box.height <= height
+    && box.x + box.width <= width;
+
+  // Typed input runs in the machine's terminal: its background turns green.
+  await typeToMachine("xsetroot -solid '#22aa44'");
+  checks.typedCommandRan = await waitShare([0x22, 0xaa, 0x44]);
+
+  // The clipboard: to the machine (a command sent, pasted into the terminal with the
+  // middle button, run), then from it (the terminal's first line, selected).
+  await page.click("#clipboard-toggle");
+  await page.fill("#clipboard-text", "xsetroot -solid '#3366ff'");
+  await page.click("#clipboard button[type=submit]");
+  await page.waitForTimeout(1000);
+  const term = await at(400, 300);
+  await page.mouse.click(term.x, term.y, { button: "middle" });
+  // The terminal asks the selection's owner for the text: let it arrive before Enter.
+  await page.waitForTimeout(1500);
+  if (phone) await page.click("#keyboard");
+  await page.keyboard.press("Enter");
+  checks.pastedCommandRan = await waitShare([0x33, 0x66, 0xff]);
+  await page.fill("#clipboard-text", "");
+  const line = await at(120, 48);
+  await page.mouse.click(line.x, line.y, { clickCount: 3 });
+  await page.waitForFunction(() =>
+    document.querySelector("#clipboard-text").value.includes("CloudBot instance"), null, T)
+    .catch(() => {});
+  checks.clipboardFromMachine = await page.inputValue("#clipboard-text");
+  await screen("desktop-clipboard");
+
+  // Controls: view only, Ctrl-Alt-Del, scaling off and on again.
+  await page.click("#viewonly");
+  await page.click("#viewonly");
+  await page.click("#cad");
+  await page.click("#scale");
+  await page.click("#scale");
+
+  // Talk to the agent.
+  checks.said = `hello agent ${Date.now()}`;
+  await page.fill("#say-text", checks.said);
+  await page.click("#say button[type=submit]");
+  await page.waitForSelector("#agent .messages li.agent", T);
+  checks.agentSaid = await page.$$eval("#agent .messages li.agent p", (items) =>
+    items.map((item) => item.textContent));
+
+  // Reload: still signed in, back on the desktop.
+  await page.reload();
+  await page.waitForSelector("body[data-desktop=connected]", T);
+  checks.afterReload = await page.getAttribute("body", "data-desktop");
+  // A new tab: signed in too.
+  const tab = await context.newPage();
+  watch(tab);
+  await tab.goto(`${env.API_URL}/app/`);
+  await tab.waitForSelector("body[data-view=home]", T);
+  checks.newTab = await tab.getAttribute("body", "data-view");
+  await tab.close();
+
+  // The gateway restarts under the open desktop: it reconnects with a fresh ticket.
+  const seen = [];
+  await page.exposeFunction("desktopState", (value) => seen.push(value));
+  await page.evaluate(() => {
+    new MutationObserver(() => window.desktopState(document.body.dataset.desktop))
+      .observe(document.body, { attributes: true, attributeFilter: ["data-desktop"] });
+  });
+  console.log(JSON.stringify({ ask: "restart-gateway" }));
+  await stdin.next();
+  await page.waitForFunction(() => document.body.dataset.desktop === "connected"
+    && document.querySelector("#screen canvas")?.width > 0, null, { timeout: 40000 });
+  await page.waitForTimeout(200);
+  checks.afterGatewayRestart = [...new Set(seen.filter((s) => s !== "connecting"))];
+  await screen("desktop-reconnected");
+
+  // Back to the list: stop, start, delete (with confirmation), each seen live.
+  await page.click("#desktop .toolbar a");
+  await page.waitForSelector("body[data-view=home]", T);
+  const lifecycle = [];
+  const until = async (wanted) => {
+    await page.waitForFunction(([id, wanted]) => {
+      const item = document.querySelector(`li.machine[data-instance="${id}"]`);
+      return wanted === "removed" ? !item : item?.dataset.state === wanted;
+    }, [id, wanted], { timeout: 90000, polling: 100 });
+    lifecycle.push(wanted);
+  };
+  await page.click(`button[data-action=stop][data-instance="${id}"]`);
+  await until("stopped");
+  await screen("stopped");
+  await page.click(`button[data-action=start][data-instance="${id}"]`);
+  await until("running");
+  await page.click(`button[data-action=delete][data-instance="${id}"]`);
+  await page.waitForSelector("dialog#confirm[open]", T);
+  await page.click("#confirm-ok");
+  await until("removed");
+  checks.lifecycle = lifecycle;
+
+  // Sign out everywhere; a reload stays signed out.
+  await page.click("#signout-all");
+  await page.waitForSelector("body[data-view=auth]", T);
+  await page.reload();
+  await page.waitForSelector("body[data-view=auth]", T);
+  checks.afterSignOutEverywhere = await page.getAttribute("body", "data-view");
+  await screen("signed-out");
+  console.log(JSON.stringify({ result: { checks } }));
+} catch (error) {
+  await page.screenshot({ path: `${env.ARTIFACTS}/failure.png` }).catch(() => {});
+  console.error(error);
+  console.error(JSON.stringify(checks));
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+  process.stdin.destroy();
+}

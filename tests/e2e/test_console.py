@@ -1,0 +1,198 @@
+"""The web console in a real browser against the whole local stack: Debian's Chromium,
+driven by playwright-core (console.mjs), on the page the API serves, with a real worker
+running real local desktops (LOCAL_DEV_MODE) and the real gateway.
+
+A person signs up, adds, replaces and removes provider keys, creates a machine and sees it
+turn running without reloading, opens its desktop (the canvas shows the real screen, and
+what they type runs in its terminal), copies text both ways through the clipboard, talks
+to the agent, reloads and a new tab (still signed in), rides out a gateway restart
+(the desktop reconnects with a fresh ticket), stops, starts and deletes the machine, and
+signs out everywhere. The same again on a phone-sized screen (390x844), with no
+sideways scroll on any screen. Screenshots of each screen go to .test-artifacts/console/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SECRETS
+from tests.gateway.conftest import gateway_env
+from tests.provisioner.harness import FAST_RETRIES, kill_local_machines, provisioner
+from tests.support.processes import PYTHON, free_port, http_ok, running
+
+pytestmark = pytest.mark.vnc
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAYWRIGHT = ROOT / "web" / "node_modules" / "playwright-core" / "index.mjs"
+AXE = ROOT / "web" / "node_modules" / "axe-core" / "axe.min.js"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / ".test-artifacts" / "console"
+# A whole run in the browser, machine start-ups included, on a busy 2-CPU machine.
+RUN_TIMEOUT_SECONDS = 240
+
+
+class Stack:
+    def __init__(self, env: dict[str, str], api_url: str, gateway_port: int) -> None:
+        self.env = env
+        self.api_url = api_url
+        self.gateway_port = gateway_port
+
+    def gateway(self) -> contextlib.AbstractContextManager[object]:
+        return running(
+            "gateway-console",
+            [PYTHON, "-m", "cloudbot_gateway"],
+            gateway_env(self.env, self.gateway_port),
+            ready=http_ok(f"http://127.0.0.1:{self.gateway_port}/readyz"),
+        )
+
+
+@pytest.fixture(scope="module")
+def stack(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """API (serving the console), gateway and a worker with local desktops."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is missing: apt-get install chromium fonts-dejavu-core")
+    state = tmp_path_factory.mktemp("console")
+    api_port, gateway_port = free_port(), free_port()
+    api_url = f"http://127.0.0.1:{api_port}"
+    env = {
+        **base_env,
+        **FAST_RETRIES,
+        "LOCAL_DEV_MODE": "true",
+        "LOCAL_STATE_DIR": str(state / "instances"),
+        "LOCAL_PORT_RANGE_START": str(30000 + secrets.randbelow(20000)),
+        "PUBLIC_API_URL": api_url,
+        "PUBLIC_GATEWAY_URL": f"ws://127.0.0.1:{gateway_port}",
+        "ALLOWED_WS_ORIGINS": api_url,
+        "MAX_LIVE_INSTANCES_PER_USER": "1",
+        # The restart in the middle of the run should not wait for open desktops.
+        "GATEWAY_DRAIN_TIMEOUT_SECONDS": "1",
+    }
+    stack = Stack(env, api_url, gateway_port)
+    try:
+        with (
+            running(
+                "api-console",
+                [PYTHON, "-m", "cloudbot_api"],
+                {**env, "API_PORT": str(api_port)},
+                ready=http_ok(f"{api_url}/healthz"),
+            ),
+            provisioner(env, state, name="console-worker"),
+        ):
+            yield stack
+    finally:
+        kill_local_machines(state / "instances")
+
+
+async def drive(stack: Stack, viewport: str) -> dict[str, object]:
+    """Run console.mjs at this viewport; restart the gateway when it asks."""
+    email = f"console-{secrets.token_hex(6)}@example.com"
+    password = "console passphrase " + secrets.token_urlsafe(10)
+    keys = ["sk-ant-" + secrets.token_hex(20), "sk-ant-" + secrets.token_hex(20)]
+    keys.append("sk-" + secrets.token_hex(20))
+    SECRETS.add(password, *keys)
+    artifacts = ARTIFACTS / viewport
+    shutil.rmtree(artifacts, ignore_errors=True)
+    artifacts.mkdir(parents=True)
+    driver = await asyncio.create_subprocess_exec(
+        "node",
+        str(Path(__file__).with_name("console.mjs")),
+        env={
+            **os.environ,
+            "PLAYWRIGHT_CORE": str(PLAYWRIGHT),
+            "AXE": str(AXE),
+            "CHROMIUM": CHROMIUM,
+            "API_URL": stack.api_url,
+            "VIEWPORT": viewport,
+            "EMAIL": email,
+            "PASSWORD": password,
+            "KEYS": ",".join(keys),
+            "ARTIFACTS": str(artifacts),
+        },
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert driver.stdin is not None
+    assert driver.stdout is not None
+    assert driver.stderr is not None
+    result: dict[str, object] | None = None
+    gateway = stack.gateway()
+    gateway.__enter__()
+    try:
+        async with asyncio.timeout(RUN_TIMEOUT_SECONDS):
+            while line := (await driver.stdout.readline()).decode().strip():
+                message = json.loads(line)
+                if message.get("ask") == "restart-gateway":
+                    # The desktop is open: the gateway goes away and comes back.
+                    gateway.__exit__(None, None, None)
+                    gateway = stack.gateway()
+                    gateway.__enter__()
+                    driver.stdin.write(b"restarted\n")
+                    await driver.stdin.drain()
+                elif "result" in message:
+                    result = message["result"]
+            err = (await driver.stderr.read()).decode()
+            await driver.wait()
+    finally:
+        if driver.returncode is None:
+            driver.kill()
+            await driver.wait()
+        gateway.__exit__(None, None, None)
+    assert driver.returncode == 0, err[-4000:]
+    assert result is not None, err[-4000:]
+    return result
+
+
+@pytest.mark.parametrize("viewport", ["1280x800", "390x844"])
+async def test_a_person_does_everything_in_the_console(stack: Stack, viewport: str) -> None:
+    result = await drive(stack, viewport)
+    checks = result["checks"]
+    assert isinstance(checks, dict)
+    # Signed in without a token anywhere scripts could read it later.
+    assert checks["storage"] == {"localStorage": 0, "sessionStorage": 0}
+    assert "cloudbot_refresh" not in str(checks["documentCookie"])
+    # Keys: only masked hints, and the list follows add, replace and remove.
+    assert checks["keyHints"][0] != checks["keyHints"][1]
+    assert not any(secret in json.dumps(checks) for secret in SECRETS.values)
+    assert checks["keysAfterRemove"] == ["anthropic"]
+    # The machine turned running on the page by itself: no reload, no polling.
+    assert checks["statesSeen"][-1] == "running"
+    assert checks["navigations"] == 1
+    assert checks["listRequests"] == 0
+    # The desktop: the real screen (its background and its terminal), typed input runs.
+    assert checks["screen"]["background"] > 0.3
+    assert checks["screen"]["colours"] >= 2
+    assert checks["typedCommandRan"] > 0.3
+    # The clipboard both ways.
+    assert "CloudBot instance" in str(checks["clipboardFromMachine"])
+    assert checks["pastedCommandRan"] > 0.3
+    # The agent answered beside the desktop, and on a laptop screen it is in view.
+    assert checks["agentSaid"] == [checks["said"]]
+    if viewport == "1280x800":
+        assert checks["agentInView"] is True
+    # Reloaded, and in a new tab: still signed in; after a gateway restart, reconnected.
+    assert checks["afterReload"] == "connected"
+    assert checks["newTab"] == "home"
+    assert checks["afterGatewayRestart"] == ["reconnecting", "connected"]
+    # Stop, start, delete, each seen live; the API's refusal shown where the person acted.
+    assert checks["lifecycle"] == ["stopped", "running", "removed"]
+    assert "quota" in str(checks["quotaError"]).lower() or "live instances" in str(
+        checks["quotaError"]
+    )
+    # Signed out everywhere: a reload shows the sign-in form.
+    assert checks["afterSignOutEverywhere"] == "auth"
+    # No sideways scroll on any screen, and no accessibility violations axe can find.
+    assert checks["overflow"] == {}, checks["overflow"]
+    assert checks["axe"] == {}, checks["axe"]
+    assert checks["cspViolations"] == []
+    shots = {p.stem.partition("-")[2] for p in (ARTIFACTS / viewport).glob("*.png")}
+    assert {"signin", "keys", "machines", "desktop", "desktop-clipboard", "stopped"} <= shots
