@@ -126,7 +126,11 @@ class Settings(BaseSettings):
     trusted_proxies: CsvList = Field(default_factory=list)
 
     rate_limit_signup: str = "5/minute"
+    # Login attempts per client address; wrong passwords per account from one address,
+    # and per account from everywhere (the ceiling a distributed guesser meets).
     rate_limit_login: str = "10/minute"
+    rate_limit_login_failures: str = "5/minute"
+    rate_limit_login_account_failures: str = "100/hour"
     rate_limit_refresh: str = "30/minute"
     rate_limit_instance_create: str = "10/minute"
     rate_limit_enabled: bool = True

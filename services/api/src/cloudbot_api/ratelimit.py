@@ -31,11 +31,32 @@ class RateLimiter:
         item: RateLimitItem = parse(limit)
         for identifier in identifiers:
             if not await self._limiter.hit(item, scope, identifier):
-                stats = await self._limiter.get_window_stats(item, scope, identifier)
-                retry_after = max(1, math.ceil(stats.reset_time - time.time()))
-                raise ProblemError(
-                    429,
-                    "rate_limited",
-                    "Too many requests; try again later.",
-                    headers={"Retry-After": str(retry_after)},
-                )
+                await self._refuse(item, scope, identifier)
+
+    async def check(self, limit: str, scope: str, *identifiers: str) -> None:
+        """Refuse with 429 if any identifier has used up its limit; count nothing. With
+        `count` afterwards, for limits on outcomes (failed logins) rather than attempts."""
+        if not self._enabled:
+            return
+        item: RateLimitItem = parse(limit)
+        for identifier in identifiers:
+            if not await self._limiter.test(item, scope, identifier):
+                await self._refuse(item, scope, identifier)
+
+    async def count(self, limit: str, scope: str, *identifiers: str) -> None:
+        """Count one hit against every identifier, refusing nothing."""
+        if not self._enabled:
+            return
+        item: RateLimitItem = parse(limit)
+        for identifier in identifiers:
+            await self._limiter.hit(item, scope, identifier)
+
+    async def _refuse(self, item: RateLimitItem, scope: str, identifier: str) -> None:
+        stats = await self._limiter.get_window_stats(item, scope, identifier)
+        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        raise ProblemError(
+            429,
+            "rate_limited",
+            "Too many requests; try again later.",
+            headers={"Retry-After": str(retry_after)},
+        )

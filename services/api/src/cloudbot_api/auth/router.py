@@ -22,7 +22,7 @@ from cloudbot_api.auth.schemas import (
     TokenPair,
     UserOut,
 )
-from cloudbot_api.auth.service import AuthService
+from cloudbot_api.auth.service import INVALID_CREDENTIALS, AuthService
 from cloudbot_api.deps import (
     AuditorDep,
     ClientAddress,
@@ -84,10 +84,25 @@ async def login(
     client: ClientAddress,
     user_agent: Annotated[str | None, Header()] = None,
 ) -> TokenPair:
-    await resources.limiter.hit(
-        resources.settings.rate_limit_login, "login", "ip:" + client, _account_key(body.email)
+    # Attempts count per address; only failures count per account, so the owner's logins
+    # never do and an attacker at one address cannot lock the owner out from elsewhere:
+    # the account's own ceiling is far higher than one address's share of it.
+    limiter, settings = resources.limiter, resources.settings
+    account = _account_key(body.email)
+    failure_limits = (
+        (settings.rate_limit_login_failures, f"{account}:ip:{client}"),
+        (settings.rate_limit_login_account_failures, account),
     )
-    return await service.login(body.email, body.password, user_agent)
+    await limiter.hit(settings.rate_limit_login, "login", "ip:" + client)
+    for limit, key in failure_limits:
+        await limiter.check(limit, "login-failed", key)
+    try:
+        return await service.login(body.email, body.password, user_agent)
+    except ProblemError as exc:
+        if exc.code == INVALID_CREDENTIALS.code:
+            for limit, key in failure_limits:
+                await limiter.count(limit, "login-failed", key)
+        raise
 
 
 @router.post(
