@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cloudbot_common.events import EventHub, revoked_session_key
 from cloudbot_common.models import Instance, InstanceState
+from cloudbot_common.revocations import RevocationWatch
 from cloudbot_common.tickets import Channel
 from cloudbot_gateway.metrics import Metrics
 from cloudbot_gateway.sessions import SessionRegistry
@@ -24,8 +25,15 @@ async def test_recheck_ends_sessions_changed_behind_its_back(
 ) -> None:
     targets = TargetDirectory(db, redis)
     # The event hub is never started: every event is "missed".
+    hub = EventHub(redis)
     registry = SessionRegistry(
-        redis, EventHub(redis), Metrics(), targets.states, max_per_user=10, idle_timeout=300
+        redis,
+        hub,
+        Metrics(),
+        targets.states,
+        max_per_user=10,
+        idle_timeout=300,
+        revocations=RevocationWatch(db, redis, hub, remember_seconds=60),
     )
     running = await add_instance(db, owner.id)
     stopped = await add_instance(db, owner.id)

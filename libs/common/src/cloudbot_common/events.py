@@ -121,6 +121,11 @@ class EventHub:
         listeners.add(callback)
         return lambda: self._discard(self._session_listeners, session_id, callback)
 
+    def session_revoked(self, session_id: str) -> None:
+        """Tell the listeners of `session_id` that it ended, as its event would."""
+        for revoked in list(self._session_listeners.get(session_id, ())):
+            revoked()
+
     @staticmethod
     def _discard(table: dict[str, set[Any]], key: str, callback: Any) -> None:
         listeners = table.get(key)
@@ -167,9 +172,7 @@ class EventHub:
             elif channel == HEALTH_EVENTS_CHANNEL:
                 self._tell_owner(json.loads(data)["owner_id"])
             elif channel == SESSION_EVENTS_CHANNEL:
-                session_id = json.loads(data)["session_id"]
-                for revoked in list(self._session_listeners.get(session_id, ())):
-                    revoked()
+                self.session_revoked(json.loads(data)["session_id"])
         except Exception:
             _log.warning("bad event message ignored", channel=channel, exc_info=True)
 

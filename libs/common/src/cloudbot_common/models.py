@@ -114,6 +114,17 @@ class LoginSession(Base):
     revoked_at: Mapped[datetime | None]
     revoked_reason: Mapped[str | None] = mapped_column(String(64))
     user_agent: Mapped[str | None] = mapped_column(String(512))
+    # When the revocation's Redis marker was written; NULL while a revoked session is still
+    # to be announced (see cloudbot_common.revocations).
+    revocation_announced_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index(
+            "ix_login_sessions_unannounced",
+            "id",
+            postgresql_where=text("revoked_at IS NOT NULL AND revocation_announced_at IS NULL"),
+        ),
+    )
 
 
 class RefreshToken(Base):

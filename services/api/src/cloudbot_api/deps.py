@@ -20,7 +20,6 @@ from cloudbot_api.proxies import rate_limit_address
 from cloudbot_api.resources import Resources
 from cloudbot_api.unit_of_work import UnitOfWork
 from cloudbot_common.audit import Origin
-from cloudbot_common.events import is_login_session_revoked
 from cloudbot_common.security import access_tokens
 from cloudbot_common.security.jwt_tokens import TokenError, TokenType
 from cloudbot_common.settings import Settings
@@ -102,7 +101,7 @@ async def get_principal(
         claims = resources.tokens.decode(credentials.credentials, TokenType.ACCESS)
     except TokenError as exc:
         raise unauthorized(f"Invalid access token: {exc}.") from exc
-    if await is_login_session_revoked(resources.redis, claims.session_id):
+    if await resources.revocations.is_revoked(claims.session_id):
         raise unauthorized("This login session has ended.")
     return Principal(user_id=claims.user_id, session_id=claims.session_id)
 

@@ -31,6 +31,7 @@ from cloudbot_common.commands import make_celery
 from cloudbot_common.db import create_engine, create_session_factory
 from cloudbot_common.events import EventHub
 from cloudbot_common.logging import configure_logging
+from cloudbot_common.revocations import RevocationWatch
 from cloudbot_common.security.jwt_tokens import TokenCodec
 from cloudbot_common.security.passwords import Passwords
 from cloudbot_common.security.vault import Vault
@@ -51,6 +52,7 @@ def build_resources(settings: Settings) -> Resources:
     redis = Redis.from_url(
         settings.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5
     )
+    events = EventHub(redis)
     return Resources(
         settings=settings,
         engine=engine,
@@ -65,7 +67,10 @@ def build_resources(settings: Settings) -> Resources:
         vault=Vault(settings.encryption_key.get_secret_value()),
         limiter=RateLimiter(settings.redis_url, enabled=settings.rate_limit_enabled),
         proxies=TrustedProxies(settings.trusted_proxies),
-        events=EventHub(redis),
+        revocations=RevocationWatch(
+            engine, redis, events, remember_seconds=settings.access_token_ttl_seconds + 60
+        ),
+        events=events,
     )
 
 
@@ -77,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         resources = build_resources(settings)
         app.state.resources = resources
         resources.events.start()
+        resources.revocations.start()
         try:
             yield
         finally:

@@ -12,6 +12,7 @@ from cloudbot_api.proxies import TrustedProxies
 from cloudbot_api.ratelimit import RateLimiter
 from cloudbot_common.db import SessionFactory
 from cloudbot_common.events import EventHub
+from cloudbot_common.revocations import RevocationWatch
 from cloudbot_common.security.jwt_tokens import TokenCodec
 from cloudbot_common.security.passwords import Passwords
 from cloudbot_common.security.vault import Vault
@@ -31,10 +32,12 @@ class Resources:
     tokens: TokenCodec
     vault: Vault
     limiter: RateLimiter
+    revocations: RevocationWatch
     proxies: TrustedProxies
     events: EventHub
 
     async def close(self) -> None:
+        await self.revocations.stop()
         await self.events.stop()
         self.passwords.close()
         await self.redis.aclose()

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from websockets.datastructures import Headers
 
 from cloudbot_common.db import SessionFactory
-from cloudbot_common.events import is_login_session_revoked
+from cloudbot_common.revocations import RevocationWatch
 from cloudbot_common.security import access_tokens
 from cloudbot_common.security.jwt_tokens import TokenCodec, TokenError, TokenType
 from cloudbot_common.tickets import Channel, redeem_ticket
@@ -45,10 +45,13 @@ class Authenticator:
         redis: Redis,
         sessions: SessionFactory,
         allowed_origins: list[str],
+        *,
+        revocations: RevocationWatch,
     ) -> None:
         self._codec = codec
         self._redis = redis
         self._sessions = sessions
+        self._revocations = revocations
         self._origins = frozenset(allowed_origins)
 
     def check_origin(self, headers: Headers) -> None:
@@ -76,7 +79,7 @@ class Authenticator:
             principal = await self._bearer(authorizations)
         else:
             principal = await self._ticket(query.get("ticket"), instance_id, channel)
-        if await is_login_session_revoked(self._redis, principal.session_id):
+        if await self._revocations.is_revoked(principal.session_id):
             raise _unauthorized("session_revoked", "The login session has ended.")
         return principal
 

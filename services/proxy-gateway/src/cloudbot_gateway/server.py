@@ -27,6 +27,7 @@ from cloudbot_common.db import create_engine, create_session_factory
 from cloudbot_common.events import EventHub
 from cloudbot_common.health import check_database, check_redis
 from cloudbot_common.logging import get_logger
+from cloudbot_common.revocations import RevocationWatch
 from cloudbot_common.security.jwt_tokens import TokenCodec
 from cloudbot_common.security.opaque import agent_credential
 from cloudbot_common.settings import Settings
@@ -94,6 +95,9 @@ class Gateway:
             health_check_interval=30,
         )
         self.hub = EventHub(self.redis)
+        self.revocations = RevocationWatch(
+            self.engine, self.redis, self.hub, remember_seconds=s.access_token_ttl_seconds + 60
+        )
         self.targets = TargetDirectory(self.engine, self.redis)
         self.sessions = SessionRegistry(
             self.redis,
@@ -102,15 +106,23 @@ class Gateway:
             self.targets.states,
             max_per_user=s.gateway_max_sessions_per_user,
             idle_timeout=s.gateway_idle_timeout_seconds,
+            revocations=self.revocations,
         )
         db_sessions = create_session_factory(self.engine)
-        self.auth = Authenticator(TokenCodec(s), self.redis, db_sessions, s.allowed_ws_origins)
+        self.auth = Authenticator(
+            TokenCodec(s),
+            self.redis,
+            db_sessions,
+            s.allowed_ws_origins,
+            revocations=self.revocations,
+        )
         self.journal = Journal(db_sessions, self.redis)
         self._agent_secret = s.agent_token_secret.get_secret_value()
         self.zero_copy = s.gateway_zero_copy and zerocopy.supported()
         self.metrics.zero_copy.set(self.zero_copy)
         self.hub.on_instance(None, self.targets.on_state_event)
         self.hub.start()
+        self.revocations.start()
         self.sessions.start()
         self._server = await serve(
             self._handle,
@@ -170,6 +182,7 @@ class Gateway:
             self._metrics_server.close()
             await self._metrics_server.wait_closed()
         await self.targets.aclose()
+        await self.revocations.stop()
         await self.hub.stop()
         await self.redis.aclose()
         await self.engine.dispose()

@@ -26,9 +26,10 @@ from websockets.frames import CloseCode
 
 from cloudbot_common import activity
 from cloudbot_common.audit import Origin
-from cloudbot_common.events import EventHub, InstanceStateEvent, revoked_session_key
+from cloudbot_common.events import EventHub, InstanceStateEvent
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import InstanceState
+from cloudbot_common.revocations import REDIS_FAILURES, RevocationWatch
 from cloudbot_common.tickets import Channel
 from cloudbot_gateway.metrics import Metrics
 from cloudbot_gateway.refusals import Refusal
@@ -102,6 +103,7 @@ class SessionRegistry:
         *,
         max_per_user: int,
         idle_timeout: float,
+        revocations: RevocationWatch,
     ) -> None:
         self._redis = redis
         self._hub = hub
@@ -109,6 +111,7 @@ class SessionRegistry:
         self._metrics = metrics
         self._max_per_user = max_per_user
         self._idle_timeout = idle_timeout
+        self._revocations = revocations
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._live: set[Session] = set()
@@ -249,24 +252,29 @@ class SessionRegistry:
 
     async def _renew_and_recheck(self) -> None:
         """Renew the leases, and end sessions whose login or instance changed while events
-        were missed (the subscription was down): logouts from Redis, states from Postgres."""
+        were missed (the subscription was down): logouts from Redis (from Postgres while
+        Redis is away), states from Postgres."""
         sessions = list(self._live)
         if not sessions:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for session in sessions:
-                await self._renew(
-                    keys=[_LEASES_KEY.format(session.user_id)],
-                    args=[LEASE_SECONDS, session.id],
-                    client=pipe,
-                )
-                pipe.exists(revoked_session_key(session.login_session_id))
-            activity.mark(pipe, {s.instance_id for s in sessions})  # in use: not idle
-            results = await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for session in sessions:
+                    await self._renew(
+                        keys=[_LEASES_KEY.format(session.user_id)],
+                        args=[LEASE_SECONDS, session.id],
+                        client=pipe,
+                    )
+                activity.mark(pipe, {s.instance_id for s in sessions})  # in use: not idle
+                await pipe.execute()
+        except REDIS_FAILURES as exc:
+            # The leases lapse on their own; the re-check below must happen all the same.
+            _log.warning("session lease renewal failed", error=type(exc).__name__)
+        revoked = await self._revocations.revoked_among({s.login_session_id for s in sessions})
         states = await self._states({s.instance_id for s in sessions})
-        for i, session in enumerate(sessions):
+        for session in sessions:
             state = states.get(session.instance_id, InstanceState.TERMINATED.value)
-            if results[2 * i + 1]:
+            if session.login_session_id in revoked:
                 session.end(CLOSE_LOGGED_OUT, "login session ended", "logout")
             elif state != InstanceState.RUNNING.value:
                 session.end(CLOSE_INSTANCE_STATE, f"instance {state}", "instance_state")

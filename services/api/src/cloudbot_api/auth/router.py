@@ -42,6 +42,7 @@ async def get_service(uow: UowDep, resources: ResourcesDep, audit: AuditorDep) -
         passwords=resources.passwords,
         tokens=resources.tokens,
         redis=resources.redis,
+        revocations=resources.revocations,
         settings=resources.settings,
         audit=audit,
     )

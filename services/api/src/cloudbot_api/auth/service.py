@@ -13,9 +13,9 @@ from cloudbot_api.auth.schemas import TokenPair
 from cloudbot_api.errors import ProblemError
 from cloudbot_api.unit_of_work import UnitOfWork
 from cloudbot_common.audit import Action
-from cloudbot_common.events import revoke_login_session
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import LoginSession, RefreshToken, User
+from cloudbot_common.revocations import REDIS_FAILURES, RevocationWatch
 from cloudbot_common.security.jwt_tokens import TokenClaims, TokenCodec, TokenError, TokenType
 from cloudbot_common.security.passwords import Passwords
 from cloudbot_common.settings import Settings
@@ -41,6 +41,7 @@ class AuthService:
         passwords: Passwords,
         tokens: TokenCodec,
         redis: Redis,
+        revocations: RevocationWatch,
         settings: Settings,
         audit: Auditor,
     ) -> None:
@@ -50,6 +51,7 @@ class AuthService:
         self.passwords = passwords
         self.tokens = tokens
         self.redis = redis
+        self.revocations = revocations
         self.settings = settings
 
     async def signup(self, email: str, password: str) -> User:
@@ -132,13 +134,26 @@ class AuthService:
         self._announce_ended([session_id])
 
     def _announce_ended(self, session_ids: list[uuid.UUID]) -> None:
-        ttl, redis = self.settings.access_token_ttl_seconds + 60, self.redis
+        """Once committed, tell every service; if Redis will not take it, answer 503 rather
+        than report a success while the access tokens and gateway sessions live on (they
+        are refused here at once, everywhere within seconds: see revocations)."""
+        revocations = self.revocations
 
         async def announce() -> None:
-            for session_id in session_ids:
-                await revoke_login_session(redis, session_id, remember_seconds=ttl)
+            try:
+                await revocations.announce(session_ids)
+            except REDIS_FAILURES as exc:
+                log.error("login session revoked but not yet announced", error=type(exc).__name__)
+                raise ProblemError(
+                    503,
+                    "revocation_pending",
+                    "The login session is ended, but not every service has heard of it yet; "
+                    "its tokens are refused within seconds. Retry to confirm.",
+                    headers={"Retry-After": "5"},
+                ) from None
 
-        self.uow.after_commit(announce)
+        if session_ids:
+            self.uow.after_commit(announce, required=True)
 
     async def logout_owned(self, user_id: uuid.UUID, session_id: uuid.UUID) -> None:
         """End a login session named by a refresh token, once checked to be the user's."""

@@ -1,0 +1,154 @@
+"""Ending a login session, failing closed when Redis will not take it.
+
+Postgres's `login_sessions.revoked_at` is the truth. The Redis marker (`events.
+revoked_session_key`) and the session event are how every API and gateway process hears
+of it at once. If the marker cannot be written, the revocation stays "unannounced" in
+Postgres (`revocation_announced_at` NULL) and nothing is lost:
+
+- every API and gateway process runs a `RevocationWatch`, which reads the unannounced
+  revocations every SWEEP_SECONDS, refuses their tokens from then on, ends their live
+  streams and relay sessions, and writes their markers once Redis takes them;
+- a check that cannot read Redis asks Postgres instead of letting the token through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Collection
+from datetime import UTC, datetime, timedelta
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cloudbot_common.events import EventHub, revoke_login_session, revoked_session_key
+from cloudbot_common.logging import get_logger
+from cloudbot_common.models import LoginSession
+
+_log = get_logger(__name__)
+
+SWEEP_SECONDS = 2.0
+# What a Redis client raises when the server is away or refuses a command.
+REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+
+
+class RevocationWatch:
+    def __init__(
+        self, engine: AsyncEngine, redis: Redis, hub: EventHub, *, remember_seconds: int
+    ) -> None:
+        self._engine = engine
+        self._redis = redis
+        self._hub = hub
+        # As long as an access token of a revoked session can live.
+        self._remember = remember_seconds
+        # Revoked in Postgres, marker not yet written: refused here without asking Redis.
+        self.pending: set[uuid.UUID] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sweep_forever(), name="revocation-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def announce(self, session_ids: Collection[uuid.UUID]) -> None:
+        """Write the markers of sessions whose revocation was committed, and say so in
+        Postgres. Raises if Redis will not take them: the sessions are then refused here at
+        once, and by every process within SWEEP_SECONDS, while the watch keeps trying."""
+        try:
+            for session_id in session_ids:
+                await revoke_login_session(self._redis, session_id, remember_seconds=self._remember)
+        except REDIS_FAILURES:
+            self._refuse(session_ids)
+            raise
+        await self._mark_announced(session_ids)
+
+    async def is_revoked(self, session_id: uuid.UUID) -> bool:
+        if session_id in self.pending:
+            return True
+        try:
+            return bool(await self._redis.exists(revoked_session_key(session_id)))
+        except REDIS_FAILURES:
+            return bool(await self.revoked_in_database([session_id]))
+
+    async def revoked_among(self, session_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of `session_ids` are revoked: Redis's markers, or Postgres without Redis."""
+        ids = list(session_ids)
+        found = {i for i in ids if i in self.pending}
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for session_id in ids:
+                    pipe.exists(revoked_session_key(session_id))
+                marked = await pipe.execute()
+        except REDIS_FAILURES:
+            return found | await self.revoked_in_database(ids)
+        return found | {i for i, yes in zip(ids, marked, strict=True) if yes}
+
+    async def revoked_in_database(self, session_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
+        if not session_ids:
+            return set()
+        async with self._engine.connect() as conn:
+            rows = await conn.scalars(
+                select(LoginSession.id).where(
+                    LoginSession.id.in_(list(session_ids)), LoginSession.revoked_at.is_not(None)
+                )
+            )
+            return set(rows)
+
+    def _refuse(self, session_ids: Collection[uuid.UUID]) -> None:
+        for session_id in session_ids:
+            if session_id not in self.pending:
+                self.pending.add(session_id)
+                # What the session event would have done: end live streams and sessions.
+                self._hub.session_revoked(str(session_id))
+
+    async def _mark_announced(self, session_ids: Collection[uuid.UUID]) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(LoginSession)
+                .where(
+                    LoginSession.id.in_(list(session_ids)),
+                    LoginSession.revocation_announced_at.is_(None),
+                )
+                .values(revocation_announced_at=datetime.now(UTC))
+            )
+        self.pending.difference_update(session_ids)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception as exc:
+                _log.warning("revocation sweep failed", error=type(exc).__name__)
+            await asyncio.sleep(SWEEP_SECONDS)
+
+    async def sweep(self) -> None:
+        """Refuse every unannounced revocation, then try to announce it."""
+        async with self._engine.connect() as conn:
+            result = await conn.execute(
+                select(LoginSession.id, LoginSession.revoked_at).where(
+                    LoginSession.revoked_at.is_not(None),
+                    LoginSession.revocation_announced_at.is_(None),
+                )
+            )
+            rows = [(session_id, revoked_at) for session_id, revoked_at in result if revoked_at]
+        if not rows:
+            self.pending.clear()
+            return
+        horizon = datetime.now(UTC) - timedelta(seconds=self._remember)
+        # Older than any access token they issued: nothing left to refuse or announce.
+        expired = [session_id for session_id, revoked_at in rows if revoked_at < horizon]
+        live = [session_id for session_id, revoked_at in rows if revoked_at >= horizon]
+        self.pending.intersection_update(live)
+        self._refuse(live)
+        if expired:
+            await self._mark_announced(expired)
+        if live:
+            with contextlib.suppress(*REDIS_FAILURES):
+                await self.announce(live)
