@@ -5,7 +5,6 @@ logged and never touch a session."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -14,31 +13,28 @@ from redis.asyncio import Redis
 from cloudbot_common import activity
 from cloudbot_common.audit import Action, Origin, record
 from cloudbot_common.db import SessionFactory, unit_of_work
-from cloudbot_common.logging import get_logger
+from cloudbot_gateway.background import Background
 from cloudbot_gateway.sessions import Session
-
-_log = get_logger(__name__)
 
 
 class Journal:
     def __init__(self, sessions: SessionFactory, redis: Redis) -> None:
         self._sessions = sessions
         self._redis = redis
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background = Background("session journal write failed")
 
     def opened(self, session: Session) -> None:
-        self._spawn(self._audit(session, Action.SESSION_OPENED, {}))
-        self._spawn(self._mark([session]))
+        self._background.spawn(self._audit(session, Action.SESSION_OPENED, {}))
+        self._background.spawn(self._mark([session]))
 
     def closed(self, session: Session, cause: str) -> None:
         seconds = round(time.monotonic() - session.opened_at, 1)
         details = {"cause": cause, "seconds": seconds}
-        self._spawn(self._audit(session, Action.SESSION_CLOSED, details))
-        self._spawn(self._mark([session]))
+        self._background.spawn(self._audit(session, Action.SESSION_CLOSED, details))
+        self._background.spawn(self._mark([session]))
 
     async def aclose(self) -> None:
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
+        await self._background.wait(5)
 
     async def _audit(self, session: Session, action: Action, details: dict[str, Any]) -> None:
         async with unit_of_work(self._sessions) as db:
@@ -60,13 +56,3 @@ class Journal:
             async with self._redis.pipeline(transaction=False) as pipe:
                 activity.mark(pipe, {s.instance_id for s in sessions})
                 await pipe.execute()
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            _log.warning("session journal write failed", error=type(task.exception()).__name__)

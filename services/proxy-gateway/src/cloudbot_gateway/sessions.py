@@ -31,6 +31,7 @@ from cloudbot_common.logging import get_logger
 from cloudbot_common.models import InstanceState
 from cloudbot_common.revocations import REDIS_FAILURES, RevocationWatch
 from cloudbot_common.tickets import Channel
+from cloudbot_gateway.background import Background
 from cloudbot_gateway.metrics import Metrics
 from cloudbot_gateway.refusals import Refusal
 from cloudbot_gateway.relay import Stop
@@ -117,7 +118,8 @@ class SessionRegistry:
         self._live: set[Session] = set()
         self._empty = asyncio.Event()
         self._empty.set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # Lease releases; a lost one expires on its own within LEASE_SECONDS.
+        self._background = Background("session lease release failed")
         self._ticker: asyncio.Task[None] | None = None
         self._bytes = {
             (channel, direction): metrics.bytes_relayed.labels(channel.value, direction)
@@ -139,8 +141,7 @@ class SessionRegistry:
                 await self._ticker
         for session in self._live:
             self._report_bytes(session)
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2)
+        await self._background.wait(2)
 
     def new_session(
         self,
@@ -168,7 +169,7 @@ class SessionRegistry:
 
     def release_soon(self, session: Session) -> None:
         """Give the lease back without waiting (safe from synchronous callbacks)."""
-        self._spawn(self._redis.zrem(_LEASES_KEY.format(session.user_id), session.id))
+        self._background.spawn(self._redis.zrem(_LEASES_KEY.format(session.user_id), session.id))
 
     def attach(self, session: Session) -> None:
         """The handshake is done: watch for the events that end this session."""
@@ -278,14 +279,3 @@ class SessionRegistry:
                 session.end(CLOSE_LOGGED_OUT, "login session ended", "logout")
             elif state != InstanceState.RUNNING.value:
                 session.end(CLOSE_INSTANCE_STATE, f"instance {state}", "instance_state")
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # The lease expires on its own within LEASE_SECONDS.
-            _log.warning("session lease release failed", error=type(task.exception()).__name__)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from cloudbot_api import pagination
 from cloudbot_api.audit.repository import AuditRepository
 from cloudbot_api.audit.schemas import AuditEventOut, AuditPage
 from cloudbot_api.unit_of_work import UnitOfWork
@@ -42,10 +43,7 @@ class AuditService:
         self.repo = AuditRepository(uow.session)
 
     async def page(self, user_id: uuid.UUID, before: int | None, limit: int) -> AuditPage:
-        rows = await self.repo.page(user_id, before, limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows, next_before = pagination.page(await self.repo.page(user_id, before, limit + 1), limit)
         return AuditPage(
-            items=[AuditEventOut.model_validate(r) for r in rows],
-            next_before=rows[-1].id if more and rows else None,
+            items=[AuditEventOut.model_validate(r) for r in rows], next_before=next_before
         )

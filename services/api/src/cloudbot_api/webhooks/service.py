@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from cloudbot_api import pagination
 from cloudbot_api.audit.service import Auditor
 from cloudbot_api.errors import ProblemError
 from cloudbot_api.unit_of_work import UnitOfWork
@@ -104,10 +105,8 @@ class WebhookService:
     ) -> DeliveryPage:
         if await self.repo.get_owned(user_id, webhook_id) is None:
             raise _not_found()
-        rows = await self.repo.deliveries(webhook_id, before, limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
+        fetched = await self.repo.deliveries(webhook_id, before, limit + 1)
+        rows, next_before = pagination.page(fetched, limit)
         return DeliveryPage(
-            items=[DeliveryOut.model_validate(r) for r in rows],
-            next_before=rows[-1].id if more and rows else None,
+            items=[DeliveryOut.model_validate(r) for r in rows], next_before=next_before
         )
