@@ -17,10 +17,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cloudbot_api.instances.router import SSE_KEEPALIVE_SECONDS
-from cloudbot_common.commands import Command
 from cloudbot_common.db import create_session_factory, unit_of_work
 from cloudbot_common.events import publish_instance_event
-from cloudbot_common.lifecycle import lock_instance, transition
+from cloudbot_common.lifecycle import PROVISION, START, STOP, TERMINATE, lock_instance, transition
 from cloudbot_common.models import Instance, InstanceState, OutboxCommand
 from cloudbot_common.security.opaque import new_token, token_digest
 from tests.api.test_auth import assert_problem
@@ -68,7 +67,7 @@ async def test_create_answers_202_pending_and_writes_the_outbox(http, user, engi
         instance = (
             await conn.execute(select(Instance).where(Instance.id == uuid.UUID(body["id"])))
         ).one()
-    assert [row.task for row in rows] == [Command.PROVISION.value]
+    assert [row.task for row in rows] == [PROVISION.task]
     assert rows[0].request_id == r.headers["x-request-id"]
     assert instance.instance_type == "t3.small"
 
@@ -171,12 +170,12 @@ async def test_state_guards_answer_409_with_the_state(http, user, engine, redis_
                 .order_by(OutboxCommand.created_at)
             )
         ).all()
-    assert tasks == [Command.PROVISION, Command.STOP, Command.START, Command.TERMINATE]
+    assert tasks == [c.task for c in (PROVISION, STOP, START, TERMINATE)]
 
 
 async def test_another_users_instance_is_not_found_everywhere(http, user, engine, redis_url):
     iid = (await create(http, user)).json()["id"]
-    await move(engine, redis_url, iid, InstanceState.RUNNING)
+    await move(engine, redis_url, iid, InstanceState.PROVISIONING, InstanceState.RUNNING)
     other = await make_user(http)
     h = other.headers
     missing = str(uuid.uuid4())
@@ -205,7 +204,7 @@ async def test_tickets_only_for_running_instances(http, user, engine, redis_url,
         f"/api/instances/{iid}/tickets", json={"channel": "vnc"}, headers=user.headers
     )
     assert_problem(r, 409, "instance_state_conflict")
-    await move(engine, redis_url, iid, InstanceState.RUNNING)
+    await move(engine, redis_url, iid, InstanceState.PROVISIONING, InstanceState.RUNNING)
     r = await http.post(
         f"/api/instances/{iid}/tickets", json={"channel": "cloudbot"}, headers=user.headers
     )

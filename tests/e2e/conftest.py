@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from tests.provisioner.harness import moto_server, redis_server
 from tests.support.clients import api_client
+from tests.support.harness import moto_server, redis_server
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import SECRETS
-from tests.provisioner.harness import (
+from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
     api_process,

@@ -26,7 +26,7 @@ import pytest
 
 from tests.conftest import SECRETS
 from tests.gateway.conftest import gateway_env
-from tests.provisioner.harness import FAST_RETRIES, kill_local_machines, provisioner
+from tests.support.harness import FAST_RETRIES, kill_local_machines, provisioner
 from tests.support.processes import PYTHON, free_port, http_ok, running
 
 pytestmark = pytest.mark.vnc

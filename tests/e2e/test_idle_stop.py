@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.conftest import make_user
-from tests.provisioner.harness import (
+from tests.support.harness import (
     FAST_RETRIES,
     api_process,
     kill_local_machines,

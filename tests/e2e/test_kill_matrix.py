@@ -32,7 +32,9 @@ from redis import Redis
 from sqlalchemy.engine import make_url
 
 from tests.conftest import SecretRegistry, make_user
-from tests.provisioner.harness import (
+from tests.support.clients import api_client
+from tests.support.faultproxy import FaultProxy
+from tests.support.harness import (
     AWS_ENV,
     TOKEN,
     Db,
@@ -45,8 +47,6 @@ from tests.provisioner.harness import (
     user_data_of,
     wait_api_state,
 )
-from tests.support.clients import api_client
-from tests.support.faultproxy import FaultProxy
 from tests.support.leaks import redis_leaks
 from tests.support.processes import LOG_DIR, wait_for
 from tests.support.supervisor import Supervisor, pid_of_connection, url_of, wait_dead

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import make_user
-from tests.provisioner.harness import (
+from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
     api_process,

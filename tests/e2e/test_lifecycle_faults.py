@@ -18,7 +18,7 @@ from sqlalchemy.pool import NullPool
 from cloudbot_common.models import Instance
 from cloudbot_common.security.opaque import token_digest
 from tests.conftest import make_user
-from tests.provisioner.harness import (
+from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
     TOKEN,

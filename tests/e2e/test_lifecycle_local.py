@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_user
-from tests.provisioner.harness import (
+from tests.support.harness import (
     FAST_RETRIES,
     RFB,
     Db,

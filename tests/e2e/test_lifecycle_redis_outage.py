@@ -11,7 +11,8 @@ from sqlalchemy import func, select
 
 from cloudbot_common.models import Instance, OutboxCommand
 from tests.conftest import make_user
-from tests.provisioner.harness import (
+from tests.support.clients import api_client
+from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
     Db,
@@ -24,7 +25,6 @@ from tests.provisioner.harness import (
     redis_server,
     wait_api_state,
 )
-from tests.support.clients import api_client
 
 
 @pytest.fixture

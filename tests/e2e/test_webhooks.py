@@ -16,7 +16,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook as Verifier
 
 from tests.conftest import SECRETS, make_user
-from tests.provisioner.harness import (
+from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
     api_process,

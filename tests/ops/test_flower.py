@@ -15,7 +15,8 @@ import httpx
 import pytest
 import redis
 
-from cloudbot_common.commands import Command, make_celery, send_command
+from cloudbot_common.commands import make_celery, send_command
+from cloudbot_common.lifecycle import PROVISION
 from cloudbot_common.models import OutboxCommand
 from cloudbot_common.settings import Settings
 from tests.conftest import SECRETS
@@ -82,7 +83,7 @@ def test_flower_lists_a_provisioning_command(flower: Flower, private_env: dict[s
     try:
         send_command(
             celery,
-            OutboxCommand(id=command_id, task=Command.PROVISION.value, instance_id=instance_id),
+            OutboxCommand(id=command_id, task=PROVISION.task, instance_id=instance_id),
         )
     finally:
         celery.close()

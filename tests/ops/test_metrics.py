@@ -12,7 +12,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cloudbot_common.commands import Command, make_celery, send_command
+from cloudbot_common.commands import make_celery, send_command
+from cloudbot_common.lifecycle import START, STOP
 from cloudbot_common.models import OutboxCommand
 from cloudbot_common.settings import Settings
 from tests.support.processes import PYTHON, free_port, http_ok, running
@@ -125,7 +126,7 @@ async def test_platform_gauges_are_read_at_scrape_time(
             "INSERT INTO outbox_commands (id, task, instance_id, publish_attempts, created_at)"
             " VALUES ($1, $2, $3, 0, now() - interval '120 seconds')",
             uuid.uuid4(),
-            Command.STOP.value,
+            STOP.task,
             ids[0],
         )
     finally:
@@ -136,7 +137,7 @@ async def test_platform_gauges_are_read_at_scrape_time(
     celery = make_celery(settings, "metrics-test")
     try:
         for instance_id in (*ids, ids[0]):
-            row = OutboxCommand(id=uuid.uuid4(), task=Command.START.value, instance_id=instance_id)
+            row = OutboxCommand(id=uuid.uuid4(), task=START.task, instance_id=instance_id)
             send_command(celery, row)
     finally:
         celery.close()

@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tests.provisioner.harness import (
+from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
     Db,

@@ -12,7 +12,7 @@ from typing import cast
 import pytest
 from redis import Redis
 
-from tests.provisioner.harness import RedisServer, redis_server
+from tests.support.harness import RedisServer, redis_server
 from tests.support.processes import wait_for
 from tests.support.supervisor import Supervisor
 

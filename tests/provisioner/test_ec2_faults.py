@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from cloudbot_common.models import InstanceState as S
-from tests.provisioner.harness import Ec2FaultProxy, ec2_client, machines_tagged, provisioner
+from tests.support.harness import Ec2FaultProxy, ec2_client, machines_tagged, provisioner
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from cloudbot_common.settings import Settings
 from cloudbot_provisioner.backends.base import LaunchSpec
 from cloudbot_provisioner.backends.ec2 import Ec2Backend
 from cloudbot_provisioner.errors import PermanentError
-from tests.provisioner.harness import AWS_ENV, ec2_client, machines_tagged, moto_network
+from tests.support.harness import AWS_ENV, ec2_client, machines_tagged, moto_network
 
 
 def _settings(moto_url: str, **overrides: Any) -> Settings:

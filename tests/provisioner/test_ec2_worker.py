@@ -10,16 +10,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import update
 
-from cloudbot_common.commands import Command
 from cloudbot_common.db import unit_of_work
-from cloudbot_common.lifecycle import lock_instance, transition
+from cloudbot_common.lifecycle import START, STOP, TERMINATE, lock_instance, transition
 from cloudbot_common.models import Instance, OutboxCommand
 from cloudbot_common.models import InstanceState as S
 from cloudbot_common.security.opaque import token_digest
 from cloudbot_common.settings import Settings
-from cloudbot_provisioner.instances.handlers import VANISHED
+from cloudbot_provisioner.instances.steps import VANISHED
 from cloudbot_provisioner.reconciler import DRIFTED
-from tests.provisioner.harness import (
+from tests.support.harness import (
     TOKEN,
     ec2_client,
     machines_tagged,
@@ -60,17 +59,17 @@ async def test_full_lifecycle(worker, db, ec2, ec2_env, secret_registry):
     assert machine["ImageId"] == Settings(environment="test").ec2_ami_id
     assert await db.open_commands(instance_id) == 0
 
-    await db.command(instance_id, Command.STOP, S.STOPPING)
+    await db.command(instance_id, STOP)
     await db.wait_state(instance_id, S.STOPPED)
     [machine] = machines_tagged(ec2, str(instance_id))
     assert machine["State"]["Name"] == "stopped"
 
-    await db.command(instance_id, Command.START, S.STARTING)
+    await db.command(instance_id, START)
     await db.wait_state(instance_id, S.RUNNING)
     [machine] = machines_tagged(ec2, str(instance_id))
     assert machine["State"]["Name"] == "running"
 
-    await db.command(instance_id, Command.TERMINATE, S.TERMINATING)
+    await db.command(instance_id, TERMINATE)
     row = await db.wait_state(instance_id, S.TERMINATED)
     assert machines_tagged(ec2, str(instance_id)) == []
     assert row.bootstrap_token_hash is None

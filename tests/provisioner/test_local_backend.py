@@ -13,12 +13,12 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from cloudbot_common.commands import Command
 from cloudbot_common.instance_contract import AGENT_WS_PATH
+from cloudbot_common.lifecycle import START, STOP, TERMINATE
 from cloudbot_common.models import InstanceState as S
 from cloudbot_common.security.opaque import agent_credential
 from tests.conftest import SECRETS
-from tests.provisioner.harness import (
+from tests.support.harness import (
     RFB,
     environments_of,
     kill_local_machines,
@@ -97,7 +97,7 @@ async def test_local_desktop_lifecycle(db, local_env, settings, tmp_path, secret
     assert (await db.instance(instance_id)).bootstrap_token_hash is None
 
     with provisioner(local_env, tmp_path / "b", name="local-worker-b"):
-        await db.command(instance_id, Command.STOP, S.STOPPING)
+        await db.command(instance_id, STOP)
         await db.wait_state(instance_id, S.STOPPED)
         assert await port_closed(vnc)
         assert await port_closed(agent)
@@ -105,7 +105,7 @@ async def test_local_desktop_lifecycle(db, local_env, settings, tmp_path, secret
         # The disk stays: the agent's credential survives the stop.
         assert (directory / "disk" / "agent" / "agent.json").exists()
 
-        await db.command(instance_id, Command.START, S.STARTING)
+        await db.command(instance_id, START)
         row = await db.wait_state(instance_id, S.RUNNING)
         assert (row.vnc_port, row.agent_port) == (vnc, agent)
         assert RFB.fullmatch(await rfb_greeting(vnc))
@@ -115,7 +115,7 @@ async def test_local_desktop_lifecycle(db, local_env, settings, tmp_path, secret
         assert find_leaks(directory / "logs", SECRETS.values) == []
         assert list((directory / "logs").glob("*.log"))
 
-        await db.command(instance_id, Command.TERMINATE, S.TERMINATING)
+        await db.command(instance_id, TERMINATE)
         await db.wait_state(instance_id, S.TERMINATED)
         assert processes_of(directory, group) == []
         assert not directory.exists()

@@ -1,35 +1,29 @@
 """Commands from the control plane to the provisioner, sent through the transactional outbox.
 
-The API writes an `OutboxCommand` row in the same transaction as the state change, then
-publishes it after commit. The provisioner's relay republishes rows that were not
-completed in time. Task arguments are ids only, never secrets.
+The API writes an `OutboxCommand` row in the same transaction as the state change
+(`request_command`), then publishes it after commit. The provisioner's relay republishes
+rows that were not completed in time. Task arguments are ids only, never secrets. What the
+commands are is declared in `cloudbot_common.lifecycle`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 
 from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudbot_common.db import SessionFactory, unit_of_work
-from cloudbot_common.models import OutboxCommand
+from cloudbot_common.events import InstanceStateEvent
+from cloudbot_common.lifecycle import Command, begin, request
+from cloudbot_common.models import Instance, OutboxCommand
 from cloudbot_common.settings import Settings
 
 PROVISIONING_QUEUE = "provisioning"
-
-
-class Command(StrEnum):
-    """Celery task names of the provisioner; the API refers to them only by name."""
-
-    PROVISION = "cloudbot.instances.provision"
-    STOP = "cloudbot.instances.stop"
-    START = "cloudbot.instances.start"
-    TERMINATE = "cloudbot.instances.terminate"
 
 
 def make_celery(settings: Settings, name: str) -> Celery:
@@ -63,13 +57,41 @@ def add_command(
     """Stage a command in the caller's transaction. Publish it with `publish` after commit."""
     row = OutboxCommand(
         id=uuid.uuid4(),
-        task=command.value,
+        task=command.task,
         instance_id=instance_id,
         request_id=request_id,
         publish_attempts=0,
     )
     session.add(row)
     return row
+
+
+@dataclass(frozen=True, slots=True)
+class Requested:
+    """An accepted request: the event to announce and the command to publish, both once
+    the transaction has committed."""
+
+    event: InstanceStateEvent
+    command: OutboxCommand
+
+
+async def request_command(
+    session: AsyncSession,
+    instance: Instance,
+    command: Command,
+    request_id: str | None,
+    reason: str | None = None,
+) -> Requested:
+    """Accept a request for `command` in the caller's transaction (the one way a command is
+    asked for, see who writes which state in `cloudbot_common.lifecycle`): the instance
+    moves to the state the command requests (a new one, added to `session`, starts there)
+    and the command is staged in the outbox. The caller holds the row lock; raises
+    TransitionError when the instance is in a state the command does not start from."""
+    if command.starts_from:
+        event = await request(session, instance, command, reason)
+    else:
+        event = await begin(session, instance, command)
+    return Requested(event, add_command(session, command, instance.id, request_id))
 
 
 def send_command(celery: Celery, row: OutboxCommand) -> None:

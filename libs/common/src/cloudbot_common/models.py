@@ -75,16 +75,6 @@ LIVE_STATES = frozenset(
         InstanceState.STARTING,
     }
 )
-TRANSITIONAL_STATES = frozenset(
-    {
-        InstanceState.PENDING,
-        InstanceState.PROVISIONING,
-        InstanceState.STOPPING,
-        InstanceState.STARTING,
-        InstanceState.TERMINATING,
-    }
-)
-FINAL_STATES = frozenset({InstanceState.TERMINATED})
 
 _STATE_VALUES = ", ".join(f"'{s.value}'" for s in InstanceState)
 

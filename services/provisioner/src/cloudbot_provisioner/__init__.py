@@ -1,9 +1,13 @@
-"""The CloudBot provisioner: a Celery worker and beat, the only writer of instance state.
+"""The CloudBot provisioner: a Celery worker and beat that drive each instance through its
+lifecycle. It writes every state move after the one a request makes; who writes which
+state is stated once, in `cloudbot_common.lifecycle`.
 
     worker.py / celery_app.py   the Celery app, its beat schedule, per-process start-up
     runtime.py                  the event loop, engine, Redis and backend of one process
-    tasks.py                    tasks named after cloudbot_common.commands.Command; retries
-    instances/handlers.py       what provision, stop, start and terminate do, idempotently
+    tasks.py                    one task per command of the lifecycle table; retries
+    instances/handlers.py       what each command does (provision, stop, start, terminate)
+    instances/steps.py          the machinery handlers and the reconciler share: one
+                                delivery (Step), the locked row (Tx), Done or Wait
     instances/guard.py          one handler per instance at a time (Postgres advisory lock)
     outbox_relay.py             republishes outbox commands nobody picked up
     reconciler.py               makes Postgres and the backend agree again

@@ -20,10 +20,10 @@ from sqlalchemy import select
 
 from cloudbot_common import activity, webhooks
 from cloudbot_common.audit import SYSTEM, Action, Origin, record
-from cloudbot_common.commands import Command, add_command, publish
+from cloudbot_common.commands import publish, request_command
 from cloudbot_common.db import unit_of_work
 from cloudbot_common.events import InstanceStateEvent
-from cloudbot_common.lifecycle import can_move, lock_instance, transition
+from cloudbot_common.lifecycle import STOP, lock_instance
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import Instance, InstanceEvent, InstanceState, OutboxCommand
 from cloudbot_provisioner.runtime import Runtime
@@ -102,13 +102,12 @@ async def _stop(rt: Runtime, instance_id: uuid.UUID, since: datetime) -> int:
             instance is None
             or not _still_idle(instance, since)
             or (marked is not None and marked > since)
-            or not can_move(instance.state, InstanceState.STOPPING)
+            or instance.state not in STOP.starts_from
         ):
             return 0
-        events.append(
-            await transition(session, instance, InstanceState.STOPPING, reason=IDLE_REASON)
-        )
-        command = add_command(session, Command.STOP, instance.id, None)
+        requested = await request_command(session, instance, STOP, None, reason=IDLE_REASON)
+        events.append(requested.event)
+        command = requested.command
         record(
             session,
             Action.INSTANCE_COMMAND,
@@ -116,7 +115,7 @@ async def _stop(rt: Runtime, instance_id: uuid.UUID, since: datetime) -> int:
             actor=SYSTEM,
             origin=Origin(),
             target=f"instance:{instance.id}",
-            command="stop",
+            command=STOP.verb,
             reason=IDLE_REASON,
             idle_since=since.isoformat(),
         )

@@ -19,21 +19,19 @@ from datetime import UTC, datetime, timedelta
 
 from cloudbot_common.commands import add_command, publish
 from cloudbot_common.db import unit_of_work
-from cloudbot_common.lifecycle import lock_instance
+from cloudbot_common.lifecycle import LIFECYCLE, PROVISION, STOP, lock_instance
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import LIVE_STATES, Instance
 from cloudbot_common.models import InstanceState as S
 from cloudbot_provisioner import repository
 from cloudbot_provisioner.backends.base import Machine, MachineState
 from cloudbot_provisioner.instances.guard import exclusive
-from cloudbot_provisioner.instances.handlers import DRIVES, locked
+from cloudbot_provisioner.instances.steps import locked
 from cloudbot_provisioner.runtime import Runtime
 
 log = get_logger(__name__)
 
 DRIFTED = "The machine was stopped outside CloudBot."
-# The command that drives each transitional state, read off the handlers' own table.
-_COMMAND_FOR = {state: command for command, states in DRIVES.items() for state in states}
 # States in which a machine belongs to its row; a machine of any other row is an orphan.
 _OWNS_MACHINE = LIVE_STATES | {S.TERMINATING}
 
@@ -96,7 +94,7 @@ def _is_orphan(machine: Machine, row: Instance | None) -> bool:
     return (
         row.backend_instance_id is not None
         and row.backend_instance_id != machine.id
-        and row.state not in (S.PENDING, S.PROVISIONING)
+        and row.state not in PROVISION.drives
     )
 
 
@@ -128,8 +126,9 @@ async def _record_drift(rt: Runtime, instance_id: uuid.UUID, machine: Machine) -
         async with locked(rt, instance_id) as tx:
             if not tx.is_in(S.RUNNING):
                 return False
-            await tx.move(S.STOPPING, DRIFTED)
-            await tx.move(S.STOPPED, DRIFTED)
+            # The row goes the way a stop would have taken it.
+            await tx.move(STOP.requests, DRIFTED)
+            await tx.move(STOP.drives_to, DRIFTED)
     log.warning("machine stopped outside CloudBot", instance_id=str(instance_id))
     return True
 
@@ -162,14 +161,15 @@ async def _redrive_stuck(rt: Runtime) -> int:
     for instance_id in stuck:
         async with unit_of_work(rt.sessions) as session:
             instance = await lock_instance(session, instance_id)
+            driving = LIFECYCLE.driving(instance.state) if instance is not None else None
             if (
                 instance is None
-                or instance.state not in _COMMAND_FOR
+                or driving is None
                 or instance.state_changed_at >= cutoff
                 or await repository.open_command_exists(session, instance_id)
             ):
                 continue
-            command = add_command(session, _COMMAND_FOR[S(instance.state)], instance_id, None)
+            command = add_command(session, driving, instance_id, None)
         # Committed: if this send is lost, the outbox relay sends it.
         try:
             await publish(rt.celery, rt.sessions, command)

@@ -12,7 +12,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cloudbot_common.models import TRANSITIONAL_STATES, Instance, InstanceState, OutboxCommand
+from cloudbot_common.lifecycle import LIFECYCLE
+from cloudbot_common.models import Instance, InstanceState, OutboxCommand
 
 
 async def command_completed(session: AsyncSession, command_id: uuid.UUID) -> bool:
@@ -106,7 +107,7 @@ async def stuck_instances(
     result = await session.scalars(
         select(Instance).where(
             Instance.backend == backend,
-            Instance.state.in_([s.value for s in TRANSITIONAL_STATES]),
+            Instance.state.in_([s.value for s in LIFECYCLE.transitional]),
             Instance.state_changed_at < changed_before,
         )
     )

@@ -2,21 +2,23 @@
 what happens next: done, look again later (the machine is settling), retry with backoff
 (throttling, 5xx, no capacity), or give up and mark the instance failed.
 
-Task arguments are ids only. The names are `cloudbot_common.commands.Command`'s.
+There is one task per command of the lifecycle table (`cloudbot_common.lifecycle`), named
+by its task name and registered by `register_commands`. Task arguments are ids only.
 """
 
 from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any, TypeVar, cast
 
 import structlog
+from celery import Celery
 
-from cloudbot_common.commands import Command
 from cloudbot_common.db import unit_of_work
+from cloudbot_common.lifecycle import Command
 from cloudbot_common.logging import get_logger
 from cloudbot_provisioner import idle, outbox_relay, reconciler, repository, webhook_delivery
 from cloudbot_provisioner.celery_app import (
@@ -29,23 +31,18 @@ from cloudbot_provisioner.celery_app import (
     settings,
 )
 from cloudbot_provisioner.errors import PermanentError, TransientError
-from cloudbot_provisioner.instances import handlers
+from cloudbot_provisioner.instances import steps
+from cloudbot_provisioner.instances.handlers import DISPATCH
+from cloudbot_provisioner.instances.steps import Handler
 from cloudbot_provisioner.runtime import Runtime, get_runtime
 
 log = get_logger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
-_DOING = {
-    Command.PROVISION: "set up the machine",
-    Command.STOP: "stop the machine",
-    Command.START: "start the machine",
-    Command.TERMINATE: "terminate the machine",
-}
 
-
-def _task(name: str, **options: Any) -> Callable[[F], F]:
-    """`app.task`, typed (Celery ships no type information)."""
-    return cast(Callable[[F], F], app.task(name=name, **options))
+def _task(name: str, celery: Celery = app, **options: Any) -> Callable[[F], F]:
+    """`celery.task`, typed (Celery ships no type information)."""
+    return cast(Callable[[F], F], celery.task(name=name, **options))
 
 
 def _runtime() -> Runtime:
@@ -72,6 +69,7 @@ async def _failed_attempt(rt: Runtime, command_id: uuid.UUID) -> int:
 def _run_command(
     task: Any,
     command: Command,
+    handler: Handler,
     instance_id: str,
     command_id: str,
     waiting_since: float | None,
@@ -82,15 +80,15 @@ def _run_command(
     # lines, and the EC2 calls it makes, carry the id of the request that caused them.
     request_id: str | None = getattr(task.request, "request_id", None)
     structlog.contextvars.bind_contextvars(
-        instance_id=instance_id, command_id=command_id, command=command.value
+        instance_id=instance_id, command_id=command_id, command=command.verb
     )
     if request_id:
         structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
         try:
-            outcome = rt.run(handlers.handle(rt, command, iid, cid, waiting_since))
+            outcome = rt.run(steps.run(rt, handler, iid, cid, waiting_since))
         except PermanentError as e:
-            rt.run(handlers.give_up(rt, command, iid, cid, e.reason))
+            rt.run(steps.give_up(rt, command, iid, cid, e.reason))
             return
         except TransientError as e:
             _retry_or_give_up(task, rt, command, iid, cid, e.reason, e)
@@ -98,10 +96,11 @@ def _run_command(
         except Exception as e:
             # Unknown errors (the database away, a bug) get the same bounded retries.
             log.exception("command step failed unexpectedly")
-            reason = f"Could not {_DOING[command]}: an internal error ({type(e).__name__})."
+            error = type(e).__name__
+            reason = f"Could not {command.verb} the machine: an internal error ({error})."
             _retry_or_give_up(task, rt, command, iid, cid, reason, e)
             return
-        if isinstance(outcome, handlers.Wait):
+        if isinstance(outcome, steps.Wait):
             # Look again later without holding this worker slot meanwhile.
             rt.run(_requeued(rt, cid, outcome.seconds))
             task.apply_async(
@@ -131,7 +130,7 @@ def _retry_or_give_up(
     limit = rt.settings.task_max_retries
     if failures > limit:
         final = f"{reason} Gave up after {failures} attempts."
-        rt.run(handlers.give_up(rt, command, instance_id, command_id, final))
+        rt.run(steps.give_up(rt, command, instance_id, command_id, final))
         return
     countdown = backoff_seconds(failures - 1, rt.settings.task_retry_backoff_max_seconds)
     log.warning("command step will be retried", reason=reason, attempt=failures)
@@ -140,32 +139,26 @@ def _retry_or_give_up(
     raise task.retry(countdown=countdown, exc=exc, max_retries=None)
 
 
-# acks_late and reject_on_worker_lost are set for the whole app by `make_celery`.
-_COMMAND_OPTIONS: dict[str, Any] = {"bind": True, "ignore_result": True}
+def register_commands(celery: Celery, dispatch: Mapping[Command, Handler]) -> dict[str, Any]:
+    """One task per command, named by the command's task name, running its handler; the
+    tasks by name. acks_late and reject_on_worker_lost are set app-wide by `make_celery`."""
+    return {
+        command.task: _command_task(celery, command, handler)
+        for command, handler in dispatch.items()
+    }
 
 
-@_task(Command.PROVISION.value, **_COMMAND_OPTIONS)
-def provision(
-    self: Any, instance_id: str, command_id: str, waiting_since: float | None = None
-) -> None:
-    _run_command(self, Command.PROVISION, instance_id, command_id, waiting_since)
+def _command_task(celery: Celery, command: Command, handler: Handler) -> Any:
+    def run(
+        self: Any, instance_id: str, command_id: str, waiting_since: float | None = None
+    ) -> None:
+        _run_command(self, command, handler, instance_id, command_id, waiting_since)
+
+    run.__name__ = run.__qualname__ = command.verb
+    return _task(command.task, celery, bind=True, ignore_result=True)(run)
 
 
-@_task(Command.STOP.value, **_COMMAND_OPTIONS)
-def stop(self: Any, instance_id: str, command_id: str, waiting_since: float | None = None) -> None:
-    _run_command(self, Command.STOP, instance_id, command_id, waiting_since)
-
-
-@_task(Command.START.value, **_COMMAND_OPTIONS)
-def start(self: Any, instance_id: str, command_id: str, waiting_since: float | None = None) -> None:
-    _run_command(self, Command.START, instance_id, command_id, waiting_since)
-
-
-@_task(Command.TERMINATE.value, **_COMMAND_OPTIONS)
-def terminate(
-    self: Any, instance_id: str, command_id: str, waiting_since: float | None = None
-) -> None:
-    _run_command(self, Command.TERMINATE, instance_id, command_id, waiting_since)
+COMMAND_TASKS = register_commands(app, DISPATCH)
 
 
 @_task(RELAY_TASK, ignore_result=True)

@@ -51,10 +51,6 @@ class InstanceRepository:
         )
         return int(count or 0)
 
-    async def add(self, instance: Instance) -> None:
-        self.session.add(instance)
-        await self.session.flush()
-
     async def events_after(
         self, instance_id: uuid.UUID, after_id: int, limit: int = 100
     ) -> Sequence[InstanceEvent]:

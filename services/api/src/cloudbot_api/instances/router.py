@@ -23,6 +23,7 @@ from cloudbot_api.instances.schemas import (
     TicketOut,
 )
 from cloudbot_api.instances.service import InstanceService, not_found, to_out
+from cloudbot_common.lifecycle import START, STOP, TERMINATE
 from cloudbot_common.models import InstanceState
 
 router = APIRouter(prefix="/instances", tags=["instances"])
@@ -166,30 +167,35 @@ async def get_instance(
     return service.out(await service.get(principal.user_id, instance_id))
 
 
-def _action_route(action: str) -> Any:
-    async def handler(
-        instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
-    ) -> InstanceOut:
-        return service.out(await service.act(principal.user_id, instance_id, action))
-
-    handler.__name__ = f"{action}_instance"
-    return handler
+# Each route asks for one command of the lifecycle table; its states are the table's.
+_COMMAND_ROUTE: dict[str, Any] = {
+    "status_code": status.HTTP_202_ACCEPTED,
+    "response_model": InstanceOut,
+    "responses": problem_responses(401, 404, 409, 422),
+}
 
 
-for _method, _path, _action, _summary in (
-    ("DELETE", "/{instance_id}", "delete", "Delete (terminate) the machine; its disk is gone"),
-    ("POST", "/{instance_id}/stop", "stop", "Stop the machine, keeping its disk"),
-    ("POST", "/{instance_id}/start", "start", "Start a stopped machine"),
-):
-    router.add_api_route(
-        _path,
-        _action_route(_action),
-        methods=[_method],
-        status_code=status.HTTP_202_ACCEPTED,
-        response_model=InstanceOut,
-        summary=_summary,
-        responses=problem_responses(401, 404, 409, 422),
-    )
+@router.delete(
+    "/{instance_id}", summary="Delete (terminate) the machine; its disk is gone", **_COMMAND_ROUTE
+)
+async def delete_instance(
+    instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
+) -> InstanceOut:
+    return service.out(await service.request(principal.user_id, instance_id, TERMINATE))
+
+
+@router.post("/{instance_id}/stop", summary="Stop the machine, keeping its disk", **_COMMAND_ROUTE)
+async def stop_instance(
+    instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
+) -> InstanceOut:
+    return service.out(await service.request(principal.user_id, instance_id, STOP))
+
+
+@router.post("/{instance_id}/start", summary="Start a stopped machine", **_COMMAND_ROUTE)
+async def start_instance(
+    instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
+) -> InstanceOut:
+    return service.out(await service.request(principal.user_id, instance_id, START))
 
 
 @router.patch(

@@ -19,21 +19,14 @@ from cloudbot_api.instances.schemas import (
 )
 from cloudbot_api.resources import Resources
 from cloudbot_api.unit_of_work import UnitOfWork
-from cloudbot_common.commands import Command, add_command, publish
-from cloudbot_common.events import InstanceStateEvent, publish_instance_event
-from cloudbot_common.lifecycle import can_move, record_initial_state, transition
+from cloudbot_common.commands import Requested, publish, request_command
+from cloudbot_common.events import publish_instance_event
+from cloudbot_common.lifecycle import LIFECYCLE, Command, TransitionError
 from cloudbot_common.logging import get_logger
-from cloudbot_common.models import Instance, InstanceState, OutboxCommand
+from cloudbot_common.models import Instance, InstanceState
 from cloudbot_common.tickets import Channel, Ticket, issue_ticket
 
 log = get_logger(__name__)
-
-# What each user action moves the instance to, and the command that does the work.
-_ACTIONS: dict[str, tuple[InstanceState, Command]] = {
-    "stop": (InstanceState.STOPPING, Command.STOP),
-    "start": (InstanceState.STARTING, Command.START),
-    "delete": (InstanceState.TERMINATING, Command.TERMINATE),
-}
 
 
 def not_found() -> ProblemError:
@@ -131,38 +124,40 @@ class InstanceService:
             size=body.size,
             instance_type=instance_type,
             backend="local" if self.r.settings.local_dev_mode else "ec2",
-            state=InstanceState.PENDING,
             idle_stop_minutes=(
                 body.idle_stop_minutes
                 if body.idle_stop_minutes is not None
                 else self.r.settings.idle_stop_minutes
             ),
         )
-        await self.repo.add(instance)
-        event = await record_initial_state(self.uow.session, instance)
-        command = add_command(self.uow.session, Command.PROVISION, instance.id, self.request_id)
+        requested = await request_command(
+            self.uow.session, instance, LIFECYCLE.creates, self.request_id
+        )
         await self.uow.session.flush()
         await self.uow.session.refresh(instance)
         body_out = self.out(instance).model_dump(mode="json")
         if idempotency_key is not None:
             await self.repo.save_idempotent_response(owner_id, idempotency_key, 202, body_out)
-        self._after_commit(command, event)
+        self._after_commit(requested)
         log.info("instance requested", instance_id=str(instance.id), size=body.size)
         return 202, body_out
 
-    async def act(self, owner_id: uuid.UUID, instance_id: uuid.UUID, action: str) -> Instance:
-        new_state, command_name = _ACTIONS[action]
+    async def request(
+        self, owner_id: uuid.UUID, instance_id: uuid.UUID, command: Command
+    ) -> Instance:
+        """Ask for `command` (stop, start, terminate, ...); what it may start from and the
+        state it requests are the lifecycle table's."""
         instance = await self.repo.get_owned(owner_id, instance_id, lock=True)
         if instance is None:
             raise not_found()
-        if not can_move(instance.state, new_state):
-            raise state_conflict(instance, action)
-        event = await transition(self.uow.session, instance, new_state)
-        command = add_command(self.uow.session, command_name, instance.id, self.request_id)
+        try:
+            requested = await request_command(self.uow.session, instance, command, self.request_id)
+        except TransitionError:
+            raise state_conflict(instance, command.verb) from None
         await self.uow.session.flush()
         await self.uow.session.refresh(instance)
-        self._after_commit(command, event)
-        log.info("instance action requested", instance_id=str(instance.id), action=action)
+        self._after_commit(requested)
+        log.info("instance command requested", instance_id=str(instance.id), command=command.verb)
         return instance
 
     async def update(
@@ -200,15 +195,15 @@ class InstanceService:
             url=f"{base}/api/instances/{instance_id}/{channel.value}?ticket={token}",
         )
 
-    def _after_commit(self, command: OutboxCommand, event: InstanceStateEvent) -> None:
+    def _after_commit(self, requested: Requested) -> None:
         resources = self.r
 
         async def send() -> None:
             # The outbox row is committed: if this fails, the provisioner's relay sends it.
-            await publish(resources.celery, resources.sessions, command)
+            await publish(resources.celery, resources.sessions, requested.command)
 
         async def announce() -> None:
-            await publish_instance_event(resources.redis, event)
+            await publish_instance_event(resources.redis, requested.event)
 
         self.uow.after_commit(send)
         self.uow.after_commit(announce)

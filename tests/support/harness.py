@@ -1,6 +1,7 @@
-"""Real peers for provisioner tests: a moto server as the EC2 endpoint, a fault-injecting
-proxy in front of it, Celery worker processes, and direct database access for seeding
-rows and watching them converge. Shared with the lifecycle tests in tests/e2e."""
+"""Real peers for the provisioner and lifecycle tests (tests/provisioner, tests/e2e): a moto
+server as the EC2 endpoint, a fault-injecting proxy in front of it, Celery worker
+processes, and database access for requesting commands the way the API does and watching
+rows converge."""
 
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from cloudbot_common.commands import Command, add_command, make_celery, publish
+from cloudbot_common.commands import make_celery, publish, request_command
 from cloudbot_common.db import create_session_factory, unit_of_work
-from cloudbot_common.lifecycle import lock_instance, record_initial_state, transition
+from cloudbot_common.lifecycle import LIFECYCLE, Command, lock_instance
 from cloudbot_common.models import Instance, InstanceEvent, InstanceState, OutboxCommand, User
 from cloudbot_common.settings import Settings
 from tests.support.processes import (
@@ -374,14 +375,22 @@ class Ec2FaultProxy:
 # --- Celery worker processes ---------------------------------------------------------------
 
 
+PROVISIONER_APP = "cloudbot_provisioner.worker"
+
+
 def worker_argv(
-    node: str, state_dir: Path, *, concurrency: int = 2, beat: bool = True
+    node: str,
+    state_dir: Path,
+    *,
+    concurrency: int = 2,
+    beat: bool = True,
+    app: str = PROVISIONER_APP,
 ) -> list[str]:
     argv = [
         PYTHON,
         "-m",
         "celery",
-        "--app=cloudbot_provisioner.worker",
+        f"--app={app}",
         "worker",
         "--queues=provisioning",
         f"--concurrency={concurrency}",
@@ -398,16 +407,21 @@ def worker_argv(
 
 @contextlib.contextmanager
 def provisioner(
-    env: dict[str, str], state_dir: Path, *, name: str = "worker", beat: bool = True
+    env: dict[str, str],
+    state_dir: Path,
+    *,
+    name: str = "worker",
+    beat: bool = True,
+    app: str = PROVISIONER_APP,
 ) -> Iterator[Process]:
     """A real Celery worker (with embedded beat), ready to take tasks: it answers a ping
-    through the broker."""
+    through the broker. `app` is the module Celery loads the app from."""
     node = f"{name}-{secrets.token_hex(3)}@{socket.gethostname()}"
     broker = env.get("CELERY_BROKER_URL") or env["REDIS_URL"]
     control = make_celery(
         Settings(redis_url=broker, celery_broker_url=broker, environment="test"), "tests-control"
     ).control
-    proc = Process(name, worker_argv(node, state_dir, beat=beat), env)
+    proc = Process(name, worker_argv(node, state_dir, beat=beat, app=app), env)
     try:
         wait_for(lambda: not proc.alive() or bool(control.ping([node], timeout=0.5)), 60, name)
         if not proc.alive():
@@ -443,37 +457,31 @@ class Db:
     async def create_instance(
         self, owner_id: uuid.UUID, backend: str, *, publish: bool = True, name: str = "desk"
     ) -> tuple[uuid.UUID, uuid.UUID]:
-        """What the API does on POST /instances: a pending row, its history entry and a
-        provision command in one transaction, published after commit."""
+        """A new instance requested through the API's own path (`request_command` with the
+        table's creating command), published after commit unless told not to. The API's
+        policy around it (sizes, quota, idempotency) is tested through the API."""
+        instance = Instance(
+            id=uuid.uuid4(),
+            owner_id=owner_id,
+            name=name,
+            size="small",
+            instance_type="t3.small",
+            backend=backend,
+        )
         async with unit_of_work(self.sessions) as s:
-            instance = Instance(
-                id=uuid.uuid4(),
-                owner_id=owner_id,
-                name=name,
-                size="small",
-                instance_type="t3.small",
-                backend=backend,
-                state=InstanceState.PENDING,
-            )
-            s.add(instance)
-            await s.flush()
-            await record_initial_state(s, instance)
-            command = add_command(s, Command.PROVISION, instance.id, None)
+            requested = await request_command(s, instance, LIFECYCLE.creates, None)
         if publish:
-            await self.publish(command)
-        return instance.id, command.id
+            await self.publish(requested.command)
+        return instance.id, requested.command.id
 
-    async def command(
-        self, instance_id: uuid.UUID, command: Command, new_state: InstanceState
-    ) -> uuid.UUID:
-        """What the API does on stop/start/delete: move the state and stage the command."""
+    async def command(self, instance_id: uuid.UUID, command: Command) -> uuid.UUID:
+        """Request `command` as the API's stop, start and delete do, and publish it."""
         async with unit_of_work(self.sessions) as s:
             instance = await lock_instance(s, instance_id)
             assert instance is not None
-            await transition(s, instance, new_state)
-            row = add_command(s, command, instance_id, None)
-        await self.publish(row)
-        return row.id
+            requested = await request_command(s, instance, command, None)
+        await self.publish(requested.command)
+        return requested.command.id
 
     async def publish(self, row: OutboxCommand) -> None:
         await publish(self.celery, self.sessions, row)
