@@ -112,6 +112,9 @@ def base_env(database_url: str, redis_url: str) -> dict[str, str]:
         "BEAT_LOCK_TTL_SECONDS": "3",
         # No metrics listeners unless a test asks for one on a free port: the defaults
         # (9100, 9101) would collide between the services of parallel runs.
+        # Reusing a refresh token from the same client at once is a reuse here, as the
+        # tests of reuse expect; the retry window has tests of its own (test_refresh_retry).
+        "REFRESH_RETRY_SECONDS": "0",
         "API_METRICS_PORT": "0",
         "GATEWAY_METRICS_PORT": "0",
     }

@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     jwt_audience: str = "cloudbot"
     access_token_ttl_seconds: int = 900
     refresh_token_ttl_seconds: int = 30 * 24 * 3600
+    # A refresh token presented again by the same client this soon gets the same new pair
+    # (its answer was lost); 0: every second presentation is a reuse.
+    refresh_retry_seconds: int = Field(10, ge=0, le=60)
 
     # Comma-separated Fernet keys, newest first; older ones only decrypt.
     encryption_key: SecretStr = SecretStr(DEV_ENCRYPTION_KEY)

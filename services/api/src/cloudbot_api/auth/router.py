@@ -14,6 +14,7 @@ from cloudbot_api.auth.cookies import (
     refresh_cookie,
     set_refresh_cookie,
 )
+from cloudbot_api.auth.retry import RefreshRetries
 from cloudbot_api.auth.schemas import (
     AccessToken,
     LoginRequest,
@@ -43,6 +44,7 @@ async def get_service(uow: UowDep, resources: ResourcesDep, audit: AuditorDep) -
         tokens=resources.tokens,
         redis=resources.redis,
         revocations=resources.revocations,
+        retries=RefreshRetries(resources.redis, resources.settings.refresh_retry_seconds),
         settings=resources.settings,
         audit=audit,
     )
@@ -129,7 +131,7 @@ async def _rotate(
     await resources.limiter.hit(limit, "refresh", "ip:" + client)
     claims = service.decode_refresh(refresh_token)
     await resources.limiter.hit(limit, "refresh", f"user:{claims.user_id}")
-    return await service.refresh(claims)
+    return await service.refresh(claims, refresh_token, client)
 
 
 @router.get(

@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from cloudbot_api.audit.service import Auditor
 from cloudbot_api.auth.repository import AuthRepository
+from cloudbot_api.auth.retry import RefreshRetries
 from cloudbot_api.auth.schemas import TokenPair
 from cloudbot_api.errors import ProblemError
 from cloudbot_api.unit_of_work import UnitOfWork
@@ -42,6 +43,7 @@ class AuthService:
         tokens: TokenCodec,
         redis: Redis,
         revocations: RevocationWatch,
+        retries: RefreshRetries,
         settings: Settings,
         audit: Auditor,
     ) -> None:
@@ -52,6 +54,7 @@ class AuthService:
         self.tokens = tokens
         self.redis = redis
         self.revocations = revocations
+        self.retries = retries
         self.settings = settings
 
     async def signup(self, email: str, password: str) -> User:
@@ -96,9 +99,10 @@ class AuthService:
         except TokenError as exc:
             raise _invalid_refresh(f"Invalid refresh token: {exc}.") from exc
 
-    async def refresh(self, claims: TokenClaims) -> TokenPair:
+    async def refresh(self, claims: TokenClaims, refresh_token: str, client: str) -> TokenPair:
         """A new pair for a refresh token's claims. A token presented a second time ends
-        its whole login session, which stays ended although the answer is an error."""
+        its whole login session, which stays ended although the answer is an error, unless
+        it is the same client retrying within REFRESH_RETRY_SECONDS (see retry.py)."""
         now = datetime.now(UTC)
         login = await self.repo.login_session_for_update(claims.session_id)
         if login is None or login.user_id != claims.user_id:
@@ -109,6 +113,11 @@ class AuthService:
         if token is None or token.session_id != login.id:
             raise _invalid_refresh()
         if token.used_at is not None:
+            if now - token.used_at <= timedelta(seconds=self.retries.window) and (
+                kept := await self.retries.recall(claims.jti, refresh_token, client)
+            ):
+                log.info("refresh retried: the same pair again", session_id=str(login.id))
+                return kept
             await self.end_session(login.id, "refresh_token_reused", now)
             self.audit.record(
                 Action.REFRESH_REUSED, user_id=login.user_id, actor=f"session:{login.id}"
@@ -126,7 +135,10 @@ class AuthService:
             )
         token.used_at = now
         login.last_used_at = now
-        return await self._issue_pair(login.user_id, login.id, now)
+        pair = await self._issue_pair(login.user_id, login.id, now)
+        # Kept before the commit, so a concurrent retry that waited on the row lock finds it.
+        await self.retries.remember(claims.jti, refresh_token, client, pair)
+        return pair
 
     async def end_session(self, session_id: uuid.UUID, reason: str, now: datetime) -> None:
         """Revoke a login session; its access tokens stop working once this commits."""
