@@ -116,6 +116,17 @@ async def test_idempotency_key_returns_the_first_answer(http, user, engine):
     assert count == 2
 
 
+async def test_concurrent_creates_of_one_user_keep_the_quota_without_deadlock(http, user):
+    """Creates of one user at once, each with its own Idempotency-Key: the quota admits
+    exactly three; none fails (two of them used to deadlock on the user's row)."""
+    answers = await asyncio.gather(
+        *[create(http, user, name=f"c{i}", **{"Idempotency-Key": f"c{i}"}) for i in range(8)]
+    )
+    assert sorted(r.status_code for r in answers) == [202] * 3 + [403] * 5, [
+        r.text for r in answers
+    ]
+
+
 async def test_live_instance_quota(http, user):
     for i in range(3):
         assert (await create(http, user, name=f"d{i}")).status_code == 202

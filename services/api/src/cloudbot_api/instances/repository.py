@@ -40,8 +40,15 @@ class InstanceRepository:
         return result.one_or_none()
 
     async def lock_owner(self, owner_id: uuid.UUID) -> None:
-        """Serialise one user's creates, so the live-instance quota cannot be raced."""
-        await self.session.execute(select(User.id).where(User.id == owner_id).with_for_update())
+        """Serialise one user's creates, so the live-instance quota cannot be raced.
+
+        FOR NO KEY UPDATE, not FOR UPDATE: a create has by then inserted its idempotency
+        key, whose foreign key holds a KEY SHARE lock on the same user row; FOR UPDATE
+        would wait for the other creates' KEY SHARE locks while they wait for this one's,
+        a deadlock as soon as two creates of one user run at once."""
+        await self.session.execute(
+            select(User.id).where(User.id == owner_id).with_for_update(key_share=True)
+        )
 
     async def count_live(self, owner_id: uuid.UUID) -> int:
         count = await self.session.scalar(
