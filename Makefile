@@ -53,8 +53,17 @@ dev: migrate desktop-deps ## Run the whole stack locally (api, worker, beat, gat
 	@mkdir -p .local
 	ENVIRONMENT=development LOG_JSON=false $(UV) run --frozen honcho --procfile Procfile.dev --env /dev/null start
 
+.PHONY: bench-deps
+bench-deps: ## Install wrk, the API benchmark's load generator (Debian; as root)
+	@if command -v wrk >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; \
+	else \
+		echo "The API benchmark needs wrk: sudo apt-get install wrk"; \
+	fi
+
 .PHONY: test
-test: install ## Run the full test suite (creates its own databases)
+test: install bench-deps ## Run the full test suite (creates its own databases)
 	ENVIRONMENT=test $(UV) run --frozen pytest $(PYTEST_ARGS)
 
 .PHONY: lint
@@ -69,7 +78,7 @@ fmt: install ## Format and auto-fix
 	$(UV) run --frozen ruff check --fix .
 
 .PHONY: bench
-bench: install ## Run the benchmarks, each figure beside its anchor from the same run
+bench: install bench-deps ## Run the benchmarks, each figure beside its anchor from the same run
 	ENVIRONMENT=test $(UV) run --frozen python -m bench
 
 .PHONY: clean

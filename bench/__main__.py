@@ -1,12 +1,14 @@
-"""Run the gateway benchmarks and print each figure beside its anchors.
+"""Run the gateway's and the API's benchmarks and print each figure beside its anchors.
 
-    python -m bench            full run (a few minutes)
-    python -m bench --quick    the same scenarios, small and short (CI runs this)
-    python -m bench --json F   also write the figures to F
+    python -m bench               full run (about fifteen minutes)
+    python -m bench --quick       the same scenarios, small and short (CI runs this)
+    python -m bench --json F      also write the figures to F
+    python -m bench --only api    one section (gateway or api)
 
 Needs Postgres and Redis as for the tests (DATABASE_URL's server; REDIS_URL with db
 BENCH_REDIS_DB, default 15). It makes a throwaway database and drops it at the end.
 BENCH_GATEWAY_WORKERS sets the gateway's GATEWAY_WORKERS (default 1; 0: one per CPU).
+The API section needs wrk (Debian: apt-get install wrk); see bench/api.py.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from bench.api import API_FULL, API_QUICK, report_api, run_api
 from bench.source import PACED_RATE
 from bench.stack import (
     GATEWAY_WORKERS,
@@ -311,6 +314,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small and short (CI)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument(
+        "--only", choices=("gateway", "api"), help="one section (default: both, gateway first)"
+    )
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -322,11 +328,16 @@ def main() -> None:
     settings = Settings(environment="test")
     redis_db = os.environ.get("BENCH_REDIS_DB", "15")
     redis_url = urlsplit(settings.redis_url)._replace(path=f"/{redis_db}").geturl()
-    with stack(settings, redis_url) as s:
-        import uvloop
+    figures: dict[str, object] = {}
+    if args.only in (None, "gateway"):
+        with stack(settings, redis_url) as s:
+            import uvloop
 
-        figures = uvloop.run(run(s, plan))
-    print(report(figures, plan))
+            figures["gateway"] = uvloop.run(run(s, plan))
+        print(report(figures["gateway"], plan), flush=True)  # type: ignore[arg-type]
+    if args.only in (None, "api"):
+        figures["api"] = run_api(settings, redis_url, API_QUICK if args.quick else API_FULL)
+        print(report_api(figures["api"]), flush=True)  # type: ignore[arg-type]
     if args.json:
         with open(args.json, "w") as out:
             json.dump(figures, out, indent=2)

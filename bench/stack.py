@@ -165,19 +165,22 @@ class Stack:
         return {"Authorization": f"Bearer {self.token}"}
 
 
-async def _prepare_database(
-    settings: Settings, source_port: int
-) -> tuple[str, uuid.UUID, uuid.UUID]:
+def _admin_url(settings: Settings) -> str:
     url = make_url(settings.database_url)
-    admin = url.set(drivername="postgresql", database="postgres").render_as_string(
+    return url.set(drivername="postgresql", database="postgres").render_as_string(
         hide_password=False
     )
+
+
+async def create_database(settings: Settings) -> str:
+    """A throwaway database on DATABASE_URL's server, migrated to head; its URL."""
     name = f"cloudbot_bench_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin)
+    conn = await asyncpg.connect(_admin_url(settings))
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
+    url = make_url(settings.database_url)
     database_url = url.set(database=name).render_as_string(hide_password=False)
     migrate = await asyncio.create_subprocess_exec(
         PYTHON, "-m", "cloudbot_common.migrate", "upgrade", "head",
@@ -186,36 +189,50 @@ async def _prepare_database(
     )  # fmt: skip
     if await migrate.wait() != 0:
         raise RuntimeError("migration failed")
-    engine = create_async_engine(database_url)
-    user_id, instance_id = uuid.uuid4(), uuid.uuid4()
-    async with engine.begin() as db:
-        await db.execute(
-            insert(User).values(id=user_id, email=f"bench-{user_id.hex[:8]}@example.com",
-                                password_hash="!unusable")
-        )  # fmt: skip
-        await db.execute(
-            insert(Instance).values(
-                id=instance_id, owner_id=user_id, name="bench", size="small",
-                instance_type="t3.small", backend="local", state=InstanceState.RUNNING.value,
-                host="127.0.0.1", vnc_port=source_port, agent_port=None,
-            )
-        )  # fmt: skip
-    await engine.dispose()
-    return database_url, user_id, instance_id
+    return database_url
 
 
-async def _drop_database(settings: Settings, database_url: str) -> None:
-    url = make_url(settings.database_url)
-    admin = url.set(drivername="postgresql", database="postgres").render_as_string(
-        hide_password=False
-    )
-    conn = await asyncpg.connect(admin)
+async def drop_database(settings: Settings, database_url: str) -> None:
+    conn = await asyncpg.connect(_admin_url(settings))
     try:
         await conn.execute(
             f'DROP DATABASE IF EXISTS "{make_url(database_url).database}" WITH (FORCE)'
         )
     finally:
         await conn.close()
+
+
+async def seed(
+    database_url: str, *, password_hash: str, instances: int, vnc_port: int
+) -> tuple[uuid.UUID, str, list[uuid.UUID]]:
+    """A user and `instances` running instances of theirs: (user id, email, instance ids)."""
+    engine = create_async_engine(database_url)
+    user_id = uuid.uuid4()
+    email = f"bench-{user_id.hex[:8]}@example.com"
+    ids = [uuid.uuid4() for _ in range(instances)]
+    async with engine.begin() as db:
+        await db.execute(insert(User).values(id=user_id, email=email, password_hash=password_hash))
+        for n, instance_id in enumerate(ids):
+            await db.execute(
+                insert(Instance).values(
+                    id=instance_id, owner_id=user_id, name=f"bench-{n}", size="small",
+                    instance_type="t3.small", backend="local",
+                    state=InstanceState.RUNNING.value, host="127.0.0.1", vnc_port=vnc_port,
+                    agent_port=None,
+                )
+            )  # fmt: skip
+    await engine.dispose()
+    return user_id, email, ids
+
+
+async def _prepare_database(
+    settings: Settings, source_port: int
+) -> tuple[str, uuid.UUID, uuid.UUID]:
+    database_url = await create_database(settings)
+    user_id, _, ids = await seed(
+        database_url, password_hash="!unusable", instances=1, vnc_port=source_port
+    )
+    return database_url, user_id, ids[0]
 
 
 def _workers_listening(metrics_port: int) -> int:
@@ -285,4 +302,4 @@ def stack(settings: Settings, redis_url: str) -> Iterator[Stack]:
     finally:
         for proc in reversed(procs):
             proc.stop()
-        asyncio.run(_drop_database(settings, database_url))
+        asyncio.run(drop_database(settings, database_url))
