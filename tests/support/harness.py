@@ -220,6 +220,19 @@ class _Hold:
     matching: Callable[[bytes], bool] | None
 
 
+def _hung_up(conn: socket.socket) -> bool:
+    """Whether the peer of an idle connection has closed it (or reset it)."""
+    conn.setblocking(False)
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        conn.setblocking(True)
+
+
 class Ec2FaultProxy:
     """Forwards EC2 query requests to moto, except for the actions told to fail (with the
     error XML EC2 sends), to hang after moto has acted (a response that never comes), or,
@@ -344,6 +357,8 @@ class Ec2FaultProxy:
                 hold = None
         if hold is not None and hold.before:
             self._wait_released(handler, hold)
+            if _hung_up(handler.connection):
+                return  # the caller died before EC2 saw its call: EC2 never does
         upstream = httpx.post(self.upstream + handler.path, content=body, headers=headers)
         if action == "RunInstances":
             self.launched.extend(m.decode() for m in _INSTANCE_ID.findall(upstream.content))

@@ -21,6 +21,7 @@ from cloudbot_common.db import SessionFactory, unit_of_work
 from cloudbot_common.events import InstanceStateEvent
 from cloudbot_common.lifecycle import Command, begin, request
 from cloudbot_common.models import Instance, OutboxCommand
+from cloudbot_common.redis_client import redis_timeouts
 from cloudbot_common.settings import Settings
 
 PROVISIONING_QUEUE = "provisioning"
@@ -40,6 +41,7 @@ def make_celery(settings: Settings, name: str) -> Celery:
         broker_transport_options={
             # Unacknowledged tasks come back after this long if their worker vanished.
             "visibility_timeout": max(settings.outbox_relay_after_seconds * 4, 60),
+            **redis_timeouts(settings),
         },
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2},
         # Monitoring events, so Flower lists every command from the moment it is queued

@@ -27,6 +27,7 @@ PING_AFTER_IDLE_SECONDS = 5.0
 
 
 def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
+    command_timeout = settings.database_command_timeout_seconds
     engine = create_async_engine(
         settings.database_url,
         pool_size=pool_size or settings.database_pool_size,
@@ -35,6 +36,12 @@ def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncE
         # started per request). Waiting briefly for a pooled connection is cheaper.
         max_overflow=0,
         pool_recycle=1800,
+        pool_timeout=settings.database_pool_timeout_seconds,
+        connect_args={
+            "timeout": settings.database_connect_timeout_seconds,
+            "command_timeout": command_timeout,
+            "server_settings": {"statement_timeout": str(int(command_timeout * 1000))},
+        },
     )
     _ping_when_idle(engine)
     return engine

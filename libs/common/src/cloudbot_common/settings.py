@@ -94,7 +94,16 @@ class Settings(BaseSettings):
 
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/cloudbot"
     database_pool_size: int = 10
+    # Bounds on every wait for Postgres, so a stalled or dead database turns requests into
+    # a prompt 503 instead of a hang: opening a connection, one statement (enforced by the
+    # client, which also catches a stalled network, and by the server as statement_timeout),
+    # and waiting for a free connection of the pool.
+    database_connect_timeout_seconds: float = Field(5, gt=0)
+    database_command_timeout_seconds: float = Field(15, gt=0)
+    database_pool_timeout_seconds: float = Field(10, gt=0)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Connect and read timeout of every Redis client (the Celery broker's too).
+    redis_socket_timeout_seconds: float = Field(5, gt=0)
     celery_broker_url: str | None = None
 
     jwt_access_secret: SecretStr = SecretStr(DEV_ACCESS_SECRET)

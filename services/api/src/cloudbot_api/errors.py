@@ -11,10 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloudbot_common.logging import get_logger
+from cloudbot_common.outages import PEER_ERRORS, is_peer_outage
 
 PROBLEM_JSON = "application/problem+json"
 log = get_logger(__name__)
@@ -115,10 +115,9 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers) if exc.headers else None
         return problem_response(exc.status_code, code, detail, headers=headers)
 
-    @app.exception_handler(RedisError)
-    async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+    async def _peer_away(request: Request, exc: Exception) -> JSONResponse:
         # Nothing was committed: the unit of work rolls back on the way out.
-        log.warning("redis unavailable", path=request.url.path, error=type(exc).__name__)
+        log.warning("dependency unavailable", path=request.url.path, error=type(exc).__name__)
         return problem_response(
             503,
             "dependency_unavailable",
@@ -126,8 +125,13 @@ def install_error_handlers(app: FastAPI) -> None:
             headers={"Retry-After": "5"},
         )
 
+    for kind in PEER_ERRORS:
+        app.add_exception_handler(kind, _peer_away)
+
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+        if is_peer_outage(exc):
+            return await _peer_away(request, exc)
         log.exception("unhandled error", path=request.url.path)
         return problem_response(500, "internal_error", "Something went wrong on our side.")
 

@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from redis.asyncio import Redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cloudbot_api import health
@@ -31,6 +30,7 @@ from cloudbot_common.commands import make_celery
 from cloudbot_common.db import create_engine, create_session_factory
 from cloudbot_common.events import EventHub
 from cloudbot_common.logging import configure_logging
+from cloudbot_common.redis_client import redis_client, redis_timeouts
 from cloudbot_common.revocations import RevocationWatch
 from cloudbot_common.security.jwt_tokens import TokenCodec
 from cloudbot_common.security.passwords import Passwords
@@ -49,9 +49,7 @@ Every error is an [RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) problem doc
 
 def build_resources(settings: Settings) -> Resources:
     engine = create_engine(settings)
-    redis = Redis.from_url(
-        settings.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5
-    )
+    redis = redis_client(settings, decode_responses=True)
     events = EventHub(redis)
     return Resources(
         settings=settings,
@@ -65,7 +63,11 @@ def build_resources(settings: Settings) -> Resources:
         passwords=Passwords(settings),
         tokens=TokenCodec(settings),
         vault=Vault(settings.encryption_key.get_secret_value()),
-        limiter=RateLimiter(settings.redis_url, enabled=settings.rate_limit_enabled),
+        limiter=RateLimiter(
+            settings.redis_url,
+            enabled=settings.rate_limit_enabled,
+            options=redis_timeouts(settings),
+        ),
         proxies=TrustedProxies(settings.trusted_proxies),
         revocations=RevocationWatch(
             engine, redis, events, remember_seconds=settings.access_token_ttl_seconds + 60

@@ -23,7 +23,6 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
-from redis.asyncio import Redis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
@@ -33,6 +32,7 @@ from cloudbot_api.middleware import RouteMetrics
 from cloudbot_api.resources import Resources
 from cloudbot_common.commands import PROVISIONING_QUEUE
 from cloudbot_common.models import Instance, InstanceState, OutboxCommand
+from cloudbot_common.redis_client import redis_client
 
 METRICS_PATH = "/metrics"
 # Probes and the scrape itself would drown the request figures.
@@ -117,7 +117,7 @@ class PlatformGauges:
         same = broker_url == resources.settings.redis_url
         if not broker_url.startswith(("redis://", "rediss://", "unix://")):
             return
-        client = resources.redis if same else Redis.from_url(broker_url)
+        client = resources.redis if same else redis_client(resources.settings, broker_url)
         try:
             async with client.pipeline(transaction=False) as pipe:
                 for key in _queue_keys(PROVISIONING_QUEUE):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import RedisStorage
@@ -13,9 +14,14 @@ from cloudbot_api.errors import ProblemError
 
 
 class RateLimiter:
-    def __init__(self, redis_url: str, *, enabled: bool = True) -> None:
+    def __init__(
+        self, redis_url: str, *, enabled: bool = True, options: dict[str, Any] | None = None
+    ) -> None:
         self._storage = RedisStorage(
-            "async+" + redis_url, implementation="redispy", key_prefix="cloudbot:ratelimit"
+            "async+" + redis_url,
+            implementation="redispy",
+            key_prefix="cloudbot:ratelimit",
+            **(options or {}),
         )
         self._limiter = MovingWindowRateLimiter(self._storage)
         self._enabled = enabled

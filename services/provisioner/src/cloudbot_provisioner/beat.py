@@ -21,6 +21,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from cloudbot_common.logging import get_logger
+from cloudbot_common.redis_client import redis_timeouts
 from cloudbot_common.settings import get_settings
 
 log = get_logger(__name__)
@@ -48,7 +49,7 @@ class SingleBeatScheduler(PersistentScheduler):  # type: ignore[misc]
         self._ttl = float(settings.beat_lock_ttl_seconds)
         self._key = f"cloudbot:beat-lock:{settings.control_plane_id}"
         self._token = uuid.uuid4().hex
-        self._redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+        self._redis = Redis.from_url(settings.redis_url, **redis_timeouts(settings))
         self._hold = self._redis.register_script(_HOLD)
         self._release = self._redis.register_script(_RELEASE)
         # Trusted until this monotonic time: a third of the lifetime after the last renewal.

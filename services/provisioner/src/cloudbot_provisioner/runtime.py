@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cloudbot_common.db import SessionFactory, create_engine, create_session_factory
 from cloudbot_common.events import InstanceStateEvent, publish_instance_event
 from cloudbot_common.logging import get_logger
+from cloudbot_common.redis_client import redis_client
 from cloudbot_common.settings import Settings
 from cloudbot_provisioner.backends import open_backend
 from cloudbot_provisioner.backends.base import Backend
@@ -49,7 +50,7 @@ class Runtime:
             loop=loop,
             engine=engine,
             sessions=create_session_factory(engine),
-            redis=Redis.from_url(settings.redis_url),
+            redis=redis_client(settings),
             backend=backend,
         )
 

@@ -15,7 +15,6 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
 
-from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import InvalidHandshake
@@ -27,6 +26,7 @@ from cloudbot_common.db import create_engine, create_session_factory
 from cloudbot_common.events import EventHub
 from cloudbot_common.health import check_database, check_redis
 from cloudbot_common.logging import get_logger
+from cloudbot_common.redis_client import redis_client
 from cloudbot_common.revocations import RevocationWatch
 from cloudbot_common.security.jwt_tokens import TokenCodec
 from cloudbot_common.security.opaque import agent_credential
@@ -87,13 +87,7 @@ class Gateway:
         the same gateway when `reuse_port`)."""
         s = self.settings
         self.engine = create_engine(s, pool_size=min(s.database_pool_size, 5))
-        self.redis = Redis.from_url(
-            s.redis_url,
-            decode_responses=True,
-            socket_connect_timeout=2,
-            socket_timeout=5,
-            health_check_interval=30,
-        )
+        self.redis = redis_client(s, decode_responses=True, health_check_interval=30)
         self.hub = EventHub(self.redis)
         self.revocations = RevocationWatch(
             self.engine, self.redis, self.hub, remember_seconds=s.access_token_ttl_seconds + 60
