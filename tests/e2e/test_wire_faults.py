@@ -19,7 +19,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.conftest import User, make_user
-from tests.provisioner.harness import (
+from tests.support.clients import api_client
+from tests.support.faultproxy import FaultProxy
+from tests.support.harness import (
     AWS_ENV,
     ec2_client,
     machines_tagged,
@@ -27,8 +29,6 @@ from tests.provisioner.harness import (
     moto_server,
     wait_api_state,
 )
-from tests.support.clients import api_client
-from tests.support.faultproxy import FaultProxy
 from tests.support.supervisor import Supervisor, url_of
 from tests.support.waiting import eventually
 
