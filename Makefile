@@ -81,6 +81,15 @@ fmt: install ## Format and auto-fix
 bench: install bench-deps ## Run the benchmarks, each figure beside its anchor from the same run
 	ENVIRONMENT=test $(UV) run --frozen python -m bench
 
+# The full soak: 200 users through the whole flow, 20 at a time, on local desktops.
+SOAK_USERS ?= 200
+SOAK_CONCURRENCY ?= 20
+
+.PHONY: soak
+soak: install desktop-deps ## Soak the local stack: SOAK_USERS (200) run the whole flow, SOAK_CONCURRENCY (20) at a time
+	SOAK_USERS=$(SOAK_USERS) SOAK_CONCURRENCY=$(SOAK_CONCURRENCY) \
+		$(UV) run --frozen pytest tests/e2e/test_soak.py -s $(PYTEST_ARGS)
+
 .PHONY: clean
 clean: ## Remove the virtual environment and caches
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .test-logs .test-artifacts
