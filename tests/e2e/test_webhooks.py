@@ -179,11 +179,25 @@ async def test_every_state_change_is_delivered_signed_in_order_with_a_retry(
     r = await client.delete(f"/api/user/webhooks/{hook['id']}", headers=other.headers)
     assert r.status_code == 404
 
-    actions = [
-        e["action"]
-        for e in (await client.get("/api/user/audit", headers=user.headers)).json()["items"]
+    audit = (await client.get("/api/user/audit", headers=user.headers)).json()["items"]
+    assert "webhook.created" in [e["action"] for e in audit]
+    # Each instance command is in the audit log, with who asked, in order.
+    commands = [
+        (e["details"]["command"], e["actor"].split(":")[0], e["target"])
+        for e in reversed(audit)
+        if e["action"] == "instance.command"
     ]
-    assert "webhook.created" in actions
+    target = f"instance:{instance_id}"
+    assert commands == [
+        ("provision", "session", target),
+        ("stop", "session", target),
+        ("start", "session", target),
+        ("terminate", "session", target),
+    ]
+    assert [
+        e["action"]
+        for e in (await client.get("/api/user/audit", headers=other.headers)).json()["items"]
+    ] == ["auth.login", "auth.signup"]
 
     r = await client.delete(f"/api/user/webhooks/{hook['id']}", headers=user.headers)
     assert r.status_code == 204

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from cloudbot_api.audit.service import Auditor
 from cloudbot_api.errors import ProblemError
 from cloudbot_api.instances.service import InstanceService
 from cloudbot_api.main import build_resources
 from cloudbot_api.unit_of_work import UnitOfWork
+from cloudbot_common.audit import Origin
 from cloudbot_common.lifecycle import LIFECYCLE, PROVISION, START, STOP, TERMINATE, Lifecycle
 from cloudbot_common.models import LIVE_STATES
 from cloudbot_common.models import InstanceState as S
@@ -112,9 +114,8 @@ async def test_an_added_command_runs_from_the_api_request_to_its_handler(
     async def request_reboot(instance_id: uuid.UUID) -> str:
         async with resources.sessions() as session:
             uow = UnitOfWork(session)
-            instance = await InstanceService(uow, resources, None).request(
-                owner, instance_id, REBOOT
-            )
+            service = InstanceService(uow, resources, None, audit=Auditor(uow, origin=Origin()))
+            instance = await service.request(owner, instance_id, REBOOT, actor="test")
             await uow.commit()  # publishes the command once committed, as a request does
             return instance.state
 

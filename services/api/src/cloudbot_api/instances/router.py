@@ -11,7 +11,14 @@ from fastapi import APIRouter, Depends, Header, Query, Request, status
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from cloudbot_api.deps import ClientAddress, CurrentPrincipal, Principal, ResourcesDep, UowDep
+from cloudbot_api.deps import (
+    AuditorDep,
+    ClientAddress,
+    CurrentPrincipal,
+    Principal,
+    ResourcesDep,
+    UowDep,
+)
 from cloudbot_api.errors import problem_responses
 from cloudbot_api.instances.repository import InstanceRepository
 from cloudbot_api.instances.schemas import (
@@ -31,8 +38,10 @@ router = APIRouter(prefix="/instances", tags=["instances"])
 SSE_KEEPALIVE_SECONDS = 15
 
 
-async def get_service(uow: UowDep, resources: ResourcesDep, request: Request) -> InstanceService:
-    return InstanceService(uow, resources, getattr(request.state, "request_id", None))
+async def get_service(
+    uow: UowDep, resources: ResourcesDep, request: Request, audit: AuditorDep
+) -> InstanceService:
+    return InstanceService(uow, resources, getattr(request.state, "request_id", None), audit=audit)
 
 
 ServiceDep = Annotated[InstanceService, Depends(get_service)]
@@ -75,7 +84,9 @@ async def create_instance(
         f"user:{principal.user_id}",
         "ip:" + client,
     )
-    status_code, payload = await service.create(principal.user_id, body, idempotency_key)
+    status_code, payload = await service.create(
+        principal.user_id, body, idempotency_key, actor=principal.actor
+    )
     return JSONResponse(
         payload,
         status_code=status_code,
@@ -181,21 +192,27 @@ _COMMAND_ROUTE: dict[str, Any] = {
 async def delete_instance(
     instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
 ) -> InstanceOut:
-    return service.out(await service.request(principal.user_id, instance_id, TERMINATE))
+    return service.out(
+        await service.request(principal.user_id, instance_id, TERMINATE, actor=principal.actor)
+    )
 
 
 @router.post("/{instance_id}/stop", summary="Stop the machine, keeping its disk", **_COMMAND_ROUTE)
 async def stop_instance(
     instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
 ) -> InstanceOut:
-    return service.out(await service.request(principal.user_id, instance_id, STOP))
+    return service.out(
+        await service.request(principal.user_id, instance_id, STOP, actor=principal.actor)
+    )
 
 
 @router.post("/{instance_id}/start", summary="Start a stopped machine", **_COMMAND_ROUTE)
 async def start_instance(
     instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
 ) -> InstanceOut:
-    return service.out(await service.request(principal.user_id, instance_id, START))
+    return service.out(
+        await service.request(principal.user_id, instance_id, START, actor=principal.actor)
+    )
 
 
 @router.patch(

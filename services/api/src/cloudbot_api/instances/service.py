@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
+from cloudbot_api.audit.service import Auditor
 from cloudbot_api.errors import ProblemError
 from cloudbot_api.instances.repository import InstanceRepository
 from cloudbot_api.instances.schemas import (
@@ -19,6 +20,7 @@ from cloudbot_api.instances.schemas import (
 )
 from cloudbot_api.resources import Resources
 from cloudbot_api.unit_of_work import UnitOfWork
+from cloudbot_common.audit import Action
 from cloudbot_common.commands import Requested, publish, request_command
 from cloudbot_common.events import publish_instance_event
 from cloudbot_common.lifecycle import LIFECYCLE, Command, TransitionError
@@ -67,8 +69,11 @@ def to_out(instance: Instance, stale_after: timedelta) -> InstanceOut:
 
 
 class InstanceService:
-    def __init__(self, uow: UnitOfWork, resources: Resources, request_id: str | None) -> None:
+    def __init__(
+        self, uow: UnitOfWork, resources: Resources, request_id: str | None, *, audit: Auditor
+    ) -> None:
         self.uow = uow
+        self.audit = audit
         self.repo = InstanceRepository(uow.session)
         self.r = resources
         self.request_id = request_id
@@ -86,7 +91,12 @@ class InstanceService:
         return instance
 
     async def create(
-        self, owner_id: uuid.UUID, body: InstanceCreate, idempotency_key: str | None
+        self,
+        owner_id: uuid.UUID,
+        body: InstanceCreate,
+        idempotency_key: str | None,
+        *,
+        actor: str,
     ) -> tuple[int, dict[str, object]]:
         """Returns (status, body): the first answer again when the key was seen before."""
         instance_type = self.r.settings.instance_sizes.get(body.size)
@@ -139,11 +149,12 @@ class InstanceService:
         if idempotency_key is not None:
             await self.repo.save_idempotent_response(owner_id, idempotency_key, 202, body_out)
         self._after_commit(requested)
+        self._audit(owner_id, actor, instance, LIFECYCLE.creates, size=body.size)
         log.info("instance requested", instance_id=str(instance.id), size=body.size)
         return 202, body_out
 
     async def request(
-        self, owner_id: uuid.UUID, instance_id: uuid.UUID, command: Command
+        self, owner_id: uuid.UUID, instance_id: uuid.UUID, command: Command, *, actor: str
     ) -> Instance:
         """Ask for `command` (stop, start, terminate, ...); what it may start from and the
         state it requests are the lifecycle table's."""
@@ -157,6 +168,7 @@ class InstanceService:
         await self.uow.session.flush()
         await self.uow.session.refresh(instance)
         self._after_commit(requested)
+        self._audit(owner_id, actor, instance, command)
         log.info("instance command requested", instance_id=str(instance.id), command=command.verb)
         return instance
 
@@ -193,6 +205,18 @@ class InstanceService:
             channel=channel,
             expires_in=ttl,
             url=f"{base}/api/instances/{instance_id}/{channel.value}?ticket={token}",
+        )
+
+    def _audit(
+        self, owner_id: uuid.UUID, actor: str, instance: Instance, command: Command, **details: str
+    ) -> None:
+        self.audit.record(
+            Action.INSTANCE_COMMAND,
+            user_id=owner_id,
+            actor=actor,
+            target=f"instance:{instance.id}",
+            command=command.verb,
+            **details,
         )
 
     def _after_commit(self, requested: Requested) -> None:
