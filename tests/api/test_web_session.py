@@ -8,7 +8,9 @@ from http.cookies import SimpleCookie
 
 import httpx
 import pytest
+from starlette.responses import Response
 
+from cloudbot_api.auth.cookies import set_refresh_cookie
 from tests.api.test_auth import assert_problem, whoami
 from tests.conftest import SECRETS, ApiServer, User, make_user
 
@@ -167,3 +169,25 @@ async def test_the_json_refresh_for_programs_still_works(http, user):
     SECRETS.add(r.json()["access_token"], r.json()["refresh_token"])
     assert set(r.json()) >= {"access_token", "refresh_token"}
     assert "set-cookie" not in r.headers
+
+
+@pytest.mark.parametrize(
+    ("public_api_url", "secure"),
+    [
+        ("https://cloudbot.example.com", True),
+        ("http://127.0.0.1:8000", True),
+        ("http://localhost:8000", True),
+        ("http://[::1]:8000", True),
+        # Plain HTTP elsewhere: browsers would drop a Secure cookie, so it is not marked.
+        ("http://192.168.1.20:8000", False),
+        ("http://cloudbot.lan", False),
+    ],
+)
+def test_the_cookie_is_secure_unless_served_over_plain_http_off_loopback(
+    settings, public_api_url, secure
+):
+    response = Response()
+    set_refresh_cookie(
+        response, "token", settings.model_copy(update={"public_api_url": public_api_url})
+    )
+    assert ("; secure" in response.headers["set-cookie"].lower()) is secure

@@ -242,11 +242,22 @@ try {
   checks.clipboardFromMachine = await page.inputValue("#clipboard-text");
   await screen("desktop-clipboard");
 
-  // Controls: view only, Ctrl-Alt-Del, scaling off and on again.
+  // View only: what is typed then does not reach the machine.
   await page.click("#viewonly");
+  await typeToMachine("xsetroot -solid '#aa2222'");
+  await page.waitForTimeout(1500);
+  checks.viewOnlyTyped = await canvasShare([0xaa, 0x22, 0x22]);
   await page.click("#viewonly");
+  checks.viewOnlyPressed = await page.getAttribute("#viewonly", "aria-pressed");
+  // Full screen (the screen alone), Ctrl-Alt-Del, scaling off and on again.
+  await page.click("#fullscreen");
+  checks.fullscreen = await page.waitForFunction(() => document.fullscreenElement?.id, null, T)
+    .then((handle) => handle.jsonValue()).catch(() => null);
+  await page.evaluate(() => document.exitFullscreen().catch(() => {}));
   await page.click("#cad");
   await page.click("#scale");
+  checks.unscaledWidth = await page.evaluate(() =>
+    document.querySelector("#screen canvas").getBoundingClientRect().width);
   await page.click("#scale");
 
   // Talk to the agent.
@@ -306,9 +317,16 @@ try {
   await until("removed");
   checks.lifecycle = lifecycle;
 
-  // Sign out everywhere; a reload stays signed out.
+  // Sign out everywhere: this tab, another open tab, and a reload all show the sign-in.
+  const other = await context.newPage();
+  watch(other);
+  await other.goto(`${env.API_URL}/app/`);
+  await other.waitForSelector("body[data-view=home][data-feed=live]", T);
   await page.click("#signout-all");
   await page.waitForSelector("body[data-view=auth]", T);
+  await other.waitForSelector("body[data-view=auth]", T);
+  checks.otherTabAfterSignOut = await other.getAttribute("body", "data-view");
+  await other.close();
   await page.reload();
   await page.waitForSelector("body[data-view=auth]", T);
   checks.afterSignOutEverywhere = await page.getAttribute("body", "data-view");

@@ -175,6 +175,12 @@ async def test_a_person_does_everything_in_the_console(stack: Stack, viewport: s
     # The clipboard both ways.
     assert "CloudBot instance" in str(checks["clipboardFromMachine"])
     assert checks["pastedCommandRan"] > 0.3
+    # View only keeps typing off the machine; full screen shows the screen alone;
+    # unscaled, the canvas is the remote screen's own size (1280 px), scrolled in place.
+    assert checks["viewOnlyTyped"] < 0.01
+    assert checks["viewOnlyPressed"] == "false"
+    assert checks["fullscreen"] == "screen-area"
+    assert checks["unscaledWidth"] == 1280
     # The agent answered beside the desktop, and on a laptop screen it is in view.
     assert checks["agentSaid"] == [checks["said"]]
     if viewport == "1280x800":
@@ -188,8 +194,9 @@ async def test_a_person_does_everything_in_the_console(stack: Stack, viewport: s
     assert "quota" in str(checks["quotaError"]).lower() or "live instances" in str(
         checks["quotaError"]
     )
-    # Signed out everywhere: a reload shows the sign-in form.
+    # Signed out everywhere: another open tab and a reload show the sign-in form.
     assert checks["afterSignOutEverywhere"] == "auth"
+    assert checks["otherTabAfterSignOut"] == "auth"
     # No sideways scroll on any screen, and no accessibility violations axe can find.
     assert checks["overflow"] == {}, checks["overflow"]
     assert checks["axe"] == {}, checks["axe"]

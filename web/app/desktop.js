@@ -80,8 +80,8 @@ export class Desktop {
 
   applySettings() {
     if (!this.rfb) return;
+    // Unscaled, the screen keeps its own size and scrolls inside its frame.
     this.rfb.scaleViewport = this.scale;
-    this.rfb.clipViewport = !this.scale;
     this.rfb.viewOnly = this.viewOnly;
     this.screen.classList.toggle("unscaled", !this.scale);
   }

@@ -180,15 +180,16 @@ export class Machines {
     let sizes = DEFAULT_SIZES;
     try {
       const offered = await api("GET", "/api/sizes");
-      sizes = Array.isArray(offered) ? offered : offered.items ?? DEFAULT_SIZES;
+      sizes = offered.items?.length ? offered.items : DEFAULT_SIZES;
     } catch {
       // an API without the sizes endpoint: the default offer
     }
     const select = this.form.querySelector("select[name=size]");
     select.replaceChildren(...sizes.map((size) => {
-      const details = [size.instance_type, size.vcpus && `${size.vcpus} CPU`,
-        size.memory_mib && `${Math.round(size.memory_mib / 1024)} GiB`].filter(Boolean);
-      return el("option", { value: size.name },
+      const details = [size.cpus && `${size.cpus} CPU`,
+        size.memory_mib && `${+(size.memory_mib / 1024).toFixed(1)} GiB`,
+        size.instance_type].filter(Boolean);
+      return el("option", { value: size.name, selected: Boolean(size.default) },
         details.length ? `${size.name} (${details.join(", ")})` : size.name);
     }));
   }
