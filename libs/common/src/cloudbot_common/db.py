@@ -26,10 +26,17 @@ SessionFactory = async_sessionmaker[AsyncSession]
 PING_AFTER_IDLE_SECONDS = 5.0
 
 
-def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
+def create_engine(
+    settings: Settings, *, pool_size: int | None = None, autocommit: bool = False
+) -> AsyncEngine:
+    """The process's engine. `autocommit`: connections that run each statement on its own
+    (no BEGIN, no COMMIT or ROLLBACK), for work that only reads; a pool of their own, so
+    that no connection switches its isolation level back and forth per checkout."""
+    options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
     command_timeout = settings.database_command_timeout_seconds
     engine = create_async_engine(
         settings.database_url,
+        **options,
         pool_size=pool_size or settings.database_pool_size,
         # No overflow: under a burst an asyncio pool discards returned overflow connections
         # while waiters are queued, and opens new ones for the next (a Postgres backend

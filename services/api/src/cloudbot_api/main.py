@@ -49,15 +49,15 @@ Every error is an [RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) problem doc
 
 def build_resources(settings: Settings) -> Resources:
     engine = create_engine(settings)
+    read_engine = create_engine(settings, autocommit=True)
     redis = redis_client(settings, decode_responses=True)
     events = EventHub(redis)
     return Resources(
         settings=settings,
         engine=engine,
         sessions=create_session_factory(engine),
-        read_sessions=create_session_factory(
-            engine.execution_options(isolation_level="AUTOCOMMIT")
-        ),
+        read_engine=read_engine,
+        read_sessions=create_session_factory(read_engine),
         redis=redis,
         celery=make_celery(settings, "cloudbot-api"),
         passwords=Passwords(settings),

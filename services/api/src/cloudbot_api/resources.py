@@ -24,7 +24,9 @@ class Resources:
     settings: Settings
     engine: AsyncEngine
     sessions: SessionFactory
-    # Autocommit sessions for requests that only read (see `deps.get_uow`).
+    # Autocommit sessions for requests that only read (see `deps.get_uow`), on an engine
+    # (a pool) of their own.
+    read_engine: AsyncEngine
     read_sessions: SessionFactory
     redis: Redis
     celery: Celery
@@ -42,3 +44,4 @@ class Resources:
         self.passwords.close()
         await self.redis.aclose()
         await self.engine.dispose()
+        await self.read_engine.dispose()
