@@ -21,5 +21,4 @@ HEARTBEAT_PATH = "/api/agent/heartbeat"
 
 BOOTSTRAP_PREFIX = "cbb_"
 CREDENTIAL_PREFIX = "cbc_"
-TICKET_PREFIX = "cbt_"
 AGENT_PREFIX = "cba_"

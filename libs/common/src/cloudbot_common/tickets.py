@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from cloudbot_common.security.opaque import new_token, token_digest
 
 _KEY = "cloudbot:ticket:{}"
+TICKET_PREFIX = "cbt_"
 
 
 class Channel(StrEnum):
@@ -28,7 +29,7 @@ class Ticket:
 
 
 async def issue_ticket(redis: Redis, ticket: Ticket, *, ttl_seconds: int) -> str:
-    token = new_token("cbt_")
+    token = new_token(TICKET_PREFIX)
     payload = json.dumps(
         {
             "user_id": str(ticket.user_id),

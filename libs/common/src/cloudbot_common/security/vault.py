@@ -45,7 +45,3 @@ class Vault:
     def rotate(self, ciphertext: bytes) -> bytes:
         """Re-encrypt under the newest key, keeping the sealed context."""
         return self._fernet.rotate(ciphertext)
-
-    @staticmethod
-    def generate_key() -> str:
-        return Fernet.generate_key().decode()
