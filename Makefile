@@ -63,8 +63,13 @@ bench-deps: ## Install wrk, the API benchmark's load generator (Debian; as root)
 	fi
 
 .PHONY: test
-test: install bench-deps ## Run the full test suite (creates its own databases)
-	ENVIRONMENT=test $(UV) run --frozen pytest $(PYTEST_ARGS)
+test: install bench-deps ## Run the full test suite: the fast tier first, then the rest (creates its own databases)
+	ENVIRONMENT=test $(UV) run --frozen pytest -m fast $(PYTEST_ARGS)
+	ENVIRONMENT=test $(UV) run --frozen pytest -m "not fast" $(PYTEST_ARGS)
+
+.PHONY: test-fast
+test-fast: install ## Run the fast tier alone: pure logic and the API in-process, under a minute
+	ENVIRONMENT=test $(UV) run --frozen pytest -m fast $(PYTEST_ARGS)
 
 .PHONY: lint
 lint: install ## ruff and mypy

@@ -1,31 +1,51 @@
-"""Shared fixtures: a fresh Postgres database and Redis db per test run (and per xdist
-worker), the real API as a uvicorn process, and a scan of every log for secrets."""
+"""Shared fixtures.
+
+Two tiers (README, Tests):
+- fast (`-m fast`, `make test-fast`): pure logic, and the API in this process through
+  httpx's ASGI transport, each test inside one Postgres transaction that is rolled back
+  at its end, so tests need no cleaning and leave nothing behind. A module joins it with
+  `pytestmark = pytest.mark.fast`; its `http` client then talks to the in-process API and
+  its `db` session sees, and is seen by, everything that API writes.
+- the rest: real processes (the API under uvicorn, Celery workers, the gateway, moto,
+  VNC) against a database and Redis db of the run's own, committed for real.
+
+Every log written during the run is scanned for the secrets the tests used.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
+import logging
 import os
 import secrets
-import subprocess
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from typing import TextIO
 
-import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
 from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
+from cloudbot_api.main import build_resources, create_app
+from cloudbot_api.resources import Resources
+from cloudbot_common.db import create_engine
+from cloudbot_common.logging import configure_logging
 from cloudbot_common.settings import Settings
+from tests.support.api import ApiServer
 from tests.support.clients import api_client
-from tests.support.leaks import find_leaks
+from tests.support.databases import REDIS_BASE, REDIS_FIRST_DB, drop_database, flush_redis, migrate
+from tests.support.databases import database_url as url_of
+from tests.support.leaks import SECRETS, SecretRegistry, find_leaks
 from tests.support.processes import LOG_DIR, PYTHON, free_port, http_ok, running
+from tests.support.users import User, make_user
 
-PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_BASE = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
-# First Redis db the run uses (one per xdist worker from there), so that two runs on one
-# machine can keep apart.
-REDIS_FIRST_DB = int(os.environ.get("TEST_REDIS_DB", "8"))
+# Fixtures that start processes: a test that uses one is not fast.
+PROCESS_FIXTURES = frozenset(
+    {"api_server", "gateway", "copying_gateway", "desktop", "moto_url", "broker_url"}
+)
 
 
 # Settings made in the test process itself (and anything it starts without `base_env`)
@@ -38,17 +58,16 @@ def _worker_index() -> int:
     return int(worker.removeprefix("gw") or 0)
 
 
-@dataclass
-class SecretRegistry:
-    """Every secret a test handles; none may appear in any log of the run."""
-
-    values: set[str] = field(default_factory=set)
-
-    def add(self, *values: str) -> None:
-        self.values.update(v for v in values if v and len(v) >= 8)
-
-
-SECRETS = SecretRegistry()
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fast tests run first; one that starts a process is a mistake, said at once."""
+    for item in items:
+        if item.get_closest_marker("fast") is None:
+            continue
+        slow = PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if slow:
+            raise pytest.UsageError(f"{item.nodeid} is marked fast but uses {sorted(slow)}")
+    items.sort(key=lambda item: item.get_closest_marker("fast") is None)
 
 
 @pytest.fixture(scope="session")
@@ -59,35 +78,16 @@ def secret_registry() -> SecretRegistry:
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     name = f"cloudbot_test_{_worker_index()}_{secrets.token_hex(4)}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(PG_ADMIN)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    subprocess.run(
-        [PYTHON, "-m", "cloudbot_common.migrate", "upgrade", "head"],
-        env={**os.environ, "ENVIRONMENT": "test", "DATABASE_URL": url},
-        check=True,
-    )
+    url = url_of(name)
+    migrate(url)
     yield url
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    asyncio.run(drop_database(name))
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     url = f"{REDIS_BASE}/{REDIS_FIRST_DB + _worker_index()}"
-
-    async def flush() -> None:
-        r = Redis.from_url(url)
-        await r.flushdb()
-        await r.aclose()
-
-    asyncio.run(flush())
+    asyncio.run(flush_redis(url))
     return url
 
 
@@ -125,10 +125,93 @@ def settings(base_env: dict[str, str]) -> Settings:
     return Settings(**{k.lower(): v for k, v in base_env.items()})  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
-class ApiServer:
-    url: str
-    env: dict[str, str]
+@pytest.fixture(scope="session")
+async def db_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on the run's database, for tests that write what other processes read."""
+    engine = create_engine(Settings(database_url=database_url), pool_size=2)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def db_connection(db_engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """One connection in a transaction that is rolled back when the test ends."""
+    async with db_engine.connect() as connection:
+        transaction = await connection.begin()
+        yield connection
+        await transaction.rollback()
+
+
+def _sessions_on(connection: AsyncConnection) -> async_sessionmaker[AsyncSession]:
+    # Each session's commit only releases a savepoint of the test's transaction.
+    return async_sessionmaker(
+        bind=connection,
+        expire_on_commit=False,
+        autoflush=False,
+        join_transaction_mode="create_savepoint",
+    )
+
+
+@pytest.fixture
+def db_sessions(db_connection: AsyncConnection) -> async_sessionmaker[AsyncSession]:
+    """Sessions inside the test's transaction (their commits are savepoints)."""
+    return _sessions_on(db_connection)
+
+
+@pytest.fixture
+async def db(db_sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session inside the test's transaction: what it writes the in-process API sees
+    (flush first), and what that API commits it sees."""
+    async with db_sessions() as session:
+        yield session
+
+
+# --- the API in this process (fast tier) ---
+
+
+@pytest.fixture(scope="session")
+def _in_process_log() -> Iterator[TextIO]:
+    LOG_DIR.mkdir(exist_ok=True)
+    with (LOG_DIR / f"api-in-process-{os.getpid()}.log").open("w") as stream:
+        yield stream
+
+
+@pytest.fixture(scope="session")
+async def _in_process_resources(settings: Settings) -> AsyncIterator[Resources]:
+    # Commands go to Celery's in-memory broker: no worker of this run may pick them up.
+    resources = build_resources(settings.model_copy(update={"celery_broker_url": "memory://"}))
+    resources.events.start()
+    yield resources
+    await resources.close()
+
+
+@pytest.fixture(scope="session")
+def _in_process_app(settings: Settings) -> FastAPI:
+    return create_app(settings)
+
+
+@pytest.fixture
+async def api_app(
+    _in_process_app: FastAPI,
+    _in_process_resources: Resources,
+    _in_process_log: TextIO,
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> FastAPI:
+    """The API application in this process, its database sessions inside the test's
+    transaction. Its logs go to a file in .test-logs, scanned like every service's."""
+    handlers = logging.getLogger().handlers
+    if not any(getattr(h, "stream", None) is _in_process_log for h in handlers):
+        configure_logging("api", level="DEBUG", json_output=True, stream=_in_process_log)
+    # Every session factory of the API (read-only ones too) works in the test's transaction.
+    resources = copy.copy(_in_process_resources)
+    for f in dataclasses.fields(resources):
+        if isinstance(getattr(resources, f.name), async_sessionmaker):
+            setattr(resources, f.name, db_sessions)
+    _in_process_app.state.resources = resources
+    return _in_process_app
+
+
+# --- the API as a process (slow tier) ---
 
 
 @pytest.fixture(scope="session")
@@ -145,8 +228,23 @@ def api_server(base_env: dict[str, str]) -> Iterator[ApiServer]:
 
 
 @pytest.fixture
-async def http(api_server: ApiServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with api_client(api_server.url) as client:
+def api_transport(request: pytest.FixtureRequest) -> tuple[httpx.AsyncBaseTransport | None, str]:
+    """Where `http` sends requests: the in-process API for fast tests, else the process."""
+    if request.node.get_closest_marker("fast") is not None:
+        app: FastAPI = request.getfixturevalue("api_app")
+        return httpx.ASGITransport(app=app, client=("127.0.0.1", 50000)), "http://api.test"
+    server: ApiServer = request.getfixturevalue("api_server")
+    return None, server.url
+
+
+@pytest.fixture
+async def http(
+    api_transport: tuple[httpx.AsyncBaseTransport | None, str],
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the API, with a client address of its own (rate limits are per
+    address)."""
+    transport, url = api_transport
+    async with api_client(url, transport=transport) as client:
         yield client
 
 
@@ -155,31 +253,6 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
-
-
-@dataclass
-class User:
-    email: str
-    password: str
-    access_token: str
-    refresh_token: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.access_token}"}
-
-
-async def make_user(http: httpx.AsyncClient, registry: SecretRegistry | None = None) -> User:
-    email = f"user-{uuid.uuid4().hex[:12]}@example.com"
-    password = "correct horse battery " + secrets.token_urlsafe(12)
-    r = await http.post("/api/auth/signup", json={"email": email, "password": password})
-    assert r.status_code == 201, r.text
-    r = await http.post("/api/auth/login", json={"email": email, "password": password})
-    assert r.status_code == 200, r.text
-    tokens = r.json()
-    user = User(email, password, tokens["access_token"], tokens["refresh_token"])
-    (registry or SECRETS).add(password, user.access_token, user.refresh_token)
-    return user
 
 
 @pytest.fixture

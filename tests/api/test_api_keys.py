@@ -1,43 +1,34 @@
-"""The provider-key vault over real HTTP, and what actually lands in Postgres."""
+"""The provider-key vault through the API in this process, and what actually lands in
+Postgres (fast tier)."""
 
 from __future__ import annotations
 
-import os
-import secrets
-import subprocess
 import uuid
 
 import pytest
-from cryptography.fernet import Fernet
 from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudbot_common.models import ApiKey
 from cloudbot_common.security.vault import Vault, VaultError
-from tests.api.test_auth import assert_problem
-from tests.conftest import SECRETS, make_user
-from tests.support.processes import PYTHON
+from tests.support.leaks import fake_key
+from tests.support.problems import assert_problem
+from tests.support.users import make_user, user_id
+
+pytestmark = pytest.mark.fast
 
 
-def fake_key(prefix: str = "sk-ant-") -> str:
-    key = prefix + secrets.token_urlsafe(32)
-    SECRETS.add(key)
-    return key
+async def stored_rows(db: AsyncSession, owner_id: uuid.UUID) -> list[ApiKey]:
+    result = await db.scalars(
+        select(ApiKey)
+        .where(ApiKey.user_id == owner_id)
+        .order_by(ApiKey.provider)
+        .execution_options(populate_existing=True)
+    )
+    return list(result.all())
 
 
-async def stored_rows(database_url: str, user_email_id: uuid.UUID) -> list[ApiKey]:
-    engine = create_async_engine(database_url)
-    async with engine.connect() as conn:
-        rows = (await conn.execute(select(ApiKey).where(ApiKey.user_id == user_email_id))).all()
-    await engine.dispose()
-    return rows  # type: ignore[return-value]
-
-
-async def user_id(http, user) -> uuid.UUID:
-    return uuid.UUID((await http.get("/api/auth/me", headers=user.headers)).json()["id"])
-
-
-async def test_store_list_replace_delete(http, user, database_url, settings):
+async def test_store_list_replace_delete(http, user, db, settings):
     key = fake_key()
     r = await http.post(
         "/api/user/api-keys", json={"provider": "anthropic", "key": key}, headers=user.headers
@@ -55,7 +46,7 @@ async def test_store_list_replace_delete(http, user, database_url, settings):
 
     # Stored encrypted, bound to this user and provider.
     uid = await user_id(http, user)
-    rows = await stored_rows(database_url, uid)
+    rows = await stored_rows(db, uid)
     assert len(rows) == 1
     assert key.encode() not in rows[0].ciphertext
     vault = Vault(settings.encryption_key.get_secret_value())
@@ -70,7 +61,7 @@ async def test_store_list_replace_delete(http, user, database_url, settings):
     r = await http.put("/api/user/api-keys/anthropic", json={"key": newer}, headers=user.headers)
     assert r.status_code == 200
     assert r.json()["hint"].endswith(newer[-4:])
-    rows = await stored_rows(database_url, uid)
+    rows = await stored_rows(db, uid)
     assert vault.decrypt(uid, "anthropic", rows[0].ciphertext) == newer
 
     # PUT on a provider with no key stores one.
@@ -78,7 +69,7 @@ async def test_store_list_replace_delete(http, user, database_url, settings):
         "/api/user/api-keys/openai", json={"key": fake_key("sk-proj-")}, headers=user.headers
     )
     assert r.status_code == 200
-    assert len(await stored_rows(database_url, uid)) == 2
+    assert len(await stored_rows(db, uid)) == 2
 
     assert (
         await http.delete("/api/user/api-keys/anthropic", headers=user.headers)
@@ -128,7 +119,7 @@ async def test_keys_need_a_login_and_are_per_user(http, user):
     assert len((await http.get("/api/user/api-keys", headers=user.headers)).json()) == 1
 
 
-async def test_swapped_ciphertext_fails_to_decrypt(http, database_url, settings):
+async def test_swapped_ciphertext_fails_to_decrypt(http, db, settings):
     alice, bob = await make_user(http), await make_user(http)
     a_key, b_key = fake_key(), fake_key()
     for u, k in ((alice, a_key), (bob, b_key)):
@@ -141,48 +132,18 @@ async def test_swapped_ciphertext_fails_to_decrypt(http, database_url, settings)
     )
     a_id, b_id = await user_id(http, alice), await user_id(http, bob)
     vault = Vault(settings.encryption_key.get_secret_value())
-    a_rows = {r.provider: r for r in await stored_rows(database_url, a_id)}
+    a_rows = {r.provider: r for r in await stored_rows(db, a_id)}
 
     # Copy Alice's ciphertext into Bob's row, as someone with database access might.
-    engine = create_async_engine(database_url)
-    async with engine.begin() as conn:
-        await conn.execute(
-            update(ApiKey)
-            .where(ApiKey.user_id == b_id, ApiKey.provider == "anthropic")
-            .values(ciphertext=a_rows["anthropic"].ciphertext)
-        )
-    await engine.dispose()
-    b_row = (await stored_rows(database_url, b_id))[0]
+    await db.execute(
+        update(ApiKey)
+        .where(ApiKey.user_id == b_id, ApiKey.provider == "anthropic")
+        .values(ciphertext=a_rows["anthropic"].ciphertext)
+    )
+    b_row = (await stored_rows(db, b_id))[0]
     with pytest.raises(VaultError):
         vault.decrypt(b_id, "anthropic", b_row.ciphertext)
     # Another provider's row of the same user is refused too.
     with pytest.raises(VaultError):
         vault.decrypt(a_id, "anthropic", a_rows["openai"].ciphertext)
     assert vault.decrypt(a_id, "anthropic", a_rows["anthropic"].ciphertext) == a_key
-
-
-async def test_key_rotation_command_reencrypts_every_row(http, user, database_url, api_server):
-    key = fake_key()
-    await http.post(
-        "/api/user/api-keys", json={"provider": "mistral", "key": key}, headers=user.headers
-    )
-    uid = await user_id(http, user)
-    old = api_server.env.get("ENCRYPTION_KEY") or os.environ.get("ENCRYPTION_KEY")
-    from cloudbot_common.settings import DEV_ENCRYPTION_KEY
-
-    old = old or DEV_ENCRYPTION_KEY
-    new = Fernet.generate_key().decode()
-    result = subprocess.run(
-        [PYTHON, "-m", "cloudbot_api.admin", "rotate-encryption-key"],
-        env={**os.environ, **api_server.env, "ENCRYPTION_KEY": f"{new},{old}"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "re-encrypted" in result.stdout
-    assert key not in result.stdout + result.stderr
-    row = (await stored_rows(database_url, uid))[0]
-    # Only the new key is needed now; the old one alone no longer opens it.
-    assert Vault(new).decrypt(uid, "mistral", row.ciphertext) == key
-    with pytest.raises(VaultError):
-        Vault(old).decrypt(uid, "mistral", row.ciphertext)

@@ -6,9 +6,13 @@ from __future__ import annotations
 import uuid
 
 import httpx
+import pytest
 
-from tests.conftest import SECRETS, make_user
 from tests.support.clients import fake_client_address
+from tests.support.leaks import SECRETS
+from tests.support.users import make_user
+
+pytestmark = pytest.mark.fast
 
 
 async def audit(http: httpx.AsyncClient, headers: dict[str, str], **params: int) -> dict:

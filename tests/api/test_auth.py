@@ -1,4 +1,4 @@
-"""Accounts over real HTTP against the real API process, Postgres and Redis."""
+"""Accounts through the API in this process, on real Postgres and Redis (fast tier)."""
 
 from __future__ import annotations
 
@@ -13,24 +13,15 @@ from datetime import UTC, datetime, timedelta
 import jwt
 import pytest
 from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from cloudbot_common.models import User as UserRow
 from cloudbot_common.security.jwt_tokens import TokenCodec, TokenError, TokenType
 from cloudbot_common.security.passwords import Passwords
-from tests.conftest import SECRETS, make_user
+from tests.support.leaks import SECRETS
+from tests.support.problems import assert_problem
+from tests.support.users import make_user, whoami
 
-PROBLEM = "application/problem+json"
-
-
-def assert_problem(r, status: int, code: str) -> dict:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith(PROBLEM)
-    body = r.json()
-    assert body["status"] == status
-    assert body["code"] == code
-    assert body["title"]
-    return body
+pytestmark = pytest.mark.fast
 
 
 def forge(claims: dict, secret: str, alg: str = "HS256", kid: str = "k1") -> str:
@@ -53,10 +44,6 @@ def base_claims(user_id: str, session_id: str, **over) -> dict:
     }
     claims.update(over)
     return claims
-
-
-async def whoami(http, token: str):
-    return await http.get("/api/auth/me", headers={"Authorization": f"Bearer {token}"})
 
 
 async def test_signup_login_me(http, user):
@@ -144,20 +131,6 @@ async def test_refresh_rotates_and_reuse_revokes_the_session(http, user):
     assert_problem(r, 401, "invalid_refresh_token")
     assert_problem(await whoami(http, second["access_token"]), 401, "unauthorized")
     assert_problem(await whoami(http, user.access_token), 401, "unauthorized")
-
-
-async def test_concurrent_refresh_with_one_token_yields_one_winner(http, user):
-    results = await asyncio.gather(
-        *[
-            http.post("/api/auth/refresh", json={"refresh_token": user.refresh_token})
-            for _ in range(3)
-        ]
-    )
-    codes = sorted(r.status_code for r in results)
-    for r in results:
-        if r.status_code == 200:
-            SECRETS.add(r.json()["access_token"], r.json()["refresh_token"])
-    assert codes == [200, 401, 401]
 
 
 async def test_logout_ends_the_session(http, user):
@@ -273,23 +246,20 @@ async def test_refresh_rate_limit_per_address(http, user):
     assert statuses == [200] * 30 + [429]
 
 
-async def test_password_rehashed_on_login_when_parameters_change(http, database_url):
+async def test_password_rehashed_on_login_when_parameters_change(http, db):
     from argon2 import PasswordHasher
 
     email = f"rehash-{uuid.uuid4().hex[:8]}@example.com"
     password = "an old but valid passphrase"
     r = await http.post("/api/auth/signup", json={"email": email, "password": password})
     assert r.status_code == 201
-    engine = create_async_engine(database_url)
     weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash(password)
-    async with engine.begin() as conn:
-        await conn.execute(update(UserRow).where(UserRow.email == email).values(password_hash=weak))
+    await db.execute(update(UserRow).where(UserRow.email == email).values(password_hash=weak))
+    await db.flush()
     r = await http.post("/api/auth/login", json={"email": email, "password": password})
     assert r.status_code == 200
     SECRETS.add(r.json()["access_token"], r.json()["refresh_token"])
-    async with engine.connect() as conn:
-        stored = await conn.scalar(select(UserRow.password_hash).where(UserRow.email == email))
-    await engine.dispose()
+    stored = await db.scalar(select(UserRow.password_hash).where(UserRow.email == email))
     assert stored is not None
     assert stored != weak
     assert stored.startswith("$argon2id$v=19$m=12288,t=3,p=1$")

@@ -2,8 +2,11 @@
 the API."""
 
 import httpx
+import pytest
 
-from tests.conftest import SECRETS
+from tests.support.leaks import SECRETS
+
+pytestmark = pytest.mark.fast
 
 
 async def test_cors_allows_only_listed_origins(http):
@@ -84,17 +87,20 @@ async def test_token_answers_are_never_stored_and_nothing_is_sniffed(http, user)
     ] == "no-store"
 
 
-async def test_hsts_only_over_https_as_a_trusted_proxy_says(api_server):
+async def test_hsts_only_over_https_as_a_trusted_proxy_says(api_app):
     # The tests' trusted proxy is 127.0.0.1; 127.0.0.2 is a client connecting directly.
-    async with httpx.AsyncClient(base_url=api_server.url) as proxy:
+    def client_at(address: str) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=api_app, client=(address, 50000))
+        return httpx.AsyncClient(base_url="http://api.test", transport=transport)
+
+    async with client_at("127.0.0.1") as proxy:
         over_https = await proxy.get("/healthz", headers={"X-Forwarded-Proto": "https"})
         over_http = await proxy.get("/healthz", headers={"X-Forwarded-Proto": "http"})
         plain = await proxy.get("/healthz")
     assert over_https.headers["strict-transport-security"].startswith("max-age=")
     assert "strict-transport-security" not in over_http.headers
     assert "strict-transport-security" not in plain.headers
-    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
-    async with httpx.AsyncClient(base_url=api_server.url, transport=transport) as direct:
+    async with client_at("127.0.0.2") as direct:
         spoofed = await direct.get("/healthz", headers={"X-Forwarded-Proto": "https"})
     assert spoofed.status_code == 200
     assert "strict-transport-security" not in spoofed.headers

@@ -12,8 +12,9 @@ import pytest
 
 from cloudbot_api.instances.router import SSE_KEEPALIVE_SECONDS
 from cloudbot_common.models import InstanceState
-from tests.api.test_instances import create, give_bootstrap_token, move, read_sse_lines
-from tests.conftest import SECRETS, make_user
+from tests.support.instances import create, give_bootstrap_token, move, read_sse_lines
+from tests.support.leaks import SECRETS
+from tests.support.users import make_user
 
 # Pushed changes must arrive well before the stream's fallback re-read would find them.
 PUSHED = SSE_KEEPALIVE_SECONDS / 3
@@ -24,7 +25,7 @@ async def next_event(lines: AsyncIterator[str]) -> tuple[str, dict]:
     return event["event"], json.loads(event["data"])
 
 
-async def test_the_feed_lists_then_follows_every_machine_of_the_user(http, user, engine, redis_url):
+async def test_the_feed_lists_then_follows_every_machine_of_the_user(http, user, db_engine, redis):
     kept = (await create(http, user, name="kept")).json()["id"]
     other = await make_user(http)
     async with http.stream("GET", "/api/instances/events", headers=user.headers) as r:
@@ -39,12 +40,12 @@ async def test_the_feed_lists_then_follows_every_machine_of_the_user(http, user,
         new = (await create(http, user, name="new")).json()["id"]
         kind, data = await next_event(lines)
         assert (kind, data["id"], data["state"]) == ("instance", new, "pending")
-        await move(engine, redis_url, new, InstanceState.PROVISIONING)
+        await move(db_engine, redis, new, InstanceState.PROVISIONING)
         kind, data = await next_event(lines)
         assert (kind, data["id"], data["state"]) == ("instance", new, "provisioning")
 
         # Health as the machine reports it; the same report again is no news.
-        token = await give_bootstrap_token(engine, new)
+        token = await give_bootstrap_token(db_engine, new)
         boot = await http.post("/api/agent/bootstrap", headers={"Authorization": f"Bearer {token}"})
         SECRETS.add(boot.json()["credential"], boot.json()["agent_token"])
         beat = {"Authorization": f"Bearer {boot.json()['credential']}"}
@@ -68,10 +69,10 @@ async def test_the_feed_lists_then_follows_every_machine_of_the_user(http, user,
         # Terminated: removed from the list.
         # (The stream says what is now, so each step is awaited before the next: two
         # changes close together may come as one.)
-        await move(engine, redis_url, new, InstanceState.TERMINATING)
+        await move(db_engine, redis, new, InstanceState.TERMINATING)
         kind, data = await next_event(lines)
         assert (kind, data["state"]) == ("instance", "terminating")
-        await move(engine, redis_url, new, InstanceState.TERMINATED)
+        await move(db_engine, redis, new, InstanceState.TERMINATED)
         kind, data = await next_event(lines)
         assert (kind, data) == ("removed", {"id": new})
 

@@ -1,3 +1,10 @@
+"""The API answers: liveness, readiness and its documentation."""
+
+import pytest
+
+pytestmark = pytest.mark.fast
+
+
 async def test_docs_and_health(http):
     assert (await http.get("/healthz")).json() == {"status": "ok"}
     r = await http.get("/readyz")

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import make_user
 from tests.support.clients import api_client, fake_client_address
 from tests.support.processes import PYTHON, free_port, http_ok, running
+from tests.support.users import make_user
 
 FAILURES_PER_ADDRESS = 3
 FAILURES_PER_ACCOUNT = 8

@@ -12,9 +12,11 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import SECRETS, ApiServer, User, make_user
+from tests.support.api import ApiServer
 from tests.support.clients import api_client
+from tests.support.leaks import SECRETS
 from tests.support.processes import PYTHON, free_port, http_ok, running
+from tests.support.users import User, make_user
 
 
 async def create_token(

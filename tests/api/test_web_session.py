@@ -11,8 +11,10 @@ import pytest
 from starlette.responses import Response
 
 from cloudbot_api.auth.cookies import set_refresh_cookie
-from tests.api.test_auth import assert_problem, whoami
-from tests.conftest import SECRETS, ApiServer, User, make_user
+from tests.support.api import ApiServer
+from tests.support.leaks import SECRETS
+from tests.support.problems import assert_problem
+from tests.support.users import User, make_user, whoami
 
 COOKIE = "cloudbot_refresh"
 

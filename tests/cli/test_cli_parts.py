@@ -12,6 +12,8 @@ from cloudbot_cli import config
 from cloudbot_cli.api import _sse
 from cloudbot_cli.app import _table
 
+pytestmark = pytest.mark.fast
+
 
 def test_event_streams_are_read_with_ids_names_and_data() -> None:
     lines = [

@@ -24,6 +24,7 @@ def captured():
     logging.getLogger().handlers.clear()
 
 
+@pytest.mark.fast
 def test_secret_fields_and_token_text_are_redacted(captured):
     log = get_logger("t")
     log.info(
@@ -55,6 +56,7 @@ def test_secret_fields_and_token_text_are_redacted(captured):
         "sk-ant-api03-" + "Zz9_Yy8-Xx7Ww6Vv5Uu4Tt3Ss2Rr1Qq0Pp",
     ],
 )
+@pytest.mark.fast
 def test_provider_keys_in_free_text_are_redacted(captured, key):
     log = get_logger("t")
     log.warning(f"provider refused the key {key}: invalid")
@@ -69,6 +71,7 @@ def test_provider_keys_in_free_text_are_redacted(captured, key):
     assert captured()[-1]["event"] == "task-sk-12 and desk-topology stay"
 
 
+@pytest.mark.fast
 def test_leak_scan_finds_secrets_and_token_shapes(tmp_path: Path):
     (tmp_path / "clean.log").write_text('{"event": "request", "path": "/api/auth/login"}\n')
     assert find_leaks(tmp_path, ["a-registered-secret"]) == []

@@ -7,7 +7,7 @@ import subprocess
 
 import asyncpg
 
-from tests.conftest import PG_ADMIN
+from tests.support.databases import PG_ADMIN
 from tests.support.processes import PYTHON
 
 

@@ -7,6 +7,8 @@ from pydantic import ValidationError
 
 from cloudbot_common.settings import Settings
 
+pytestmark = pytest.mark.fast
+
 STRONG: dict[str, Any] = {
     "jwt_access_secret": "Jq3v_8ZkWm2Lr7Tn5Yc1Px9Hb4Gd6Fs0Ae-Ui",
     "jwt_refresh_secret": "R2d-7Nx4Kp9Vq1Lm6Wz3Ty8Hc5Bf0Gj_Se",

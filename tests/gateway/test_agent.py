@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.gateway.conftest import (
+from tests.support.gateway import (
     ORIGIN,
     FakeAgent,
     GatewayServer,
@@ -23,8 +23,8 @@ from tests.support.waiting import eventually
 
 
 @pytest.fixture
-async def agent_instance(db: AsyncEngine, owner: Owner, agent: FakeAgent):
-    instance_id = await add_instance(db, owner.id, agent_port=agent.port)
+async def agent_instance(db_engine: AsyncEngine, owner: Owner, agent: FakeAgent):
+    instance_id = await add_instance(db_engine, owner.id, agent_port=agent.port)
     agent.allow(instance_id)
     return instance_id
 

@@ -9,6 +9,8 @@ import pytest
 
 from cloudbot_gateway import zerocopy
 
+pytestmark = pytest.mark.fast
+
 
 class Recorder:
     def __init__(self, name: str, log: list[str], fail: bool = False) -> None:

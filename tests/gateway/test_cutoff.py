@@ -11,32 +11,36 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.exceptions import ConnectionClosed
 
 from cloudbot_common.models import InstanceState as S
-from tests.gateway.conftest import (
+from tests.support.gateway import (
     ORIGIN,
     Desktop,
     FakeAgent,
     GatewayServer,
     Owner,
     add_instance,
-    move_instance,
     refused,
     ticket_for,
     wait_closed,
     ws_connect,
 )
+from tests.support.instances import move
 from tests.support.waiting import eventually
 
 
 @pytest.fixture
-async def instance(db: AsyncEngine, owner: Owner, desktop: Desktop, agent: FakeAgent) -> uuid.UUID:
-    instance_id = await add_instance(db, owner.id, vnc_port=desktop.vnc_port, agent_port=agent.port)
+async def instance(
+    db_engine: AsyncEngine, owner: Owner, desktop: Desktop, agent: FakeAgent
+) -> uuid.UUID:
+    instance_id = await add_instance(
+        db_engine, owner.id, vnc_port=desktop.vnc_port, agent_port=agent.port
+    )
     agent.allow(instance_id)
     return instance_id
 
 
 async def test_sessions_end_when_the_instance_stops(
     gateway: GatewayServer,
-    db: AsyncEngine,
+    db_engine: AsyncEngine,
     redis: Redis,
     owner: Owner,
     agent: FakeAgent,
@@ -52,7 +56,7 @@ async def test_sessions_end_when_the_instance_stops(
         assert await bot.recv() == "still there?"
         closes_before = len(agent.closes)
 
-        await move_instance(db, redis, instance, S.STOPPING)
+        await move(db_engine, redis, instance, S.STOPPING)
 
         await wait_closed(vnc)
         await wait_closed(bot)
@@ -65,19 +69,19 @@ async def test_sessions_end_when_the_instance_stops(
     response = await refused(f"{base}/vnc", additional_headers=owner.bearer)
     assert response.status_code == 409
 
-    await move_instance(db, redis, instance, S.STOPPED, S.STARTING, S.RUNNING)
+    await move(db_engine, redis, instance, S.STOPPED, S.STARTING, S.RUNNING)
     async with ws_connect(f"{base}/vnc", additional_headers=owner.bearer) as vnc:
         assert (await vnc.recv())[:4] == b"RFB "
 
 
 async def test_sessions_end_when_the_instance_is_terminated(
-    gateway: GatewayServer, db: AsyncEngine, redis: Redis, owner: Owner, instance: uuid.UUID
+    gateway: GatewayServer, db_engine: AsyncEngine, redis: Redis, owner: Owner, instance: uuid.UUID
 ) -> None:
     async with ws_connect(
         f"{gateway.ws_url}/api/instances/{instance}/vnc", additional_headers=owner.bearer
     ) as vnc:
         await vnc.recv()
-        await move_instance(db, redis, instance, S.TERMINATING)
+        await move(db_engine, redis, instance, S.TERMINATING)
         await wait_closed(vnc)
     assert vnc.close_code == 1001
 

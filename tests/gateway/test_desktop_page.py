@@ -19,9 +19,9 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cloudbot_common.security.jwt_tokens import LEEWAY_SECONDS
-from tests.conftest import make_user
-from tests.gateway.conftest import Desktop, FakeAgent, add_instance, gateway_env
+from tests.support.gateway import Desktop, FakeAgent, add_instance, gateway_env
 from tests.support.processes import PYTHON, free_port, http_ok, running
+from tests.support.users import make_user
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAYWRIGHT = ROOT / "web" / "node_modules" / "playwright-core" / "index.mjs"
@@ -89,7 +89,7 @@ async def test_the_page_is_served(site: Site) -> None:
 
 
 async def test_a_person_opens_their_desktop_in_a_browser_after_their_token_expired(
-    site: Site, desktop: Desktop, agent: FakeAgent, db: AsyncEngine
+    site: Site, desktop: Desktop, agent: FakeAgent, db_engine: AsyncEngine
 ) -> None:
     if not Path(CHROMIUM).exists():
         pytest.fail("Chromium is missing: apt-get install chromium fonts-dejavu-core")
@@ -97,7 +97,7 @@ async def test_a_person_opens_their_desktop_in_a_browser_after_their_token_expir
         user = await make_user(http)
         me = (await http.get("/api/auth/me", headers=user.headers)).json()
     instance_id = await add_instance(
-        db, uuid.UUID(me["id"]), vnc_port=desktop.vnc_port, agent_port=agent.port
+        db_engine, uuid.UUID(me["id"]), vnc_port=desktop.vnc_port, agent_port=agent.port
     )
     agent.allow(instance_id)
     said = f"hello, agent {uuid.uuid4().hex[:8]}"

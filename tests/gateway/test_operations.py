@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.exceptions import InvalidStatus
 
-from tests.gateway.conftest import (
+from tests.support.gateway import (
     Desktop,
     FakeAgent,
     GatewayServer,
@@ -52,9 +52,9 @@ async def test_metrics_only_on_the_internal_listener(gateway: GatewayServer) -> 
 
 
 async def test_metrics(
-    gateway: GatewayServer, db: AsyncEngine, owner: Owner, desktop: Desktop
+    gateway: GatewayServer, db_engine: AsyncEngine, owner: Owner, desktop: Desktop
 ) -> None:
-    instance_id = await add_instance(db, owner.id, vnc_port=desktop.vnc_port)
+    instance_id = await add_instance(db_engine, owner.id, vnc_port=desktop.vnc_port)
     url = f"{gateway.ws_url}/api/instances/{instance_id}/vnc"
     refusals = ("cloudbot_gateway_refusals_total", (("reason", "no_credential"),))
     opened = ("cloudbot_gateway_open_sessions", (("channel", "vnc"),))
@@ -87,10 +87,10 @@ def impatient_gateway(base_env: dict[str, str]):
 
 
 async def test_idle_sessions_are_closed(
-    impatient_gateway, db: AsyncEngine, owner: Owner, desktop: Desktop
+    impatient_gateway, db_engine: AsyncEngine, owner: Owner, desktop: Desktop
 ) -> None:
     gateway, _ = impatient_gateway
-    instance_id = await add_instance(db, owner.id, vnc_port=desktop.vnc_port)
+    instance_id = await add_instance(db_engine, owner.id, vnc_port=desktop.vnc_port)
     async with ws_connect(
         f"{gateway.ws_url}/api/instances/{instance_id}/vnc", additional_headers=owner.bearer
     ) as ws:
@@ -100,10 +100,10 @@ async def test_idle_sessions_are_closed(
 
 
 async def test_sigterm_drains_then_closes_sessions(
-    impatient_gateway, db: AsyncEngine, owner: Owner, agent: FakeAgent
+    impatient_gateway, db_engine: AsyncEngine, owner: Owner, agent: FakeAgent
 ) -> None:
     gateway, process = impatient_gateway
-    instance_id = await add_instance(db, owner.id, agent_port=agent.port)
+    instance_id = await add_instance(db_engine, owner.id, agent_port=agent.port)
     agent.allow(instance_id)
     async with ws_connect(
         f"{gateway.ws_url}/api/instances/{instance_id}/cloudbot", additional_headers=owner.bearer

@@ -17,13 +17,13 @@ from cloudbot_common.tickets import Channel
 from cloudbot_gateway.metrics import Metrics
 from cloudbot_gateway.sessions import SessionRegistry
 from cloudbot_gateway.targets import TargetDirectory
-from tests.gateway.conftest import Owner, add_instance
+from tests.support.gateway import Owner, add_instance
 
 
 async def test_recheck_ends_sessions_changed_behind_its_back(
-    db: AsyncEngine, redis: Redis, owner: Owner
+    db_engine: AsyncEngine, redis: Redis, owner: Owner
 ) -> None:
-    targets = TargetDirectory(db, redis)
+    targets = TargetDirectory(db_engine, redis)
     # The event hub is never started: every event is "missed".
     hub = EventHub(redis)
     registry = SessionRegistry(
@@ -33,10 +33,10 @@ async def test_recheck_ends_sessions_changed_behind_its_back(
         targets.states,
         max_per_user=10,
         idle_timeout=300,
-        revocations=RevocationWatch(db, redis, hub, remember_seconds=60),
+        revocations=RevocationWatch(db_engine, redis, hub, remember_seconds=60),
     )
-    running = await add_instance(db, owner.id)
-    stopped = await add_instance(db, owner.id)
+    running = await add_instance(db_engine, owner.id)
+    stopped = await add_instance(db_engine, owner.id)
     deleted_row = uuid.uuid4()
     sessions = {}
     for name, instance_id, login in (
@@ -51,7 +51,7 @@ async def test_recheck_ends_sessions_changed_behind_its_back(
         sessions[name] = session
 
     # Changed without any event reaching this gateway.
-    async with db.begin() as conn:
+    async with db_engine.begin() as conn:
         await conn.execute(
             update(Instance).where(Instance.id == stopped).values(state=InstanceState.STOPPED)
         )

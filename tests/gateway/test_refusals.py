@@ -14,8 +14,7 @@ from websockets.http11 import Response
 from cloudbot_common.models import InstanceState
 from cloudbot_common.security.jwt_tokens import TokenCodec, TokenType
 from cloudbot_common.settings import Settings
-from tests.conftest import SECRETS
-from tests.gateway.conftest import (
+from tests.support.gateway import (
     MAX_SESSIONS_PER_USER,
     ORIGIN,
     Desktop,
@@ -27,6 +26,7 @@ from tests.gateway.conftest import (
     ticket_for,
     ws_connect,
 )
+from tests.support.leaks import SECRETS
 
 
 def problem(response: Response) -> dict:
@@ -35,8 +35,8 @@ def problem(response: Response) -> dict:
 
 
 @pytest.fixture
-async def desktop_instance(db: AsyncEngine, owner: Owner, desktop: Desktop) -> uuid.UUID:
-    return await add_instance(db, owner.id, vnc_port=desktop.vnc_port)
+async def desktop_instance(db_engine: AsyncEngine, owner: Owner, desktop: Desktop) -> uuid.UUID:
+    return await add_instance(db_engine, owner.id, vnc_port=desktop.vnc_port)
 
 
 def vnc_url(gateway: GatewayServer, instance_id: uuid.UUID, query: str = "") -> str:
@@ -108,13 +108,13 @@ async def test_ticket_is_single_use(
 
 async def test_ticket_for_another_instance_or_channel(
     gateway: GatewayServer,
-    db: AsyncEngine,
+    db_engine: AsyncEngine,
     owner: Owner,
     desktop: Desktop,
     desktop_instance: uuid.UUID,
     http: httpx.AsyncClient,
 ) -> None:
-    other = await add_instance(db, owner.id, vnc_port=desktop.vnc_port)
+    other = await add_instance(db_engine, owner.id, vnc_port=desktop.vnc_port)
     ticket = await ticket_for(http, owner, other, "vnc")
     response = await refused(vnc_url(gateway, desktop_instance, f"?ticket={ticket}"), origin=ORIGIN)
     assert response.status_code == 401
@@ -142,10 +142,10 @@ async def test_another_users_instance_looks_missing(
 
 
 async def test_instance_not_running(
-    gateway: GatewayServer, db: AsyncEngine, owner: Owner, desktop: Desktop
+    gateway: GatewayServer, db_engine: AsyncEngine, owner: Owner, desktop: Desktop
 ) -> None:
     stopped = await add_instance(
-        db, owner.id, state=InstanceState.STOPPED, vnc_port=desktop.vnc_port
+        db_engine, owner.id, state=InstanceState.STOPPED, vnc_port=desktop.vnc_port
     )
     response = await refused(vnc_url(gateway, stopped), additional_headers=owner.bearer)
     assert response.status_code == 409

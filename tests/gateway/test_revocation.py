@@ -24,19 +24,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cloudbot_common.events import revoked_session_key
 from cloudbot_common.models import LoginSession
 from cloudbot_common.settings import Settings
-from tests.conftest import SECRETS
-from tests.gateway.conftest import (
+from tests.support.clients import api_client
+from tests.support.gateway import (
     Desktop,
     GatewayServer,
-    _run_gateway,
     add_instance,
     gateway_env,
     make_owner,
     refused,
+    run_gateway,
     wait_closed,
     ws_connect,
 )
-from tests.support.clients import api_client
+from tests.support.leaks import SECRETS
 from tests.support.processes import PYTHON, free_port, http_ok, running
 from tests.support.redis_fault import RedisFaultProxy, redis_fault_proxy
 
@@ -68,7 +68,7 @@ def faulty(base_env: dict[str, str], redis_url: str) -> Iterator[Faulty]:
             gateway_port = free_port()
             yield from (
                 Faulty(proxy, api, gateway)
-                for gateway in _run_gateway(
+                for gateway in run_gateway(
                     "gateway-redis-faults", gateway_env(env, gateway_port), gateway_port
                 )
             )
@@ -83,8 +83,8 @@ async def client(faulty: Faulty) -> AsyncIterator[httpx.AsyncClient]:
     faulty.proxy.restore()
 
 
-async def revoked_at(db: AsyncEngine, session_id: uuid.UUID) -> tuple[object, object]:
-    async with db.connect() as conn:
+async def revoked_at(db_engine: AsyncEngine, session_id: uuid.UUID) -> tuple[object, object]:
+    async with db_engine.connect() as conn:
         row = (
             await conn.execute(
                 select(LoginSession.revoked_at, LoginSession.revocation_announced_at).where(
@@ -105,13 +105,13 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0
 async def test_logout_fails_closed_when_the_marker_cannot_be_written(
     faulty: Faulty,
     client: httpx.AsyncClient,
-    db: AsyncEngine,
+    db_engine: AsyncEngine,
     redis: Redis,
     desktop: Desktop,
     settings: Settings,
 ) -> None:
     owner = await make_owner(client, settings)
-    instance_id = await add_instance(db, owner.id, vnc_port=desktop.vnc_port)
+    instance_id = await add_instance(db_engine, owner.id, vnc_port=desktop.vnc_port)
     url = f"{faulty.gateway.ws_url}/api/instances/{instance_id}/vnc"
     async with ws_connect(url, additional_headers=owner.bearer) as ws:
         greeting = await ws.recv()
@@ -124,7 +124,7 @@ async def test_logout_fails_closed_when_the_marker_cannot_be_written(
         assert r.status_code == 503, r.text
         assert r.json()["code"] == "revocation_pending"
         assert faulty.proxy.refused >= 1
-        revoked, announced_at = await revoked_at(db, owner.session_id)
+        revoked, announced_at = await revoked_at(db_engine, owner.session_id)
         assert revoked is not None
         assert announced_at is None
         assert not await redis.exists(revoked_session_key(owner.session_id))
@@ -144,15 +144,15 @@ async def test_logout_fails_closed_when_the_marker_cannot_be_written(
         return bool(await redis.exists(revoked_session_key(owner.session_id)))
 
     await eventually(announced)
-    await eventually(lambda: _announced_in_db(db, owner.session_id))
+    await eventually(lambda: _announced_in_db(db_engine, owner.session_id))
 
 
-async def _announced_in_db(db: AsyncEngine, session_id: uuid.UUID) -> bool:
-    return (await revoked_at(db, session_id))[1] is not None
+async def _announced_in_db(db_engine: AsyncEngine, session_id: uuid.UUID) -> bool:
+    return (await revoked_at(db_engine, session_id))[1] is not None
 
 
 async def test_refresh_reuse_fails_closed_when_the_marker_cannot_be_written(
-    faulty: Faulty, client: httpx.AsyncClient, db: AsyncEngine, settings: Settings
+    faulty: Faulty, client: httpx.AsyncClient, db_engine: AsyncEngine, settings: Settings
 ) -> None:
     owner = await make_owner(client, settings)
     first = owner.user.refresh_token
@@ -166,7 +166,7 @@ async def test_refresh_reuse_fails_closed_when_the_marker_cannot_be_written(
     other = await api_client_reuse(faulty.api, first)
     assert other.status_code == 503, other.text
     assert other.json()["code"] == "revocation_pending"
-    assert (await revoked_at(db, owner.session_id))[0] is not None
+    assert (await revoked_at(db_engine, owner.session_id))[0] is not None
     for token in (second["access_token"], owner.user.access_token):
         me = await client.get("/api/auth/me", headers={"Authorization": f"Bearer {token}"})
         assert me.status_code == 401, me.text
@@ -179,12 +179,12 @@ async def api_client_reuse(url: str, refresh_token: str) -> httpx.Response:
 
 
 async def test_checks_fall_back_to_postgres_while_redis_is_away(
-    faulty: Faulty, client: httpx.AsyncClient, db: AsyncEngine, settings: Settings
+    faulty: Faulty, client: httpx.AsyncClient, db_engine: AsyncEngine, settings: Settings
 ) -> None:
     ended = await make_owner(client, settings)
     alive = await make_owner(client, settings)
     # Revoked, and announced, but the marker is gone (Redis restarted without it).
-    async with db.begin() as conn:
+    async with db_engine.begin() as conn:
         await conn.execute(
             update(LoginSession)
             .where(LoginSession.id == ended.session_id)

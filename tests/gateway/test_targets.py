@@ -12,7 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cloudbot_common.models import InstanceState as S
 from cloudbot_gateway.refusals import Refusal
 from cloudbot_gateway.targets import TargetDirectory
-from tests.gateway.conftest import Owner, add_instance, move_instance
+from tests.support.gateway import Owner, add_instance
+from tests.support.instances import move
 
 
 async def _state_refused(targets: TargetDirectory, instance_id: object, owner: Owner) -> str:
@@ -22,17 +23,17 @@ async def _state_refused(targets: TargetDirectory, instance_id: object, owner: O
 
 
 async def test_a_late_event_never_replaces_a_newer_state(
-    db: AsyncEngine, redis: Redis, owner: Owner
+    db_engine: AsyncEngine, redis: Redis, owner: Owner
 ) -> None:
-    targets = TargetDirectory(db, redis)
-    instance_id = await add_instance(db, owner.id, vnc_port=5900)
+    targets = TargetDirectory(db_engine, redis)
+    instance_id = await add_instance(db_engine, owner.id, vnc_port=5900)
     key = f"cloudbot:gateway:target:{instance_id}"
     try:
         # Cached from the database while running, with the address.
         assert (await targets.resolve(instance_id, owner.id)).vnc_port == 5900
         assert json.loads(await redis.get(key))["s"] == "running"
 
-        stopping, stopped = await move_instance(db, None, instance_id, S.STOPPING, S.STOPPED)
+        stopping, stopped = await move(db_engine, None, instance_id, S.STOPPING, S.STOPPED)
         # This replica hears the two events the wrong way round.
         targets.on_state_event(stopped)
         targets.on_state_event(stopping)
@@ -41,7 +42,7 @@ async def test_a_late_event_never_replaces_a_newer_state(
 
         # Started again; the late "starting" must not hide "running" either, and the
         # database read that fills in the address keeps the newest event's id.
-        starting, running = await move_instance(db, None, instance_id, S.STARTING, S.RUNNING)
+        starting, running = await move(db_engine, None, instance_id, S.STARTING, S.RUNNING)
         targets.on_state_event(running)
         targets.on_state_event(starting)
         await targets.aclose()
@@ -51,7 +52,7 @@ async def test_a_late_event_never_replaces_a_newer_state(
 
         # A database read that saw an older state than an event already written (it raced
         # the change) does not put it back.
-        (stopping_again,) = await move_instance(db, None, instance_id, S.STOPPING)
+        (stopping_again,) = await move(db_engine, None, instance_id, S.STOPPING)
         targets.on_state_event(stopping_again)
         await targets.aclose()
         await targets._write(key, entry, replaces_same_event=True)  # `running`, as read

@@ -11,8 +11,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import SECRETS, make_user
-from tests.gateway.conftest import (
+from tests.support.gateway import (
     FakeAgent,
     GatewayServer,
     Owner,
@@ -21,6 +20,8 @@ from tests.gateway.conftest import (
     wait_closed,
     ws_connect,
 )
+from tests.support.leaks import SECRETS
+from tests.support.users import make_user
 from tests.support.waiting import eventually
 
 
@@ -34,8 +35,8 @@ async def personal_token(http: httpx.AsyncClient, headers: dict[str, str], scope
 
 
 @pytest.fixture
-async def agent_instance(db: AsyncEngine, owner: Owner, agent: FakeAgent) -> uuid.UUID:
-    instance_id = await add_instance(db, owner.id, agent_port=agent.port)
+async def agent_instance(db_engine: AsyncEngine, owner: Owner, agent: FakeAgent) -> uuid.UUID:
+    instance_id = await add_instance(db_engine, owner.id, agent_port=agent.port)
     agent.allow(instance_id)
     return instance_id
 
@@ -45,7 +46,7 @@ async def test_a_token_opens_the_agent_channel_and_its_revocation_closes_it(
     http: httpx.AsyncClient,
     owner: Owner,
     agent_instance: uuid.UUID,
-    db: AsyncEngine,
+    db_engine: AsyncEngine,
 ) -> None:
     token = await personal_token(http, owner.bearer, "write")
     url = f"{gateway.ws_url}/api/instances/{agent_instance}/cloudbot"

@@ -9,7 +9,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection
 
-from tests.gateway.conftest import (
+from tests.support.gateway import (
     ORIGIN,
     Desktop,
     GatewayServer,
@@ -76,9 +76,9 @@ async def rfb_session(ws: ClientConnection, desktop: Desktop) -> None:
 
 
 async def test_rfb_through_the_gateway_with_a_bearer_token(
-    relay_gateway: GatewayServer, desktop: Desktop, db: AsyncEngine, owner: Owner
+    relay_gateway: GatewayServer, desktop: Desktop, db_engine: AsyncEngine, owner: Owner
 ) -> None:
-    instance_id = await add_instance(db, owner.id, vnc_port=desktop.vnc_port)
+    instance_id = await add_instance(db_engine, owner.id, vnc_port=desktop.vnc_port)
     async with ws_connect(
         f"{relay_gateway.ws_url}/api/instances/{instance_id}/vnc", additional_headers=owner.bearer
     ) as ws:
@@ -88,12 +88,12 @@ async def test_rfb_through_the_gateway_with_a_bearer_token(
 async def test_rfb_through_the_gateway_like_novnc(
     gateway: GatewayServer,
     desktop: Desktop,
-    db: AsyncEngine,
+    db_engine: AsyncEngine,
     owner: Owner,
     http: httpx.AsyncClient,
 ) -> None:
     """A browser: a ticket from the API in the URL, an allowed Origin, `binary` asked for."""
-    instance_id = await add_instance(db, owner.id, vnc_port=desktop.vnc_port)
+    instance_id = await add_instance(db_engine, owner.id, vnc_port=desktop.vnc_port)
     ticket = await ticket_for(http, owner, instance_id, "vnc")
     async with ws_connect(
         f"{gateway.ws_url}/api/instances/{instance_id}/vnc?ticket={ticket}",

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import CloseCode
 
-from tests.gateway.conftest import (
+from tests.support.gateway import (
     GatewayServer,
     Owner,
     add_instance,
@@ -32,13 +32,15 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 @asynccontextmanager
 async def vnc_session(
-    gateway: GatewayServer, db: AsyncEngine, owner: Owner, desktop: Handler, **options: Any
+    gateway: GatewayServer, db_engine: AsyncEngine, owner: Owner, desktop: Handler, **options: Any
 ) -> AsyncIterator[ClientConnection]:
     """A client's desktop session through `gateway`, to a TCP server standing in for the
     VNC server, whose connections `desktop` serves."""
     server = await asyncio.start_server(desktop, "127.0.0.1", 0)
     try:
-        instance_id = await add_instance(db, owner.id, vnc_port=server.sockets[0].getsockname()[1])
+        instance_id = await add_instance(
+            db_engine, owner.id, vnc_port=server.sockets[0].getsockname()[1]
+        )
         async with ws_connect(
             f"{gateway.ws_url}/api/instances/{instance_id}/vnc",
             additional_headers=owner.bearer,
@@ -76,7 +78,7 @@ async def test_the_zero_copy_path_is_on_by_default(
 
 
 async def test_every_byte_arrives_in_order_among_pongs_then_the_close(
-    relay_gateway: GatewayServer, db: AsyncEngine, owner: Owner
+    relay_gateway: GatewayServer, db_engine: AsyncEngine, owner: Owner
 ) -> None:
     data = random.Random(7).randbytes(24 * MiB)
     sizes = (1, 7, 125, 126, 4096, 65535, 65536, 300_000, MiB)
@@ -93,7 +95,7 @@ async def test_every_byte_arrives_in_order_among_pongs_then_the_close(
 
     received = bytearray()
     pongs = 0
-    async with vnc_session(relay_gateway, db, owner, desktop, ping_interval=None) as ws:
+    async with vnc_session(relay_gateway, db_engine, owner, desktop, ping_interval=None) as ws:
 
         async def ping_all_along() -> None:
             # The gateway's pongs go out between its data frames.
@@ -118,7 +120,7 @@ async def test_every_byte_arrives_in_order_among_pongs_then_the_close(
 
 
 async def test_a_text_frame_ends_the_session_with_1003(
-    relay_gateway: GatewayServer, db: AsyncEngine, owner: Owner
+    relay_gateway: GatewayServer, db_engine: AsyncEngine, owner: Owner
 ) -> None:
     desktop_saw_the_end = asyncio.Event()
 
@@ -128,7 +130,7 @@ async def test_a_text_frame_ends_the_session_with_1003(
         desktop_saw_the_end.set()
         writer.close()
 
-    async with vnc_session(relay_gateway, db, owner, desktop) as ws:
+    async with vnc_session(relay_gateway, db_engine, owner, desktop) as ws:
         assert await ws.recv() == b"RFB 003.008\n"
         await ws.send("not binary")
         await wait_closed(ws)
@@ -138,7 +140,7 @@ async def test_a_text_frame_ends_the_session_with_1003(
 
 
 async def test_a_client_leaving_mid_stream_releases_the_desktop(
-    relay_gateway: GatewayServer, db: AsyncEngine, owner: Owner
+    relay_gateway: GatewayServer, db_engine: AsyncEngine, owner: Owner
 ) -> None:
     desktop_saw_the_end = asyncio.Event()
 
@@ -154,7 +156,7 @@ async def test_a_client_leaving_mid_stream_releases_the_desktop(
             writer.close()
 
     opened = ("cloudbot_gateway_open_sessions", (("channel", "vnc"),))
-    async with vnc_session(relay_gateway, db, owner, desktop) as ws:
+    async with vnc_session(relay_gateway, db_engine, owner, desktop) as ws:
         for _ in range(8):
             await ws.recv()
         ws.transport.abort()  # gone mid-stream, no closing handshake
@@ -174,7 +176,7 @@ async def test_a_client_leaving_mid_stream_releases_the_desktop(
 
 
 async def test_a_slow_reader_stops_the_upstream_instead_of_growing_memory(
-    relay_gateway: GatewayServer, db: AsyncEngine, owner: Owner
+    relay_gateway: GatewayServer, db_engine: AsyncEngine, owner: Owner
 ) -> None:
     sent = 0
     stop = asyncio.Event()
@@ -193,7 +195,7 @@ async def test_a_slow_reader_stops_the_upstream_instead_of_growing_memory(
             writer.close()
 
     rss_before = _rss(relay_gateway.pid)
-    async with vnc_session(relay_gateway, db, owner, desktop, max_queue=1) as ws:
+    async with vnc_session(relay_gateway, db_engine, owner, desktop, max_queue=1) as ws:
         await ws.recv()  # read one frame, then stop reading
         await until_stalled(lambda: sent)  # the desktop is blocked
         # Only socket buffers (the kernel's, on four sockets) and the gateway's
@@ -212,7 +214,7 @@ async def test_a_slow_reader_stops_the_upstream_instead_of_growing_memory(
 
 
 async def test_a_desktop_that_stops_reading_stops_the_client_being_read(
-    relay_gateway: GatewayServer, db: AsyncEngine, owner: Owner
+    relay_gateway: GatewayServer, db_engine: AsyncEngine, owner: Owner
 ) -> None:
     reading = asyncio.Event()
     received = 0
@@ -227,7 +229,7 @@ async def test_a_desktop_that_stops_reading_stops_the_client_being_read(
     sent = 0
     chunk = bytes(MiB)
     rss_before = _rss(relay_gateway.pid)
-    async with vnc_session(relay_gateway, db, owner, desktop, write_limit=MiB) as ws:
+    async with vnc_session(relay_gateway, db_engine, owner, desktop, write_limit=MiB) as ws:
         done = asyncio.Event()
 
         async def send_until_done() -> None:

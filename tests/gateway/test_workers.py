@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from bench.stack import children
 from cloudbot_gateway.workers import available_cpus, worker_count
-from tests.gateway.conftest import (
+from tests.support.gateway import (
     FakeAgent,
     GatewayServer,
     Owner,
@@ -109,12 +109,15 @@ class Workers:
 
 @pytest.fixture
 async def workers(
-    workers_gateway: tuple[GatewayServer, Process], db: AsyncEngine, owner: Owner, agent: FakeAgent
+    workers_gateway: tuple[GatewayServer, Process],
+    db_engine: AsyncEngine,
+    owner: Owner,
+    agent: FakeAgent,
 ) -> Workers:
     gateway, supervisor = workers_gateway
     pids = children(supervisor.pid)
     assert len(pids) == WORKERS
-    instance_id = await add_instance(db, owner.id, agent_port=agent.port)
+    instance_id = await add_instance(db_engine, owner.id, agent_port=agent.port)
     agent.allow(instance_id)
     url = f"{gateway.ws_url}/api/instances/{instance_id}/cloudbot"
     return Workers(gateway, supervisor, pids, url, owner)

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import PG_ADMIN, REDIS_BASE
+from tests.support.databases import PG_ADMIN, REDIS_BASE
 from tests.support.processes import PYTHON
 
 # Redis dbs 1-7 are left to these tests (the shared test stack uses 8 and up).

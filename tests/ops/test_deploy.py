@@ -19,6 +19,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 
 from cloudbot_common.settings import Settings
+from tests.support.leaks import SECRET_NAME
 from tests.support.processes import ROOT
 
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
@@ -30,7 +31,6 @@ IMAGES = {
     "proxy-gateway": ("cloudbot-gateway", "cloudbot-gateway"),
 }
 CLOUDBOT_SERVICES = {"migrate", "api", "worker", "beat", "gateway", "flower"}
-SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ENCRYPTION_KEY|ACCESS_KEY|CREDENTIAL", re.I)
 
 
 def docker_compose() -> str:

@@ -19,7 +19,7 @@ from cloudbot_common.commands import make_celery, send_command
 from cloudbot_common.lifecycle import PROVISION
 from cloudbot_common.models import OutboxCommand
 from cloudbot_common.settings import Settings
-from tests.conftest import SECRETS
+from tests.support.leaks import SECRETS
 from tests.support.processes import PYTHON, Process, free_port, http_ok, running, wait_for
 
 REDIS_SLOT = "flower"

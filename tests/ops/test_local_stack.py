@@ -23,8 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 from websockets.typing import Origin, Subprotocol
 
-from tests.conftest import SECRETS
-from tests.ops.test_deploy import SECRET_NAME
+from tests.support.leaks import SECRET_NAME, SECRETS
 from tests.support.processes import PYTHON, Process, free_port, wait_for
 
 REDIS_SLOT = "stack"

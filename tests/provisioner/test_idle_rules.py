@@ -10,6 +10,8 @@ import pytest
 from cloudbot_common.models import Instance
 from cloudbot_provisioner.idle import idle_since, warning_lead
 
+pytestmark = pytest.mark.fast
+
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 

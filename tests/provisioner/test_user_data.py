@@ -10,9 +10,13 @@ import subprocess
 import uuid
 from importlib import resources
 
+import pytest
+
 from cloudbot_common.security.opaque import new_token
 from cloudbot_provisioner.backends.user_data import MAX_USER_DATA_BYTES, render_user_data
 from cloudbot_provisioner.tasks import backoff_seconds
+
+pytestmark = pytest.mark.fast
 
 
 def test_user_data_is_valid_bash_within_the_size_limit(tmp_path):

@@ -16,8 +16,14 @@ def fake_client_address() -> str:
 
 
 @contextlib.asynccontextmanager
-async def api_client(url: str, timeout: float = 15) -> AsyncIterator[httpx.AsyncClient]:
+async def api_client(
+    url: str, timeout: float = 15, transport: httpx.AsyncBaseTransport | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the API at `url` (or behind `transport`), with an address of its own."""
     async with httpx.AsyncClient(
-        base_url=url, timeout=timeout, headers={"X-Forwarded-For": fake_client_address()}
+        transport=transport,
+        base_url=url,
+        timeout=timeout,
+        headers={"X-Forwarded-For": fake_client_address()},
     ) as client:
         yield client

@@ -1,9 +1,11 @@
-"""The scan run over every log the test session wrote."""
+"""Secrets the tests handle, and the scan run over every log the test session wrote."""
 
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,31 @@ TOKEN_SHAPES = re.compile(
 )
 
 
-def find_leaks(log_dir: Path, secrets: Iterable[str]) -> list[str]:
+@dataclass
+class SecretRegistry:
+    """Every secret a test handles; none may appear in any log of the run."""
+
+    values: set[str] = field(default_factory=set)
+
+    def add(self, *values: str) -> None:
+        self.values.update(v for v in values if v and len(v) >= 8)
+
+
+SECRETS = SecretRegistry()
+# Names of settings and arguments that hold secrets.
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ENCRYPTION_KEY|ACCESS_KEY|CREDENTIAL", re.I)
+
+
+def fake_key(prefix: str = "sk-ant-") -> str:
+    """A provider API key of the right shape, registered as a secret."""
+    key = prefix + secrets.token_urlsafe(32)
+    SECRETS.add(key)
+    return key
+
+
+def find_leaks(log_dir: Path, values: Iterable[str]) -> list[str]:
     """Each log file holding a registered secret, or text shaped like one of our tokens."""
-    needles = [s.encode() for s in secrets if s]
+    needles = [s.encode() for s in values if s]
     leaks: set[str] = set()
     for path in sorted(log_dir.glob("*.log")):
         data = path.read_bytes()

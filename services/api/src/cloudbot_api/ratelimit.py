@@ -9,6 +9,7 @@ from typing import Any
 from limits import RateLimitItem, parse
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio import ConnectionPool
 
 from cloudbot_api.errors import ProblemError
 
@@ -17,11 +18,15 @@ class RateLimiter:
     def __init__(
         self, redis_url: str, *, enabled: bool = True, options: dict[str, Any] | None = None
     ) -> None:
+        # A pool of our own (with `options`, e.g. timeouts), so that closing the limiter
+        # closes its connections.
+        self._pool = ConnectionPool.from_url(redis_url, **(options or {}))
         self._storage = RedisStorage(
             "async+" + redis_url,
             implementation="redispy",
             key_prefix="cloudbot:ratelimit",
-            **(options or {}),
+            # limits types its options for URLs only; redis-py takes the pool as given.
+            connection_pool=self._pool,  # type: ignore[arg-type]
         )
         self._limiter = MovingWindowRateLimiter(self._storage)
         self._enabled = enabled
@@ -66,3 +71,6 @@ class RateLimiter:
             "Too many requests; try again later.",
             headers={"Retry-After": str(retry_after)},
         )
+
+    async def close(self) -> None:
+        await self._pool.aclose()

@@ -42,6 +42,7 @@ class Resources:
         await self.revocations.stop()
         await self.events.stop()
         self.passwords.close()
+        await self.limiter.close()
         await self.redis.aclose()
         await self.engine.dispose()
         await self.read_engine.dispose()
