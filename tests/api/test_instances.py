@@ -147,9 +147,7 @@ async def test_state_guards_answer_409_with_the_state(http, user, db, db_connect
     )
     assert body["state"] == "terminating"
     # Each accepted request staged its one command; each refused one staged nothing.
-    assert await commands_of(db, iid) == sorted(
-        c.task for c in (PROVISION, STOP, START, TERMINATE)
-    )
+    assert await commands_of(db, iid) == sorted(c.task for c in (PROVISION, STOP, START, TERMINATE))
 
 
 async def test_another_users_instance_is_not_found_everywhere(http, user, db_connection, redis):

@@ -11,9 +11,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import SECRETS, make_user
 from tests.support.clients import api_client
+from tests.support.leaks import SECRETS
 from tests.support.processes import PYTHON, free_port, http_ok, running
+from tests.support.users import make_user
 
 WINDOW = 3
 

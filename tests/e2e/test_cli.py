@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import SECRETS
 from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
@@ -26,6 +25,7 @@ from tests.support.harness import (
     moto_network,
     provisioner,
 )
+from tests.support.leaks import SECRETS
 
 CLI = shutil.which("cloudbot") or str(Path(__file__).resolve().parents[2] / ".venv/bin/cloudbot")
 

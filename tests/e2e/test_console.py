@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SECRETS
-from tests.gateway.conftest import gateway_env
+from tests.support.gateway import gateway_env
 from tests.support.harness import FAST_RETRIES, kill_local_machines, provisioner
+from tests.support.leaks import SECRETS
 from tests.support.processes import PYTHON, free_port, http_ok, running
 
 pytestmark = pytest.mark.vnc

@@ -14,7 +14,6 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.conftest import make_user
 from tests.support.harness import (
     FAST_RETRIES,
     api_process,
@@ -23,6 +22,7 @@ from tests.support.harness import (
     wait_api_state,
 )
 from tests.support.processes import PYTHON, free_port, http_ok, running
+from tests.support.users import make_user
 from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.vnc, pytest.mark.slow]

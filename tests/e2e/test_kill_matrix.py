@@ -31,7 +31,6 @@ import pytest
 from redis import Redis
 from sqlalchemy.engine import make_url
 
-from tests.conftest import SecretRegistry, make_user
 from tests.support.clients import api_client
 from tests.support.faultproxy import FaultProxy
 from tests.support.harness import (
@@ -47,9 +46,10 @@ from tests.support.harness import (
     user_data_of,
     wait_api_state,
 )
-from tests.support.leaks import redis_leaks
+from tests.support.leaks import SecretRegistry, redis_leaks
 from tests.support.processes import LOG_DIR, wait_for
 from tests.support.supervisor import Supervisor, pid_of_connection, url_of, wait_dead
+from tests.support.users import make_user
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import make_user
 from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
@@ -22,6 +21,7 @@ from tests.support.harness import (
     provisioner,
     wait_api_state,
 )
+from tests.support.users import make_user
 
 TOKEN = re.compile(r"cbb_[A-Za-z0-9_-]{20,}")
 

@@ -17,7 +17,6 @@ from sqlalchemy.pool import NullPool
 
 from cloudbot_common.models import Instance
 from cloudbot_common.security.opaque import token_digest
-from tests.conftest import make_user
 from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
@@ -32,6 +31,7 @@ from tests.support.harness import (
     wait_api_state,
 )
 from tests.support.processes import wait_for
+from tests.support.users import make_user
 
 
 @pytest.fixture(scope="module")

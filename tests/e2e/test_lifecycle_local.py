@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_user
 from tests.support.harness import (
     FAST_RETRIES,
     RFB,
@@ -25,12 +24,13 @@ from tests.support.harness import (
     rfb_greeting,
     wait_api_state,
 )
+from tests.support.users import make_user
 
 pytestmark = pytest.mark.vnc
 
 
 @pytest.fixture
-async def db(database_url, broker_url) -> AsyncIterator[Db]:
+async def store(database_url, broker_url) -> AsyncIterator[Db]:
     database = Db(database_url, broker_url)
     yield database
     await database.close()
@@ -57,7 +57,7 @@ def api_url(local_env, tmp_path) -> Iterator[str]:
             yield url
 
 
-async def test_local_desktop_through_the_api(client, local_env, db):
+async def test_local_desktop_through_the_api(client, local_env, store):
     user = await make_user(client)
     r = await client.post(
         "/api/instances", json={"name": "sandbox", "size": "small"}, headers=user.headers
@@ -66,7 +66,7 @@ async def test_local_desktop_through_the_api(client, local_env, db):
     instance_id = r.json()["id"]
     await wait_api_state(client, user.headers, instance_id, "running")
 
-    row = await db.instance(uuid.UUID(instance_id))
+    row = await store.instance(uuid.UUID(instance_id))
     directory = Path(local_env["LOCAL_STATE_DIR"]) / instance_id
     group = machine_group(directory)
     assert row.host == "127.0.0.1"

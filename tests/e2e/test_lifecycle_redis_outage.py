@@ -10,7 +10,6 @@ import pytest
 from sqlalchemy import func, select
 
 from cloudbot_common.models import Instance, OutboxCommand
-from tests.conftest import make_user
 from tests.support.clients import api_client
 from tests.support.harness import (
     AWS_ENV,
@@ -25,6 +24,7 @@ from tests.support.harness import (
     redis_server,
     wait_api_state,
 )
+from tests.support.users import make_user
 
 
 @pytest.fixture
@@ -46,15 +46,15 @@ def ec2_env(base_env, moto_url) -> dict[str, str]:
 
 
 @pytest.fixture
-async def db(database_url, outage_redis) -> AsyncIterator[Db]:
+async def store(database_url, outage_redis) -> AsyncIterator[Db]:
     database = Db(database_url, outage_redis.url)
     yield database
     await database.close()
 
 
-async def counts(db: Db) -> tuple[int, int]:
+async def counts(store: Db) -> tuple[int, int]:
     """Instances and outbox commands in the whole database."""
-    async with db.sessions() as s:
+    async with store.sessions() as s:
         instances = await s.scalar(select(func.count()).select_from(Instance))
         commands = await s.scalar(select(func.count()).select_from(OutboxCommand))
     return int(instances or 0), int(commands or 0)
@@ -84,7 +84,7 @@ async def test_broker_down_at_create_then_provisioned_when_it_returns(
 
 
 async def test_redis_down_at_create_either_provisions_later_or_writes_nothing(
-    ec2_env, outage_redis, db, moto_url, tmp_path
+    ec2_env, outage_redis, store, moto_url, tmp_path
 ):
     env = {**ec2_env, "REDIS_URL": outage_redis.url, "CELERY_BROKER_URL": outage_redis.url}
     with api_process(env, "api-redis-outage") as api_url:
@@ -92,7 +92,7 @@ async def test_redis_down_at_create_either_provisions_later_or_writes_nothing(
         with provisioner(worker_env, tmp_path, name="redis-outage-worker"):
             async with api_client(api_url, timeout=30) as client:
                 user = await make_user(client)
-                before = await counts(db)
+                before = await counts(store)
                 outage_redis.stop()
                 r = await client.post(
                     "/api/instances", json={"name": "desk", "size": "small"}, headers=user.headers
@@ -108,4 +108,4 @@ async def test_redis_down_at_create_either_provisions_later_or_writes_nothing(
                     return
     assert r.status_code == 503, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
-    assert await counts(db) == before
+    assert await counts(store) == before

@@ -15,7 +15,6 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook as Verifier
 
-from tests.conftest import SECRETS, make_user
 from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
@@ -24,6 +23,8 @@ from tests.support.harness import (
     provisioner,
     wait_api_state,
 )
+from tests.support.leaks import SECRETS
+from tests.support.users import make_user
 from tests.support.waiting import eventually
 
 

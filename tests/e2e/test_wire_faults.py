@@ -18,7 +18,6 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.conftest import User, make_user
 from tests.support.clients import api_client
 from tests.support.faultproxy import FaultProxy
 from tests.support.harness import (
@@ -30,6 +29,7 @@ from tests.support.harness import (
     wait_api_state,
 )
 from tests.support.supervisor import Supervisor, url_of
+from tests.support.users import User, make_user
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.slow

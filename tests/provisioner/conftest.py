@@ -45,7 +45,9 @@ def ec2_env(worker_env: dict[str, str], moto_url: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def db(database_url: str, broker_url: str) -> AsyncIterator[Db]:
+async def store(database_url: str, broker_url: str) -> AsyncIterator[Db]:
+    """The run's database and this run's broker, as the provisioner tests drive them
+    (instances requested through the API's own path; `db` is the fast tier's session)."""
     database = Db(database_url, broker_url)
     yield database
     await database.close()

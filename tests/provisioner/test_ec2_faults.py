@@ -33,17 +33,17 @@ def worker(env, tmp_path_factory):
         yield proc
 
 
-async def test_a_transient_error_that_heals_is_ridden_out(worker, db, proxy, moto_url):
+async def test_a_transient_error_that_heals_is_ridden_out(worker, store, proxy, moto_url):
     proxy.fail("RunInstances", "InsufficientInstanceCapacity", 500, times=3)
-    instance_id, _ = await db.create_instance(await db.user(), "ec2")
-    await db.wait_state(instance_id, S.RUNNING, timeout=60)
+    instance_id, _ = await store.create_instance(await store.user(), "ec2")
+    await store.wait_state(instance_id, S.RUNNING, timeout=60)
     assert proxy.calls["RunInstances"] == 4
     assert len(machines_tagged(ec2_client(moto_url), str(instance_id), include_gone=True)) == 1
 
 
-async def test_errors_that_will_not_heal_fail_at_once(worker, db, proxy):
+async def test_errors_that_will_not_heal_fail_at_once(worker, store, proxy):
     proxy.fail("RunInstances", "InvalidAMIID.NotFound", 400)
-    instance_id, _ = await db.create_instance(await db.user(), "ec2")
-    row = await db.wait_state(instance_id, S.FAILED)
+    instance_id, _ = await store.create_instance(await store.user(), "ec2")
+    row = await store.wait_state(instance_id, S.FAILED)
     assert "InvalidAMIID.NotFound" in row.state_reason
     assert proxy.calls["RunInstances"] == 1

@@ -42,10 +42,10 @@ def ec2(moto_url):
     return ec2_client(moto_url)
 
 
-async def test_full_lifecycle(worker, db, ec2, ec2_env, secret_registry):
-    owner = await db.user()
-    instance_id, _ = await db.create_instance(owner, "ec2")
-    row = await db.wait_state(instance_id, S.RUNNING)
+async def test_full_lifecycle(worker, store, ec2, ec2_env, secret_registry):
+    owner = await store.user()
+    instance_id, _ = await store.create_instance(owner, "ec2")
+    row = await store.wait_state(instance_id, S.RUNNING)
 
     [machine] = machines_tagged(ec2, str(instance_id))
     assert row.backend_instance_id == machine["InstanceId"]
@@ -57,24 +57,24 @@ async def test_full_lifecycle(worker, db, ec2, ec2_env, secret_registry):
     assert tags["cloudbot:control-plane"] == ec2_env["CONTROL_PLANE_ID"]
     assert machine["InstanceType"] == "t3.small"
     assert machine["ImageId"] == Settings(environment="test").ec2_ami_id
-    assert await db.open_commands(instance_id) == 0
+    assert await store.open_commands(instance_id) == 0
 
-    await db.command(instance_id, STOP)
-    await db.wait_state(instance_id, S.STOPPED)
+    await store.command(instance_id, STOP)
+    await store.wait_state(instance_id, S.STOPPED)
     [machine] = machines_tagged(ec2, str(instance_id))
     assert machine["State"]["Name"] == "stopped"
 
-    await db.command(instance_id, START)
-    await db.wait_state(instance_id, S.RUNNING)
+    await store.command(instance_id, START)
+    await store.wait_state(instance_id, S.RUNNING)
     [machine] = machines_tagged(ec2, str(instance_id))
     assert machine["State"]["Name"] == "running"
 
-    await db.command(instance_id, TERMINATE)
-    row = await db.wait_state(instance_id, S.TERMINATED)
+    await store.command(instance_id, TERMINATE)
+    row = await store.wait_state(instance_id, S.TERMINATED)
     assert machines_tagged(ec2, str(instance_id)) == []
     assert row.bootstrap_token_hash is None
-    assert await db.open_commands(instance_id) == 0
-    assert await db.history(instance_id) == [
+    assert await store.open_commands(instance_id) == 0
+    assert await store.history(instance_id) == [
         "pending",
         "provisioning",
         "running",
@@ -88,10 +88,10 @@ async def test_full_lifecycle(worker, db, ec2, ec2_env, secret_registry):
 
 
 async def test_user_data_carries_only_the_bootstrap_token(
-    worker, db, ec2, settings, secret_registry
+    worker, store, ec2, settings, secret_registry
 ):
-    instance_id, _ = await db.create_instance(await db.user(), "ec2")
-    row = await db.wait_state(instance_id, S.RUNNING)
+    instance_id, _ = await store.create_instance(await store.user(), "ec2")
+    row = await store.wait_state(instance_id, S.RUNNING)
     script = user_data_of(ec2, row.backend_instance_id)
 
     [token] = set(TOKEN.findall(script))
@@ -112,46 +112,46 @@ async def test_user_data_carries_only_the_bootstrap_token(
     assert script.startswith("#!/bin/bash")
 
 
-async def test_duplicate_deliveries_launch_one_machine(worker, db, ec2):
-    instance_id, command_id = await db.create_instance(await db.user(), "ec2", publish=False)
-    async with db.sessions() as s:
+async def test_duplicate_deliveries_launch_one_machine(worker, store, ec2):
+    instance_id, command_id = await store.create_instance(await store.user(), "ec2", publish=False)
+    async with store.sessions() as s:
         command = await s.get(OutboxCommand, command_id)
-    await asyncio.gather(*(db.publish(command) for _ in range(4)))
+    await asyncio.gather(*(store.publish(command) for _ in range(4)))
 
-    await db.wait_state(instance_id, S.RUNNING)
+    await store.wait_state(instance_id, S.RUNNING)
     assert len(machines_tagged(ec2, str(instance_id), include_gone=True)) == 1
-    assert await db.history(instance_id) == ["pending", "provisioning", "running"]
+    assert await store.history(instance_id) == ["pending", "provisioning", "running"]
 
 
-async def test_outbox_relay_publishes_what_was_never_sent(worker, db, ec2):
+async def test_outbox_relay_publishes_what_was_never_sent(worker, store, ec2):
     # Committed, never published: as if Redis had been down at the API's commit.
-    instance_id, command_id = await db.create_instance(await db.user(), "ec2", publish=False)
-    await db.wait_state(instance_id, S.RUNNING)
-    async with db.sessions() as s:
+    instance_id, command_id = await store.create_instance(await store.user(), "ec2", publish=False)
+    await store.wait_state(instance_id, S.RUNNING)
+    async with store.sessions() as s:
         command = await s.get(OutboxCommand, command_id)
     assert command.publish_attempts >= 1
     assert command.completed_at is not None
 
 
-async def test_reconciler_ends_rows_whose_machine_vanished(worker, db, ec2):
-    instance_id, _ = await db.create_instance(await db.user(), "ec2")
-    row = await db.wait_state(instance_id, S.RUNNING)
+async def test_reconciler_ends_rows_whose_machine_vanished(worker, store, ec2):
+    instance_id, _ = await store.create_instance(await store.user(), "ec2")
+    row = await store.wait_state(instance_id, S.RUNNING)
     ec2.terminate_instances(InstanceIds=[row.backend_instance_id])
 
-    row = await db.wait_state(instance_id, S.TERMINATED)
+    row = await store.wait_state(instance_id, S.TERMINATED)
     assert row.state_reason == VANISHED
 
 
-async def test_reconciler_records_a_machine_stopped_outside(worker, db, ec2):
-    instance_id, _ = await db.create_instance(await db.user(), "ec2")
-    row = await db.wait_state(instance_id, S.RUNNING)
+async def test_reconciler_records_a_machine_stopped_outside(worker, store, ec2):
+    instance_id, _ = await store.create_instance(await store.user(), "ec2")
+    row = await store.wait_state(instance_id, S.RUNNING)
     ec2.stop_instances(InstanceIds=[row.backend_instance_id])
 
-    row = await db.wait_state(instance_id, S.STOPPED)
+    row = await store.wait_state(instance_id, S.STOPPED)
     assert row.state_reason == DRIFTED
 
 
-async def test_reconciler_terminates_machines_without_a_live_row(worker, db, ec2, ec2_env):
+async def test_reconciler_terminates_machines_without_a_live_row(worker, store, ec2, ec2_env):
     def launch(control_plane: str, instance_id: str) -> str:
         tags = [
             {"Key": "cloudbot:control-plane", "Value": control_plane},
@@ -178,11 +178,11 @@ async def test_reconciler_terminates_machines_without_a_live_row(worker, db, ec2
     ec2.terminate_instances(InstanceIds=[theirs])
 
 
-async def test_reconciler_drives_a_stuck_instance_again(worker, db, ec2):
-    instance_id, _ = await db.create_instance(await db.user(), "ec2")
-    await db.wait_state(instance_id, S.RUNNING)
+async def test_reconciler_drives_a_stuck_instance_again(worker, store, ec2):
+    instance_id, _ = await store.create_instance(await store.user(), "ec2")
+    await store.wait_state(instance_id, S.RUNNING)
     # Stopping for an hour with no command behind it: the command was lost for good.
-    async with unit_of_work(db.sessions) as s:
+    async with unit_of_work(store.sessions) as s:
         instance = await lock_instance(s, instance_id)
         assert instance is not None
         await transition(s, instance, S.STOPPING)
@@ -192,6 +192,6 @@ async def test_reconciler_drives_a_stuck_instance_again(worker, db, ec2):
             .values(state_changed_at=datetime.now(UTC) - timedelta(hours=1))
         )
 
-    await db.wait_state(instance_id, S.STOPPED)
+    await store.wait_state(instance_id, S.STOPPED)
     [machine] = machines_tagged(ec2, str(instance_id))
     assert machine["State"]["Name"] == "stopped"

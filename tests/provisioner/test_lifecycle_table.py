@@ -103,13 +103,13 @@ def test_an_added_command_gets_its_moves_handler_and_task():
 
 
 async def test_an_added_command_runs_from_the_api_request_to_its_handler(
-    db: Db, ec2_env: dict[str, str], tmp_path: Path
+    store: Db, ec2_env: dict[str, str], tmp_path: Path
 ):
     """The API's service requests the new command (checked against the copy's states), and
     a worker whose tasks are registered from the copy runs its handler."""
     settings = Settings(**{k.lower(): v for k, v in ec2_env.items()})  # type: ignore[arg-type]
     resources = build_resources(settings)
-    owner = await db.user()
+    owner = await store.user()
 
     async def request_reboot(instance_id: uuid.UUID) -> str:
         async with resources.sessions() as session:
@@ -121,17 +121,17 @@ async def test_an_added_command_runs_from_the_api_request_to_its_handler(
 
     try:
         with provisioner(ec2_env, tmp_path, app="tests.provisioner.reboot_worker"):
-            instance_id, _ = await db.create_instance(owner, "ec2")
-            await db.wait_state(instance_id, S.RUNNING)
+            instance_id, _ = await store.create_instance(owner, "ec2")
+            await store.wait_state(instance_id, S.RUNNING)
 
             assert await request_reboot(instance_id) == S.STARTING
-            await db.wait_state(instance_id, S.RUNNING)
-            assert (await db.history(instance_id))[-3:] == ["running", "starting", "running"]
-            assert await db.open_commands(instance_id) == 0
+            await store.wait_state(instance_id, S.RUNNING)
+            assert (await store.history(instance_id))[-3:] == ["running", "starting", "running"]
+            assert await store.open_commands(instance_id) == 0
 
             # Not from a state the command does not start from: the API's 409.
-            await db.command(instance_id, STOP)
-            await db.wait_state(instance_id, S.STOPPED)
+            await store.command(instance_id, STOP)
+            await store.wait_state(instance_id, S.STOPPED)
             with pytest.raises(ProblemError) as refused:
                 await request_reboot(instance_id)
             assert (refused.value.status, refused.value.extra) == (409, {"state": "stopped"})

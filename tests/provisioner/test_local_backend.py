@@ -17,7 +17,6 @@ from cloudbot_common.instance_contract import AGENT_WS_PATH
 from cloudbot_common.lifecycle import START, STOP, TERMINATE
 from cloudbot_common.models import InstanceState as S
 from cloudbot_common.security.opaque import agent_credential
-from tests.conftest import SECRETS
 from tests.support.harness import (
     RFB,
     environments_of,
@@ -28,7 +27,7 @@ from tests.support.harness import (
     provisioner,
     rfb_greeting,
 )
-from tests.support.leaks import find_leaks
+from tests.support.leaks import SECRETS, find_leaks
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.vnc
@@ -56,11 +55,11 @@ async def agent_hello(port: int, credential: str) -> dict:
         return hello
 
 
-async def test_local_desktop_lifecycle(db, local_env, settings, tmp_path, secret_registry):
-    owner = await db.user()
+async def test_local_desktop_lifecycle(store, local_env, settings, tmp_path, secret_registry):
+    owner = await store.user()
     with provisioner(local_env, tmp_path / "a", name="local-worker-a") as first:
-        instance_id, _ = await db.create_instance(owner, "local", name="lab-desk")
-        row = await db.wait_state(instance_id, S.RUNNING)
+        instance_id, _ = await store.create_instance(owner, "local", name="lab-desk")
+        row = await store.wait_state(instance_id, S.RUNNING)
         # The worker dies; the desktop is not its child and lives on.
         first.kill(signal.SIGKILL)
 
@@ -90,23 +89,23 @@ async def test_local_desktop_lifecycle(db, local_env, settings, tmp_path, secret
 
     # The sandbox exchanged its bootstrap token (once) and reports health like a machine.
     async def healthy() -> bool:
-        r = await db.instance(instance_id)
+        r = await store.instance(instance_id)
         return bool(r.desktop_healthy and r.agent_healthy and r.credential_hash)
 
     await eventually(healthy, what="heartbeat with desktop and agent up")
-    assert (await db.instance(instance_id)).bootstrap_token_hash is None
+    assert (await store.instance(instance_id)).bootstrap_token_hash is None
 
     with provisioner(local_env, tmp_path / "b", name="local-worker-b"):
-        await db.command(instance_id, STOP)
-        await db.wait_state(instance_id, S.STOPPED)
+        await store.command(instance_id, STOP)
+        await store.wait_state(instance_id, S.STOPPED)
         assert await port_closed(vnc)
         assert await port_closed(agent)
         assert processes_of(directory, group) == []
         # The disk stays: the agent's credential survives the stop.
         assert (directory / "disk" / "agent" / "agent.json").exists()
 
-        await db.command(instance_id, START)
-        row = await db.wait_state(instance_id, S.RUNNING)
+        await store.command(instance_id, START)
+        row = await store.wait_state(instance_id, S.RUNNING)
         assert (row.vnc_port, row.agent_port) == (vnc, agent)
         assert RFB.fullmatch(await rfb_greeting(vnc))
         assert (await agent_hello(agent, credential))["instance_id"] == str(instance_id)
@@ -115,8 +114,8 @@ async def test_local_desktop_lifecycle(db, local_env, settings, tmp_path, secret
         assert find_leaks(directory / "logs", SECRETS.values) == []
         assert list((directory / "logs").glob("*.log"))
 
-        await db.command(instance_id, TERMINATE)
-        await db.wait_state(instance_id, S.TERMINATED)
+        await store.command(instance_id, TERMINATE)
+        await store.wait_state(instance_id, S.TERMINATED)
         assert processes_of(directory, group) == []
         assert not directory.exists()
         assert await port_closed(vnc)
