@@ -22,9 +22,9 @@ import httpx
 import pytest
 
 from bench.stack import pss_bytes_tree
-from tests.conftest import SECRETS
 from tests.support.flow import Replicas, Timings, whole_flow
 from tests.support.harness import kill_local_machines
+from tests.support.leaks import SECRETS
 from tests.support.processes import LOG_DIR
 from tests.support.supervisor import Supervisor, url_of
 
