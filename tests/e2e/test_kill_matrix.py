@@ -151,7 +151,11 @@ def _kill(stack: Stack, victim: str) -> Callable[[], object]:
 
 
 async def _settled_running(stack: Stack, client: httpx.AsyncClient, user, instance_id: str):
-    await wait_api_state(client, user.headers, instance_id, "running", timeout=SETTLE)
+    # Right after Postgres comes back, the first statement on each dead pooled connection
+    # fails and the API answers 503 (the pool is then renewed): recovery, not a failure.
+    await wait_api_state(
+        client, user.headers, instance_id, "running", timeout=SETTLE, recovering=True
+    )
     ec2 = ec2_client(stack.moto)
     # The reconciler ends any second machine a relaunch made (moto ignores ClientToken).
     await asyncio.to_thread(

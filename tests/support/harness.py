@@ -562,11 +562,18 @@ async def wait_api_state(
     instance_id: str,
     state: str,
     timeout: float = 30,
+    *,
+    recovering: bool = False,
 ) -> dict[str, Any]:
-    """Poll GET /api/instances/{id} until it shows `state`; fail fast on failed/terminated."""
+    """Poll GET /api/instances/{id} until it shows `state`; fail fast on failed/terminated.
+    With `recovering` (a dependency was just killed), the API's clear 503 for a dependency
+    it cannot reach yet means "not yet" rather than a failure; any other error fails."""
 
     async def read() -> tuple[str, str | None, dict[str, Any]]:
         r = await http.get(f"/api/instances/{instance_id}", headers=headers)
+        if recovering and r.status_code == 503:
+            assert r.json()["code"] == "dependency_unavailable", r.text
+            return "unavailable", None, {}
         assert r.status_code == 200, r.text
         body: dict[str, Any] = r.json()
         return body["state"], body["state_reason"], body
