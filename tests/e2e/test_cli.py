@@ -115,7 +115,7 @@ async def test_the_cli_walks_the_first_instance_through(
     assert [e["state"] for e in history] == ["pending", "provisioning", "running"]
 
     url = cli.run("open", instance_id, "--print").strip()
-    assert url == f"{api_url}/app/#/instances/{instance_id}/desktop"
+    assert url == f"{api_url}/app/#/desktop/{instance_id}"
     ticket_url = cli.run("open", instance_id, "--ticket", "vnc").strip()
     assert f"/api/instances/{instance_id}/vnc?ticket=cbt_" in ticket_url
     SECRETS.add(ticket_url.split("ticket=")[1])

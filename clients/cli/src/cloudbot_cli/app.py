@@ -233,7 +233,7 @@ def _open(args: argparse.Namespace) -> int:
         if args.ticket:
             url = api.ticket(args.instance, args.ticket)["url"]
         else:
-            url = f"{api.base_url}/app/#/instances/{args.instance}/desktop"
+            url = f"{api.base_url}/app/#/desktop/{args.instance}"
     if args.print or args.ticket or args.json or not _has_browser():
         _say(args, {"url": url}, url)
     else:
