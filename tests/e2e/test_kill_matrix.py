@@ -209,8 +209,15 @@ async def test_kill(stack: Stack, victim: str, phase: str, secret_registry: Secr
         await asyncio.sleep(0.5)
         await asyncio.to_thread(recover)
 
-    # A fresh client: the API may be a new process.
+    # A fresh client: the API may be a new process. As a balancer would, it waits for the
+    # API to be ready: after Postgres came back, its first statement on a pooled connection
+    # finds that connection dead, answers 503 (Retry-After) and renews the pool.
     async with api_client(stack.api_url, timeout=30) as client:
+
+        async def ready() -> bool:
+            return (await client.get("/readyz")).status_code == 200
+
+        await eventually(ready, SETTLE, "the API to be ready")
         row = await _settled_running(stack, client, user, instance_id)
         _record(victim, phase, time.monotonic() - killed_at, len(stack.ec2.launched))
         ec2 = ec2_client(stack.moto)
