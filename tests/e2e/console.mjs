@@ -140,6 +140,14 @@ try {
   await page.goto(`${env.API_URL}/app/`);
   await page.waitForSelector("body[data-view=auth]", T);
   await screen("signin");
+  // The keyboard alone: from the focused heading, Tab walks the form in order.
+  const order = [];
+  for (let i = 0; i < 3; i += 1) {
+    await page.keyboard.press("Tab");
+    order.push(await page.evaluate(() =>
+      document.activeElement.id || document.activeElement.textContent.trim()));
+  }
+  checks.signinTabOrder = order;
   await page.click("#to-signup");
   await page.fill("#signup-email", env.EMAIL);
   await page.fill("#signup-password", env.PASSWORD);
@@ -293,6 +301,16 @@ try {
     && document.querySelector("#screen canvas")?.width > 0, null, { timeout: 40000 });
   await page.waitForTimeout(200);
   checks.afterGatewayRestart = [...new Set(seen.filter((s) => s !== "connecting"))];
+  // The agent came back too: what is said now is answered.
+  await page.waitForSelector("body[data-agent=connected]", T);
+  await page.fill("#say-text", `${checks.said} again`);
+  await page.click("#say button[type=submit]");
+  await page.waitForFunction(() =>
+    document.querySelectorAll("#agent .messages li.agent").length >= 1
+    && [...document.querySelectorAll("#agent .messages li.agent p")]
+      .some((p) => p.textContent.endsWith(" again")), null, T);
+  checks.agentAfterRestart = await page.$$eval("#agent .messages li.agent p", (items) =>
+    items.map((item) => item.textContent));
   await screen("desktop-reconnected");
 
   // Back to the list: stop, start, delete (with confirmation), each seen live.

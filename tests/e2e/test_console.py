@@ -157,6 +157,7 @@ async def test_a_person_does_everything_in_the_console(stack: Stack, viewport: s
     result = await drive(stack, viewport)
     checks = result["checks"]
     assert isinstance(checks, dict)
+    assert checks["signinTabOrder"] == ["signin-email", "signin-password", "Sign in"]
     # Signed in without a token anywhere scripts could read it later.
     assert checks["storage"] == {"localStorage": 0, "sessionStorage": 0}
     assert "cloudbot_refresh" not in str(checks["documentCookie"])
@@ -189,6 +190,7 @@ async def test_a_person_does_everything_in_the_console(stack: Stack, viewport: s
     assert checks["afterReload"] == "connected"
     assert checks["newTab"] == "home"
     assert checks["afterGatewayRestart"] == ["reconnecting", "connected"]
+    assert checks["agentAfterRestart"] == [f"{checks['said']} again"]
     # Stop, start, delete, each seen live; the API's refusal shown where the person acted.
     assert checks["lifecycle"] == ["stopped", "running", "removed"]
     assert "quota" in str(checks["quotaError"]).lower() or "live instances" in str(

@@ -69,13 +69,22 @@ export class Machines {
       this.status.textContent = "";
       document.body.dataset.feed = "live";
     } else if (name === "instance") {
+      const before = this.machines.get(body.id);
+      if (before?.state !== body.state) this.announce(`${body.name} is ${body.state}.`);
       this.machines.set(body.id, body);
     } else if (name === "removed") {
+      const gone = this.machines.get(body.id);
+      if (gone) this.announce(`${gone.name} is deleted.`);
       this.machines.delete(body.id);
       this.errors.delete(body.id);
     }
     this.render();
     this.root.dispatchEvent(new CustomEvent("machines", { detail: this.machines }));
+  }
+
+  // Changes are said once, briefly, to screen readers (the list itself is not live).
+  announce(text) {
+    this.root.querySelector("#announce").textContent = text;
   }
 
   render() {
