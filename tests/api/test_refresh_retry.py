@@ -12,8 +12,8 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.support.clients import api_client
+from tests.support.harness import api_process
 from tests.support.leaks import SECRETS
-from tests.support.processes import PYTHON, free_port, http_ok, running
 from tests.support.users import make_user
 
 WINDOW = 3
@@ -21,17 +21,11 @@ WINDOW = 3
 
 @pytest.fixture(scope="module")
 def retry_api(base_env: dict[str, str]) -> Iterator[str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {
         **base_env,
-        "API_PORT": str(port),
-        "PUBLIC_API_URL": url,
         "REFRESH_RETRY_SECONDS": str(WINDOW),
     }
-    with running(
-        "api-refresh-retry", [PYTHON, "-m", "cloudbot_api"], env, ready=http_ok(f"{url}/healthz")
-    ):
+    with api_process(env, "api-refresh-retry") as url:
         yield url
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.support.clients import api_client, fake_client_address
-from tests.support.processes import PYTHON, free_port, http_ok, running
+from tests.support.harness import api_process
 from tests.support.users import make_user
 
 FAILURES_PER_ADDRESS = 3
@@ -22,18 +22,12 @@ FAILURES_PER_ACCOUNT = 8
 @pytest.fixture(scope="module")
 def strict_api(base_env: dict[str, str]) -> Iterator[str]:
     """The API with low login-failure limits, so that tests reach them quickly."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {
         **base_env,
-        "API_PORT": str(port),
-        "PUBLIC_API_URL": url,
         "RATE_LIMIT_LOGIN_FAILURES": f"{FAILURES_PER_ADDRESS}/minute",
         "RATE_LIMIT_LOGIN_ACCOUNT_FAILURES": f"{FAILURES_PER_ACCOUNT}/minute",
     }
-    with running(
-        "api-throttling", [PYTHON, "-m", "cloudbot_api"], env, ready=http_ok(f"{url}/healthz")
-    ):
+    with api_process(env, "api-throttling") as url:
         yield url
 
 

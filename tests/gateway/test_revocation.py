@@ -25,6 +25,7 @@ from cloudbot_common.events import revoked_session_key
 from cloudbot_common.models import LoginSession
 from cloudbot_common.settings import Settings
 from tests.support.clients import api_client
+from tests.support.faultproxy import FaultProxy
 from tests.support.gateway import (
     Desktop,
     GatewayServer,
@@ -38,14 +39,15 @@ from tests.support.gateway import (
 )
 from tests.support.leaks import SECRETS
 from tests.support.processes import PYTHON, free_port, http_ok, running
-from tests.support.redis_fault import RedisFaultProxy, redis_fault_proxy
+from tests.support.redis_fault import RedisWriteFaults
 
 MARKER = b"revoked-session"
 
 
 @dataclass(frozen=True)
 class Faulty:
-    proxy: RedisFaultProxy
+    proxy: FaultProxy
+    faults: RedisWriteFaults
     api: str
     gateway: GatewayServer
 
@@ -54,8 +56,11 @@ class Faulty:
 def faulty(base_env: dict[str, str], redis_url: str) -> Iterator[Faulty]:
     """An API and a gateway whose Redis is behind the fault proxy."""
     parts = urlsplit(redis_url)
-    with redis_fault_proxy(parts.port or 6379) as proxy:
-        env = {**base_env, "REDIS_URL": proxy.url(int(parts.path.strip("/") or 0))}
+    faults = RedisWriteFaults()
+    proxy = FaultProxy(parts.port or 6379)
+    proxy.upstream_filter = faults.filter
+    with proxy:
+        env = {**base_env, "REDIS_URL": f"redis://127.0.0.1:{proxy.port}{parts.path}"}
         port = free_port()
         api = f"http://127.0.0.1:{port}"
         api_env = {**env, "API_PORT": str(port), "PUBLIC_API_URL": api}
@@ -67,7 +72,7 @@ def faulty(base_env: dict[str, str], redis_url: str) -> Iterator[Faulty]:
         ):
             gateway_port = free_port()
             yield from (
-                Faulty(proxy, api, gateway)
+                Faulty(proxy, faults, api, gateway)
                 for gateway in run_gateway(
                     "gateway-redis-faults", gateway_env(env, gateway_port), gateway_port
                 )
@@ -76,10 +81,10 @@ def faulty(base_env: dict[str, str], redis_url: str) -> Iterator[Faulty]:
 
 @pytest.fixture
 async def client(faulty: Faulty) -> AsyncIterator[httpx.AsyncClient]:
-    faulty.proxy.refuse_writes_to = None
+    faulty.faults.refuse_writes_to = None
     async with api_client(faulty.api) as http:
         yield http
-    faulty.proxy.refuse_writes_to = None
+    faulty.faults.refuse_writes_to = None
     faulty.proxy.restore()
 
 
@@ -118,12 +123,12 @@ async def test_logout_fails_closed_when_the_marker_cannot_be_written(
         assert isinstance(greeting, bytes)
         assert greeting.startswith(b"RFB")
 
-        faulty.proxy.refuse_writes_to = MARKER
+        faulty.faults.refuse_writes_to = MARKER
         r = await client.post("/api/auth/logout", headers=owner.bearer)
         # Not 204: the session is ended in Postgres, but not every service has heard.
         assert r.status_code == 503, r.text
         assert r.json()["code"] == "revocation_pending"
-        assert faulty.proxy.refused >= 1
+        assert faulty.faults.refused >= 1
         revoked, announced_at = await revoked_at(db_engine, owner.session_id)
         assert revoked is not None
         assert announced_at is None
@@ -138,7 +143,7 @@ async def test_logout_fails_closed_when_the_marker_cannot_be_written(
     assert refusal.status_code == 401
 
     # Once Redis takes writes again, the marker is written and the row says so.
-    faulty.proxy.refuse_writes_to = None
+    faulty.faults.refuse_writes_to = None
 
     async def announced() -> bool:
         return bool(await redis.exists(revoked_session_key(owner.session_id)))
@@ -161,7 +166,7 @@ async def test_refresh_reuse_fails_closed_when_the_marker_cannot_be_written(
     second = r.json()
     SECRETS.add(second["access_token"], second["refresh_token"])
 
-    faulty.proxy.refuse_writes_to = MARKER
+    faulty.faults.refuse_writes_to = MARKER
     # The used token again, from another client: reuse.
     other = await api_client_reuse(faulty.api, first)
     assert other.status_code == 503, other.text
@@ -192,7 +197,7 @@ async def test_checks_fall_back_to_postgres_while_redis_is_away(
                 revoked_at=LoginSession.created_at, revocation_announced_at=LoginSession.created_at
             )
         )
-    faulty.proxy.cut()
+    faulty.proxy.kill()  # Redis is away: connections reset, new ones refused
     me = await client.get("/api/auth/me", headers=ended.bearer)
     assert me.status_code == 401, me.text
     me = await client.get("/api/auth/me", headers=alive.bearer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -27,6 +27,9 @@ class FaultProxy:
         self.latency = 0.0
         self.refusing = False
         self.accepted = 0
+        # Makes, per connection, a rewriter of what the client sends upstream (it may keep
+        # state across chunks, e.g. to parse a protocol); None: bytes pass as they are.
+        self.upstream_filter: Callable[[], Callable[[bytes], bytes]] | None = None
         self._loop = asyncio.new_event_loop()
         self._flowing: asyncio.Event | None = None
         self._server: asyncio.Server | None = None
@@ -124,8 +127,9 @@ class FaultProxy:
             return
         self.accepted += 1
         self._writers.update((writer, up_writer))
+        rewrite = self.upstream_filter() if self.upstream_filter is not None else None
         pumps = [
-            asyncio.ensure_future(self._pump(reader, up_writer)),
+            asyncio.ensure_future(self._pump(reader, up_writer, rewrite)),
             asyncio.ensure_future(self._pump(up_reader, writer)),
         ]
         try:
@@ -137,9 +141,16 @@ class FaultProxy:
                 self._writers.discard(w)
                 w.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        rewrite: Callable[[bytes], bytes] | None = None,
+    ) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while chunk := await reader.read(_CHUNK):
+                if rewrite is not None:
+                    chunk = rewrite(chunk)
                 await self._event().wait()
                 if self.latency:
                     await asyncio.sleep(self.latency)

@@ -166,6 +166,10 @@ class Settings(BaseSettings):
     )
     bootstrap_token_ttl_seconds: int = 1800
     ticket_ttl_seconds: int = 30
+    # Server-Sent Events streams: open per user (all API replicas), and how long one lasts
+    # before the client must reconnect (and authenticate again).
+    sse_max_streams_per_user: int = Field(10, ge=1)
+    sse_max_stream_seconds: int = Field(3600, ge=1)
 
     local_dev_mode: bool = True
     local_state_dir: str = ".local/instances"

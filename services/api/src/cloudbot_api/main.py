@@ -18,6 +18,7 @@ from cloudbot_api.errors import install_error_handlers, problem_openapi
 from cloudbot_api.headers import SecurityHeadersMiddleware
 from cloudbot_api.instance_agent.router import router as instance_agent_router
 from cloudbot_api.instances.router import router as instances_router
+from cloudbot_api.instances.streams import EventStreams
 from cloudbot_api.metrics import install_metrics
 from cloudbot_api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from cloudbot_api.proxies import TrustedProxies
@@ -71,6 +72,12 @@ def build_resources(settings: Settings) -> Resources:
         proxies=TrustedProxies(settings.trusted_proxies),
         revocations=RevocationWatch(
             engine, redis, events, remember_seconds=settings.access_token_ttl_seconds + 60
+        ),
+        streams=EventStreams(
+            redis,
+            events,
+            max_per_user=settings.sse_max_streams_per_user,
+            max_seconds=settings.sse_max_stream_seconds,
         ),
         events=events,
     )

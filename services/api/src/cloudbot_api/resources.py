@@ -8,6 +8,7 @@ from celery import Celery
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cloudbot_api.instances.streams import EventStreams
 from cloudbot_api.proxies import TrustedProxies
 from cloudbot_api.ratelimit import RateLimiter
 from cloudbot_common.db import SessionFactory
@@ -35,6 +36,7 @@ class Resources:
     vault: Vault
     limiter: RateLimiter
     revocations: RevocationWatch
+    streams: EventStreams
     proxies: TrustedProxies
     events: EventHub
 

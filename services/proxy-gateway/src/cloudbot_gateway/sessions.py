@@ -27,6 +27,7 @@ from websockets.frames import CloseCode
 from cloudbot_common import activity
 from cloudbot_common.audit import Origin
 from cloudbot_common.events import EventHub, InstanceStateEvent
+from cloudbot_common.leases import Leases
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import InstanceState
 from cloudbot_common.revocations import REDIS_FAILURES, RevocationWatch
@@ -43,23 +44,6 @@ _RENEW_EVERY = LEASE_SECONDS / 3
 # How often byte counters reach the metrics and idle sessions are looked for.
 TICK_SECONDS = 1.0
 _LEASES_KEY = "cloudbot:gateway:sessions:{}"
-
-# Drop expired leases, then add ours if the user is under the limit. Redis's clock is the
-# one clock every replica agrees on.
-_ACQUIRE = """
-local now = tonumber(redis.call('TIME')[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
-return 1
-"""
-_RENEW = """
-local now = tonumber(redis.call('TIME')[1])
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
-return 1
-"""
 
 CLOSE_INSTANCE_STATE = CloseCode.GOING_AWAY
 CLOSE_LOGGED_OUT = CloseCode.POLICY_VIOLATION
@@ -113,8 +97,7 @@ class SessionRegistry:
         self._max_per_user = max_per_user
         self._idle_timeout = idle_timeout
         self._revocations = revocations
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._renew = redis.register_script(_RENEW)
+        self._leases = Leases(redis, _LEASES_KEY, LEASE_SECONDS)
         self._live: set[Session] = set()
         self._empty = asyncio.Event()
         self._empty.set()
@@ -156,11 +139,7 @@ class SessionRegistry:
 
     async def acquire(self, session: Session) -> None:
         """Take a lease for `session` or refuse with 429 when the user has too many."""
-        granted = await self._acquire(
-            keys=[_LEASES_KEY.format(session.user_id)],
-            args=[self._max_per_user, LEASE_SECONDS, session.id],
-        )
-        if not granted:
+        if not await self._leases.acquire(session.user_id, session.id, self._max_per_user):
             raise Refusal(
                 HTTPStatus.TOO_MANY_REQUESTS,
                 "too_many_sessions",
@@ -169,7 +148,7 @@ class SessionRegistry:
 
     def release_soon(self, session: Session) -> None:
         """Give the lease back without waiting (safe from synchronous callbacks)."""
-        self._background.spawn(self._redis.zrem(_LEASES_KEY.format(session.user_id), session.id))
+        self._background.spawn(self._leases.release(session.user_id, session.id))
 
     def attach(self, session: Session) -> None:
         """The handshake is done: watch for the events that end this session."""
@@ -261,11 +240,7 @@ class SessionRegistry:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for session in sessions:
-                    await self._renew(
-                        keys=[_LEASES_KEY.format(session.user_id)],
-                        args=[LEASE_SECONDS, session.id],
-                        client=pipe,
-                    )
+                    await self._leases.renew(session.user_id, session.id, client=pipe)
                 activity.mark(pipe, {s.instance_id for s in sessions})  # in use: not idle
                 await pipe.execute()
         except REDIS_FAILURES as exc:

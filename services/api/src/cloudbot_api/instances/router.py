@@ -30,6 +30,7 @@ from cloudbot_api.instances.schemas import (
     TicketOut,
 )
 from cloudbot_api.instances.service import InstanceService, not_found, to_out
+from cloudbot_api.instances.streams import Stream
 from cloudbot_common.lifecycle import START, STOP, TERMINATE
 from cloudbot_common.models import InstanceState
 
@@ -102,15 +103,20 @@ async def create_instance(
         "answers it; then `event: instance` with the whole instance each time one is "
         'created or changes state or health, and `event: removed` with `{"id": ...}` '
         "when one is terminated. Each connection starts with a snapshot, so a client "
-        "that reconnects needs no event id. The stream ends when the login session does."
+        "that reconnects needs no event id. The stream ends when the login session does "
+        "and after SSE_MAX_STREAM_SECONDS, and counts against SSE_MAX_STREAMS_PER_USER "
+        "(429 beyond)."
     ),
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, **problem_responses(401)},
+    responses={200: {"content": {"text/event-stream": {}}}, **problem_responses(401, 429)},
 )
 async def my_instance_events(
     principal: CurrentPrincipal, resources: ResourcesDep
 ) -> EventSourceResponse:
-    return EventSourceResponse(_owner_stream(resources, principal), ping=SSE_KEEPALIVE_SECONDS)
+    stream = await resources.streams.open(principal.user_id, principal.session_id)
+    return EventSourceResponse(
+        _owner_stream(resources, principal, stream), ping=SSE_KEEPALIVE_SECONDS
+    )
 
 
 def _shown(out: dict[str, Any]) -> tuple[Any, ...]:
@@ -120,21 +126,18 @@ def _shown(out: dict[str, Any]) -> tuple[Any, ...]:
 
 
 async def _owner_stream(
-    resources: ResourcesDep, principal: Principal
+    resources: ResourcesDep, principal: Principal, stream: Stream
 ) -> AsyncIterator[dict[str, str]]:
-    wake, ended = anyio.Event(), anyio.Event()
+    wake = anyio.Event()
 
     def on_change() -> None:
         wake.set()
 
-    unsubscribe = [
-        resources.events.on_owner(str(principal.user_id), on_change),
-        resources.events.on_session_revoked(str(principal.session_id), ended.set),
-    ]
+    unsubscribe = resources.events.on_owner(str(principal.user_id), on_change)
     stale_after = timedelta(seconds=resources.settings.heartbeat_stale_seconds)
     sent: dict[str, dict[str, Any]] | None = None
     try:
-        while not ended.is_set():
+        while not stream.ended.is_set():
             wake = anyio.Event()  # armed before reading, so nothing published after is missed
             async with resources.sessions() as session:
                 rows = await InstanceRepository(session).list_for_owner(
@@ -152,18 +155,10 @@ async def _owner_stream(
             sent = now
             # Woken by the event hub; the timeout re-reads in case a message was lost and
             # to notice health going stale.
-            with anyio.move_on_after(SSE_KEEPALIVE_SECONDS):
-                async with anyio.create_task_group() as group:
-
-                    async def until(event: anyio.Event) -> None:
-                        await event.wait()
-                        group.cancel_scope.cancel()
-
-                    group.start_soon(until, wake)
-                    group.start_soon(until, ended)
+            await stream.wait(wake, SSE_KEEPALIVE_SECONDS)
     finally:
-        for stop in unsubscribe:
-            stop()
+        unsubscribe()
+        stream.close()
 
 
 @router.get(
@@ -247,10 +242,15 @@ async def create_ticket(
         "Each event is `event: state` with the state history entry as data and its id as "
         "the event id, or `event: idle_warning` when the machine will soon be stopped for "
         "being unused (its reason says when). Reconnect with `Last-Event-ID` to resume "
-        "after the last one seen. The stream ends after `terminated`."
+        "after the last one seen. The stream ends after `terminated`, when the login session "
+        "ends, and after SSE_MAX_STREAM_SECONDS; at most SSE_MAX_STREAMS_PER_USER streams "
+        "are open per user (429 beyond)."
     ),
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, **problem_responses(401, 404, 422)},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        **problem_responses(401, 404, 422, 429),
+    },
 )
 async def instance_events(
     instance_id: uuid.UUID,
@@ -262,14 +262,15 @@ async def instance_events(
     async with resources.sessions() as session:
         if await InstanceRepository(session).get_owned(principal.user_id, instance_id) is None:
             raise not_found()
+    stream = await resources.streams.open(principal.user_id, principal.session_id)
     return EventSourceResponse(
-        _event_stream(resources, instance_id, last_event_id or 0),
+        _event_stream(resources, instance_id, last_event_id or 0, stream),
         ping=SSE_KEEPALIVE_SECONDS,
     )
 
 
 async def _event_stream(
-    resources: ResourcesDep, instance_id: uuid.UUID, after: int
+    resources: ResourcesDep, instance_id: uuid.UUID, after: int, stream: Stream
 ) -> AsyncIterator[dict[str, str]]:
     wake = anyio.Event()
 
@@ -278,7 +279,7 @@ async def _event_stream(
 
     unsubscribe = resources.events.on_instance(str(instance_id), on_event)
     try:
-        while True:
+        while not stream.ended.is_set():
             wake = anyio.Event()  # armed before reading, so nothing published after is missed
             async with resources.sessions() as session:
                 rows = await InstanceRepository(session).events_after(instance_id, after)
@@ -296,7 +297,7 @@ async def _event_stream(
                     return
             if not rows:
                 # Woken by the event hub; the timeout re-reads in case a message was lost.
-                with anyio.move_on_after(SSE_KEEPALIVE_SECONDS):
-                    await wake.wait()
+                await stream.wait(wake, SSE_KEEPALIVE_SECONDS)
     finally:
         unsubscribe()
+        stream.close()
