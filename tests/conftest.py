@@ -170,7 +170,7 @@ async def db(db_sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[Asy
 
 
 @pytest.fixture(scope="session")
-def _in_process_log() -> Iterator[TextIO]:
+def in_process_log() -> Iterator[TextIO]:
     LOG_DIR.mkdir(exist_ok=True)
     with (LOG_DIR / f"api-in-process-{os.getpid()}.log").open("w") as stream:
         yield stream
@@ -194,21 +194,25 @@ def _in_process_app(settings: Settings) -> FastAPI:
 async def api_app(
     _in_process_app: FastAPI,
     _in_process_resources: Resources,
-    _in_process_log: TextIO,
+    in_process_log: TextIO,
     db_sessions: async_sessionmaker[AsyncSession],
-) -> FastAPI:
+) -> AsyncIterator[FastAPI]:
     """The API application in this process, its database sessions inside the test's
-    transaction. Its logs go to a file in .test-logs, scanned like every service's."""
-    handlers = logging.getLogger().handlers
-    if not any(getattr(h, "stream", None) is _in_process_log for h in handlers):
-        configure_logging("api", level="DEBUG", json_output=True, stream=_in_process_log)
+    transaction. While the test runs, this process logs as the API does, to a file in
+    .test-logs that is scanned like every service's."""
+    root = logging.getLogger()
+    level = root.level
+    configure_logging("api", level="DEBUG", json_output=True, stream=in_process_log)
     # Every session factory of the API (read-only ones too) works in the test's transaction.
     resources = copy.copy(_in_process_resources)
     for f in dataclasses.fields(resources):
         if isinstance(getattr(resources, f.name), async_sessionmaker):
             setattr(resources, f.name, db_sessions)
     _in_process_app.state.resources = resources
-    return _in_process_app
+    yield _in_process_app
+    for handler in [h for h in root.handlers if getattr(h, "stream", None) is in_process_log]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 # --- the API as a process (slow tier) ---
