@@ -26,7 +26,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin, Subprotocol
 
-from tests.e2e.test_soak import leftovers
 from tests.support.flow import (
     Account,
     Replicas,
@@ -37,6 +36,7 @@ from tests.support.flow import (
 )
 from tests.support.harness import kill_local_machines
 from tests.support.leaks import SECRETS
+from tests.support.processes import leftovers
 from tests.support.supervisor import Service, Supervisor, url_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.vnc]

@@ -25,7 +25,7 @@ from bench.stack import pss_bytes_tree
 from tests.support.flow import Replicas, Timings, whole_flow
 from tests.support.harness import kill_local_machines
 from tests.support.leaks import SECRETS
-from tests.support.processes import LOG_DIR
+from tests.support.processes import LOG_DIR, leftovers
 from tests.support.supervisor import Supervisor, url_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.vnc]
@@ -75,20 +75,6 @@ def memory(supervisor: Supervisor) -> dict[str, int]:
         assert proc.alive(), f"{name} died"
         readings[name] = pss_bytes_tree(proc.pid)
     return readings
-
-
-def leftovers(state_dir: Path) -> list[str]:
-    """Anything of a machine still there: its directory, or a process naming it."""
-    found = [str(p) for p in state_dir.glob("*") if p.is_dir()] if state_dir.exists() else []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(state_dir).encode() in cmdline:
-                found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
-    return found
 
 
 async def test_soak(local_stack: Supervisor) -> None:

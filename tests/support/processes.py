@@ -129,3 +129,17 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def leftovers(state_dir: Path) -> list[str]:
+    """Anything of a machine still there: its directory, or a process naming it."""
+    found = [str(p) for p in state_dir.glob("*") if p.is_dir()] if state_dir.exists() else []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(state_dir).encode() in cmdline:
+                found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
