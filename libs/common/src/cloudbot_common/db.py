@@ -20,7 +20,7 @@ from cloudbot_common.settings import Settings
 
 SessionFactory = async_sessionmaker[AsyncSession]
 
-# A pooled connection idle for longer than this is checked before use. One in steady use
+# A pooled connection idle for longer than this is pinged before use. One in steady use
 # is not: the check costs three round trips (asyncpg's ping opens a transaction for
 # pgbouncer's sake), more than the query it would precede.
 PING_AFTER_IDLE_SECONDS = 5.0
@@ -55,9 +55,9 @@ def create_engine(
 
 
 def _ping_when_idle(engine: AsyncEngine) -> None:
-    """pool_pre_ping, but only for connections that sat idle: a connection returned a
-    moment ago is as good as the statement that just ran on it. A server restart is still
-    noticed: the first statement to fail on a dead connection invalidates the whole pool."""
+    """pool_pre_ping made cheap: a connection the server or the network closed is noticed
+    for free (the driver saw the connection end), one that sat idle is pinged, and one
+    returned a moment ago is as good as the statement that just ran on it."""
     idle_since = "cloudbot_idle_since"
 
     @event.listens_for(engine.sync_engine, "checkin")
@@ -66,13 +66,16 @@ def _ping_when_idle(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "checkout")
     def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        # The pool discards a connection refused here and checks out another.
+        driver = record.driver_connection
+        if driver is not None and driver.is_closed():
+            raise DisconnectionError("pooled connection was closed")
         since = record.info.get(idle_since)
         if since is None or time.monotonic() - since < PING_AFTER_IDLE_SECONDS:
             return
         try:
             dbapi_connection.ping()
         except Exception as exc:
-            # The pool discards this connection and checks out another.
             raise DisconnectionError("pooled connection is dead") from exc
 
 
