@@ -66,10 +66,6 @@ async def revoke_login_session(
     await redis.publish(SESSION_EVENTS_CHANNEL, json.dumps({"session_id": str(session_id)}))
 
 
-async def is_login_session_revoked(redis: Redis, session_id: uuid.UUID) -> bool:
-    return bool(await redis.exists(revoked_session_key(session_id)))
-
-
 class EventHub:
     """One Redis subscription per process, fanned out to local waiters.
 
