@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -82,14 +82,6 @@ class FaultProxy:
         self.latency = 0.0
         self.refusing = False
         self.flow()
-
-    @contextlib.contextmanager
-    def stalled(self) -> Iterator[None]:
-        self.stall()
-        try:
-            yield
-        finally:
-            self.flow()
 
     # --- inside the loop ----------------------------------------------------------------
 
