@@ -55,7 +55,8 @@ async def test_store_list_replace_delete(http, user, db, settings):
     r = await http.post(
         "/api/user/api-keys", json={"provider": "anthropic", "key": key}, headers=user.headers
     )
-    assert_problem(r, 409, "api_key_exists")
+    problem = assert_problem(r, 409, "api_key_exists")
+    assert problem["detail"] == "An Anthropic key is already stored; replace it with PUT."
 
     newer = fake_key()
     r = await http.put("/api/user/api-keys/anthropic", json={"key": newer}, headers=user.headers)

@@ -88,7 +88,7 @@ async def test_idempotency_key_returns_the_first_answer(http, user, db):
     items = (await http.get("/api/instances", headers=user.headers)).json()["items"]
     assert len(items) == 2
     reused = await create(http, user, name="different", **{"Idempotency-Key": key})
-    assert_problem(reused, 422, "idempotency_key_reused")
+    assert_problem(reused, 409, "idempotency_key_reused")
     count = await db.scalar(
         select(func.count())
         .select_from(Instance)

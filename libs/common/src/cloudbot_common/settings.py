@@ -8,8 +8,10 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from cloudbot_common.sizes import INSTANCE_TYPES
 
 # Values that ship in `.env.example` and the defaults below. They are fine on a laptop
 # and refused in production.
@@ -106,8 +108,16 @@ class Settings(BaseSettings):
     redis_socket_timeout_seconds: float = Field(5, gt=0)
     celery_broker_url: str | None = None
 
-    jwt_access_secret: SecretStr = SecretStr(DEV_ACCESS_SECRET)
-    jwt_refresh_secret: SecretStr = SecretStr(DEV_REFRESH_SECRET)
+    # JWT_SECRET_KEY and JWT_REFRESH_SECRET_KEY are earlier names, still accepted so that an
+    # existing deployment's environment keeps working.
+    jwt_access_secret: SecretStr = Field(
+        SecretStr(DEV_ACCESS_SECRET),
+        validation_alias=AliasChoices("jwt_access_secret", "jwt_secret_key"),
+    )
+    jwt_refresh_secret: SecretStr = Field(
+        SecretStr(DEV_REFRESH_SECRET),
+        validation_alias=AliasChoices("jwt_refresh_secret", "jwt_refresh_secret_key"),
+    )
     # Earlier secrets still accepted while tokens signed with them live: "kid=secret,..."
     jwt_previous_access_secrets: Annotated[dict[str, SecretStr], NoDecode] = Field(
         default_factory=dict
@@ -145,6 +155,7 @@ class Settings(BaseSettings):
     rate_limit_login_account_failures: str = "100/hour"
     rate_limit_refresh: str = "30/minute"
     rate_limit_instance_create: str = "10/minute"
+    rate_limit_instance_create_per_address: str = "120/minute"
     rate_limit_enabled: bool = True
 
     api_host: str = "127.0.0.1"
@@ -164,6 +175,8 @@ class Settings(BaseSettings):
     instance_sizes: PairMap = Field(
         default_factory=lambda: {"small": "t3.small", "medium": "t3.medium", "large": "t3.large"}
     )
+    # The size an instance gets when the create request names none.
+    default_instance_size: str = "small"
     bootstrap_token_ttl_seconds: int = 1800
     ticket_ttl_seconds: int = 30
     # Server-Sent Events streams: open per user (all API replicas), and how long one lasts
@@ -254,6 +267,20 @@ class Settings(BaseSettings):
             raise ValueError("API_METRICS_PORT must differ from API_PORT")
         if self.gateway_metrics_port == self.gateway_port:
             raise ValueError("GATEWAY_METRICS_PORT must differ from GATEWAY_PORT")
+        return self
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> Self:
+        unknown = sorted(set(self.instance_sizes.values()) - set(INSTANCE_TYPES))
+        if unknown:
+            raise ValueError(
+                f"INSTANCE_SIZES names instance types not in cloudbot_common.sizes: {unknown}"
+            )
+        if self.default_instance_size not in self.instance_sizes:
+            raise ValueError(
+                f"DEFAULT_INSTANCE_SIZE {self.default_instance_size!r} is not one of "
+                f"INSTANCE_SIZES ({', '.join(self.instance_sizes)})"
+            )
         return self
 
     @model_validator(mode="after")

@@ -61,7 +61,11 @@ async def get_uow(resources: ResourcesDep, request: Request) -> AsyncIterator[Un
 # scope="function": commit before the response is sent, so a 2xx means it is stored.
 UowDep = Annotated[UnitOfWork, Depends(get_uow, scope="function")]
 
-_bearer = HTTPBearer(auto_error=False, description="Access token from /api/auth/login")
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="UserToken",
+    description="Your access token, from POST /api/auth/login or /api/auth/refresh",
+)
 
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

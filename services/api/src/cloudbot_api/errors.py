@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from functools import lru_cache
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -94,6 +94,23 @@ _STATUS_CODES = {
 }
 
 
+@lru_cache(maxsize=256)
+def _path_pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)))
+
+
+def _documented_methods(request: Request) -> set[str]:
+    """Every method the document gives this path: Starlette's 405 names only the first
+    matching route's, and FastAPI makes one route per method."""
+    paths: dict[str, dict[str, object]] = request.app.openapi().get("paths", {})
+    return {
+        method.upper()
+        for template, ops in paths.items()
+        if _path_pattern(template).fullmatch(request.url.path)
+        for method in ops
+    }
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(_: Request, exc: ProblemError) -> JSONResponse:
@@ -109,10 +126,12 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "error")
         detail = exc.detail if isinstance(exc.detail, str) else None
         headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405 and (methods := _documented_methods(request)):
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(methods))}
         return problem_response(exc.status_code, code, detail, headers=headers)
 
     async def _peer_away(request: Request, exc: Exception) -> JSONResponse:
@@ -146,35 +165,3 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         }
         for status in statuses
     }
-
-
-def problem_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
-    """An `app.openapi` that documents FastAPI's automatic 422s as problem documents."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = get_openapi(
-            title=app.title,
-            version=app.version,
-            description=app.description,
-            routes=app.routes,
-        )
-        problem_ref = {"$ref": "#/components/schemas/Problem"}
-        for ops in schema.get("paths", {}).values():
-            for op in ops.values():
-                for code, response in op.get("responses", {}).items():
-                    content = response.get("content", {})
-                    json_schema = content.get("application/json", {}).get("schema", {})
-                    if code == "422" and json_schema.get("$ref", "").endswith(
-                        "/HTTPValidationError"
-                    ):
-                        response["content"] = {PROBLEM_JSON: {"schema": problem_ref}}
-                        response["description"] = "The request is not valid"
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for unused in ("HTTPValidationError", "ValidationError"):
-            components.pop(unused, None)
-        app.openapi_schema = schema
-        return schema
-
-    return openapi

@@ -10,11 +10,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cloudbot_api import health
+from cloudbot_api import health, openapi
 from cloudbot_api.api_keys.router import router as api_keys_router
 from cloudbot_api.audit.router import router as audit_router
 from cloudbot_api.auth.router import router as auth_router
-from cloudbot_api.errors import install_error_handlers, problem_openapi
+from cloudbot_api.docs import mount_docs
+from cloudbot_api.errors import install_error_handlers
 from cloudbot_api.headers import SecurityHeadersMiddleware
 from cloudbot_api.instance_agent.router import router as instance_agent_router
 from cloudbot_api.instances.router import router as instances_router
@@ -24,8 +25,9 @@ from cloudbot_api.middleware import BodyLimitMiddleware, RequestContextMiddlewar
 from cloudbot_api.proxies import TrustedProxies
 from cloudbot_api.ratelimit import RateLimiter
 from cloudbot_api.resources import Resources
+from cloudbot_api.sizes.router import router as sizes_router
 from cloudbot_api.tokens.router import router as tokens_router
-from cloudbot_api.webapp import mount_web_app
+from cloudbot_api.webapp import mount_web_app, web_root
 from cloudbot_api.webhooks.router import router as webhooks_router
 from cloudbot_common.commands import make_celery
 from cloudbot_common.db import create_engine, create_session_factory
@@ -102,16 +104,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        docs_url="/docs",
-        redoc_url="/redoc",
+        # Served by cloudbot_api.docs from local assets, not FastAPI's CDN pages.
+        docs_url=None,
+        redoc_url=None,
         openapi_url="/openapi.json",
     )
     install_error_handlers(app)
-    app.openapi = problem_openapi(app)  # type: ignore[method-assign]
+    app.openapi = openapi.document(app, settings)  # type: ignore[method-assign]
     routers = (
         (health.router, ""),
         (auth_router, "/api"),
         (api_keys_router, "/api"),
+        (sizes_router, "/api"),
         (instances_router, "/api"),
         (tokens_router, "/api"),
         (audit_router, "/api"),
@@ -120,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for router, prefix in routers:
         app.include_router(router, prefix=prefix)
+    mount_docs(app, web_root(settings.web_dir))
     mount_web_app(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(

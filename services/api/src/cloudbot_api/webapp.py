@@ -54,8 +54,13 @@ class _PageFiles(StaticFiles):
 _CHECKOUT_WEB_DIR = Path(__file__).resolve().parents[4] / "web"
 
 
+def web_root(web_dir: str) -> Path:
+    """WEB_DIR, or the checkout's own web/ when it is unset."""
+    return Path(web_dir) if web_dir else _CHECKOUT_WEB_DIR
+
+
 def mount_web_app(app: FastAPI, settings: Settings) -> None:
-    root = Path(settings.web_dir) if settings.web_dir else _CHECKOUT_WEB_DIR
+    root = web_root(settings.web_dir)
     page, novnc = root / "app", root / "node_modules" / "@novnc" / "novnc"
     if not (page / "index.html").is_file() or not (novnc / "core" / "rfb.js").is_file():
         _log.warning("desktop page not served: web files missing (make install)", web_dir=str(root))

@@ -3,24 +3,26 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from cloudbot_common.providers import Provider
 
 KEY_MAX = 512
 
 
-def _clean_key(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise ValueError("the key is empty")
-    if any(c.isspace() or not c.isprintable() for c in value):
-        raise ValueError("the key must not contain spaces or control characters")
-    return value
-
+# Provider keys are printable ASCII without spaces; the schema says so, so that clients
+# can check a key before sending it.
+KEY_PATTERN = r"^[!-~]+$"
 
 SecretKey = Annotated[
-    str, Field(min_length=1, max_length=KEY_MAX, repr=False), AfterValidator(_clean_key)
+    str,
+    Field(
+        min_length=1,
+        max_length=KEY_MAX,
+        pattern=KEY_PATTERN,
+        repr=False,
+        description="The provider's API key: printable ASCII, no spaces",
+    ),
 ]
 
 

@@ -12,7 +12,7 @@ from cloudbot_api.unit_of_work import UnitOfWork
 from cloudbot_common.audit import Action
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import ApiKey
-from cloudbot_common.providers import Provider
+from cloudbot_common.providers import DISPLAY_NAME, Provider, a_key_of
 from cloudbot_common.security.vault import Vault
 
 log = get_logger(__name__)
@@ -26,7 +26,7 @@ def mask(key: str) -> str:
 
 
 def _not_found(provider: Provider) -> ProblemError:
-    return ProblemError(404, "api_key_not_found", f"No {provider.value} key is stored.")
+    return ProblemError(404, "api_key_not_found", f"No {DISPLAY_NAME[provider]} key is stored.")
 
 
 class ApiKeyService:
@@ -88,5 +88,5 @@ class ApiKeyService:
         return ProblemError(
             409,
             "api_key_exists",
-            f"A {provider.value} key is already stored; replace it with PUT.",
+            f"{a_key_of(provider)} is already stored; replace it with PUT.",
         )

@@ -14,16 +14,34 @@ from cloudbot_api.instance_agent.service import InstanceAgentService
 from cloudbot_common.instance_contract import BOOTSTRAP_PATH, HEARTBEAT_PATH
 
 router = APIRouter(tags=["instance agent"])
-_bearer = HTTPBearer(auto_error=False, description="Bootstrap token or instance credential")
+# Two schemes of their own, apart from the users' one, so that nobody pressing Authorize
+# in Swagger is asked for a machine's token.
+_bootstrap_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="BootstrapToken",
+    description="The machine's single-use bootstrap token, from its user data. Not for people.",
+)
+_credential_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="InstanceCredential",
+    description="The instance credential bootstrap handed the machine. Not for people.",
+)
 
 
-async def bearer_token(
-    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+async def bootstrap_token(
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bootstrap_bearer)],
 ) -> str | None:
     return creds.credentials if creds else None
 
 
-BearerToken = Annotated[str | None, Depends(bearer_token)]
+async def instance_credential(
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_credential_bearer)],
+) -> str | None:
+    return creds.credentials if creds else None
+
+
+BootstrapTokenDep = Annotated[str | None, Depends(bootstrap_token)]
+InstanceCredentialDep = Annotated[str | None, Depends(instance_credential)]
 
 
 async def get_service(uow: UowDep, resources: ResourcesDep) -> InstanceAgentService:
@@ -41,7 +59,7 @@ ServiceDep = Annotated[InstanceAgentService, Depends(get_service)]
     summary="Exchange the single-use bootstrap token for configuration and a credential",
     responses=problem_responses(401),
 )
-async def bootstrap(token: BearerToken, service: ServiceDep) -> BootstrapOut:
+async def bootstrap(token: BootstrapTokenDep, service: ServiceDep) -> BootstrapOut:
     return await service.bootstrap(token)
 
 
@@ -51,6 +69,8 @@ async def bootstrap(token: BearerToken, service: ServiceDep) -> BootstrapOut:
     summary="Report desktop and agent health",
     responses=problem_responses(401, 422),
 )
-async def heartbeat(body: HeartbeatIn, token: BearerToken, service: ServiceDep) -> Response:
+async def heartbeat(
+    body: HeartbeatIn, token: InstanceCredentialDep, service: ServiceDep
+) -> Response:
     await service.heartbeat(token, body)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -17,7 +17,8 @@ class BootstrapOut(BaseModel):
 
 
 class HeartbeatIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `0` or "yes" is not a health report.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     desktop: bool = Field(description="The desktop's VNC server answers")
     agent: bool = Field(description="The CloudBot agent answers")

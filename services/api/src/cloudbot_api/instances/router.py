@@ -67,9 +67,10 @@ async def list_instances(
     summary="Create a CloudBot machine",
     description=(
         "Answers 202 with the instance in `pending`; watch `/events` for progress. "
-        "Send an `Idempotency-Key` to retry safely: a retry returns the first answer."
+        "Send an `Idempotency-Key` to retry safely: a retry returns the first answer, and "
+        "the same key with a different body is refused (409)."
     ),
-    responses=problem_responses(401, 403, 413, 422, 429),
+    responses=problem_responses(401, 403, 409, 413, 422, 429),
 )
 async def create_instance(
     body: InstanceCreate,
@@ -79,11 +80,14 @@ async def create_instance(
     client: ClientAddress,
     idempotency_key: Annotated[str | None, Header(max_length=255, min_length=1)] = None,
 ) -> JSONResponse:
+    # Per account first; the per-address limit is only a backstop against many accounts
+    # from one address, high enough for people sharing one (an office, a NAT).
+    settings = resources.settings
     await resources.limiter.hit(
-        resources.settings.rate_limit_instance_create,
-        "instance-create",
-        f"user:{principal.user_id}",
-        "ip:" + client,
+        settings.rate_limit_instance_create, "instance-create", f"user:{principal.user_id}"
+    )
+    await resources.limiter.hit(
+        settings.rate_limit_instance_create_per_address, "instance-create-address", "ip:" + client
     )
     status_code, payload = await service.create(
         principal.user_id, body, idempotency_key, actor=principal.actor
@@ -256,7 +260,13 @@ async def instance_events(
     instance_id: uuid.UUID,
     principal: CurrentPrincipal,
     resources: ResourcesDep,
-    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            pattern=r"^[0-9]{1,18}$",
+            description="The id of the last event seen; the stream resumes after it",
+        ),
+    ] = None,
 ) -> EventSourceResponse:
     # A short session for the ownership check: the stream must not hold a connection.
     async with resources.sessions() as session:
@@ -264,7 +274,7 @@ async def instance_events(
             raise not_found()
     stream = await resources.streams.open(principal.user_id, principal.session_id)
     return EventSourceResponse(
-        _event_stream(resources, instance_id, last_event_id or 0, stream),
+        _event_stream(resources, instance_id, int(last_event_id or 0), stream),
         ping=SSE_KEEPALIVE_SECONDS,
     )
 

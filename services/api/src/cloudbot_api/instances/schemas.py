@@ -20,8 +20,13 @@ class InstanceCreate(BaseModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$",
         description="A name you recognise: letters, digits, space, dot, dash, underscore",
     )
+    # Omitted: DEFAULT_INSTANCE_SIZE (the empty default is never validated, and an explicit
+    # empty string is refused). The document lists the offered sizes as an enum.
     size: str = Field(
-        min_length=1, max_length=32, description="One of the sizes the operator offers"
+        "",
+        min_length=1,
+        max_length=32,
+        description="One of the offered sizes (GET /api/sizes); omitted, the default one",
     )
     idle_stop_minutes: int | None = Field(
         default=None,

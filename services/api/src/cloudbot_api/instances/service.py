@@ -99,6 +99,8 @@ class InstanceService:
         actor: str,
     ) -> tuple[int, dict[str, object]]:
         """Returns (status, body): the first answer again when the key was seen before."""
+        if not body.size:
+            body = body.model_copy(update={"size": self.r.settings.default_instance_size})
         instance_type = self.r.settings.instance_sizes.get(body.size)
         if instance_type is None:
             offered = ", ".join(sorted(self.r.settings.instance_sizes))
@@ -112,8 +114,9 @@ class InstanceService:
             earlier = await self.repo.claim_idempotency_key(owner_id, idempotency_key, request_hash)
             if earlier is not None:
                 if earlier.request_hash != request_hash:
+                    # 409: the key is bound to another request (the request itself is valid).
                     raise ProblemError(
-                        422,
+                        409,
                         "idempotency_key_reused",
                         "This Idempotency-Key was used with a different request.",
                     )
