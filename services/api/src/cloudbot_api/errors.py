@@ -103,10 +103,13 @@ def _documented_methods(request: Request) -> set[str]:
     """Every method the document gives this path: Starlette's 405 names only the first
     matching route's, and FastAPI makes one route per method."""
     paths: dict[str, dict[str, object]] = request.app.openapi().get("paths", {})
+    path = request.url.path
+    if path in paths:  # a literal path beats a template it also fits (/instances/events)
+        return {method.upper() for method in paths[path]}
     return {
         method.upper()
         for template, ops in paths.items()
-        if _path_pattern(template).fullmatch(request.url.path)
+        if _path_pattern(template).fullmatch(path)
         for method in ops
     }
 

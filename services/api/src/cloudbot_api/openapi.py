@@ -21,6 +21,12 @@ TAGS: list[dict[str, Any]] = [
     {"name": "sizes", "description": "The machine sizes this deployment offers."},
     {"name": "instances", "description": "Your CloudBot machines and their lifecycle."},
     {
+        "name": "personal access tokens",
+        "description": "Long-lived tokens for programs, used like an access token.",
+    },
+    {"name": "webhooks", "description": "Your machines' state changes, signed and delivered."},
+    {"name": "audit", "description": "What happened to your account, newest first."},
+    {
         "name": "instance agent",
         "description": (
             "Called by the CloudBot machine itself, with its single-use bootstrap token "

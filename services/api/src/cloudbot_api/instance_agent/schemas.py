@@ -17,13 +17,15 @@ class BootstrapOut(BaseModel):
 
 
 class HeartbeatIn(BaseModel):
-    # Strict: `0` or "yes" is not a health report.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
 
-    desktop: bool = Field(description="The desktop's VNC server answers")
-    agent: bool = Field(description="The CloudBot agent answers")
+    # Strict: `0` or "yes" is not a health report.
+    desktop: bool = Field(strict=True, description="The desktop's VNC server answers")
+    agent: bool = Field(strict=True, description="The CloudBot agent answers")
     working: bool | None = Field(
-        default=None, description="The agent is working on a task now (holds off idle stop)"
+        default=None,
+        strict=True,
+        description="The agent is working on a task now (holds off idle stop)",
     )
     last_active_at: datetime | None = Field(
         default=None,

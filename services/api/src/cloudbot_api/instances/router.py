@@ -166,7 +166,7 @@ async def _owner_stream(
 
 
 @router.get(
-    "/{instance_id}",
+    "/{instance_id:uuid}",
     response_model=InstanceOut,
     summary="One instance, with its state and health",
     responses=problem_responses(401, 404, 422),
@@ -186,7 +186,9 @@ _COMMAND_ROUTE: dict[str, Any] = {
 
 
 @router.delete(
-    "/{instance_id}", summary="Delete (terminate) the machine; its disk is gone", **_COMMAND_ROUTE
+    "/{instance_id:uuid}",
+    summary="Delete (terminate) the machine; its disk is gone",
+    **_COMMAND_ROUTE,
 )
 async def delete_instance(
     instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
@@ -196,7 +198,9 @@ async def delete_instance(
     )
 
 
-@router.post("/{instance_id}/stop", summary="Stop the machine, keeping its disk", **_COMMAND_ROUTE)
+@router.post(
+    "/{instance_id:uuid}/stop", summary="Stop the machine, keeping its disk", **_COMMAND_ROUTE
+)
 async def stop_instance(
     instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
 ) -> InstanceOut:
@@ -205,7 +209,7 @@ async def stop_instance(
     )
 
 
-@router.post("/{instance_id}/start", summary="Start a stopped machine", **_COMMAND_ROUTE)
+@router.post("/{instance_id:uuid}/start", summary="Start a stopped machine", **_COMMAND_ROUTE)
 async def start_instance(
     instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
 ) -> InstanceOut:
@@ -215,7 +219,7 @@ async def start_instance(
 
 
 @router.patch(
-    "/{instance_id}",
+    "/{instance_id:uuid}",
     response_model=InstanceOut,
     summary="Change a machine's settings (its idle stop)",
     responses=problem_responses(401, 403, 404, 413, 422),
@@ -227,7 +231,7 @@ async def update_instance(
 
 
 @router.post(
-    "/{instance_id}/tickets",
+    "/{instance_id:uuid}/tickets",
     status_code=status.HTTP_201_CREATED,
     response_model=TicketOut,
     summary="A one-time ticket for a browser to open the desktop or agent WebSocket",
@@ -240,7 +244,7 @@ async def create_ticket(
 
 
 @router.get(
-    "/{instance_id}/events",
+    "/{instance_id:uuid}/events",
     summary="Server-Sent Events of the instance's state changes",
     description=(
         "Each event is `event: state` with the state history entry as data and its id as "

@@ -30,6 +30,7 @@ class InstanceCreate(BaseModel):
     )
     idle_stop_minutes: int | None = Field(
         default=None,
+        strict=True,
         ge=0,
         le=IDLE_STOP_MAX_MINUTES,
         description="Stop the machine after this many minutes unused (no desktop or agent "
@@ -41,7 +42,10 @@ class InstanceUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     idle_stop_minutes: int = Field(
-        ge=0, le=IDLE_STOP_MAX_MINUTES, description="Minutes unused before an idle stop; 0: never"
+        strict=True,
+        ge=0,
+        le=IDLE_STOP_MAX_MINUTES,
+        description="Minutes unused before an idle stop; 0: never",
     )
 
 
