@@ -47,6 +47,11 @@ _INSTANCE_LINKS = {
     "CreateTicket": ("/api/instances/{instance_id}/tickets", "post"),
     "InstanceEvents": ("/api/instances/{instance_id}/events", "get"),
 }
+_WEBHOOK_LINKS = {
+    "DeleteWebhook": ("/api/user/webhooks/{webhook_id}", "delete"),
+    "WebhookDeliveries": ("/api/user/webhooks/{webhook_id}/deliveries", "get"),
+}
+_TOKEN_LINKS = {"DeleteToken": ("/api/user/tokens/{token_id}", "delete")}
 _API_KEY_LINKS = {
     "ReplaceApiKey": ("/api/user/api-keys/{provider}", "put"),
     "DeleteApiKey": ("/api/user/api-keys/{provider}", "delete"),
@@ -141,6 +146,8 @@ def document(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:
         _add_links(
             paths, ("/api/user/api-keys", "post", "201"), _API_KEY_LINKS, "provider", "provider"
         )
+        _add_links(paths, ("/api/user/webhooks", "post", "201"), _WEBHOOK_LINKS, "webhook_id", "id")
+        _add_links(paths, ("/api/user/tokens", "post", "201"), _TOKEN_LINKS, "token_id", "id")
         app.openapi_schema = schema
         return schema
 

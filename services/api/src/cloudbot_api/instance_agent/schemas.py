@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
 class BootstrapOut(BaseModel):
@@ -14,6 +14,16 @@ class BootstrapOut(BaseModel):
     config: dict[str, Any] = Field(description="The CloudBot configuration, provider keys included")
     heartbeat_url: str
     heartbeat_interval_seconds: int
+
+
+def _iso_text(value: object) -> object:
+    # A number is not a time here (pydantic would read it as a Unix timestamp).
+    if isinstance(value, str | datetime):
+        return value
+    raise ValueError("expected an ISO 8601 date-time string")
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_iso_text)]
 
 
 class HeartbeatIn(BaseModel):
@@ -27,7 +37,7 @@ class HeartbeatIn(BaseModel):
         strict=True,
         description="The agent is working on a task now (holds off idle stop)",
     )
-    last_active_at: datetime | None = Field(
+    last_active_at: IsoDateTime | None = Field(
         default=None,
         description="When the agent last worked on a task or the desktop last saw input",
     )
