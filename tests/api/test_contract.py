@@ -20,10 +20,11 @@ import pytest
 
 from cloudbot_common.instance_contract import BOOTSTRAP_PREFIX, CREDENTIAL_PREFIX
 from cloudbot_common.security.opaque import new_token, token_digest
-from tests.provisioner.harness import (
+from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
     api_process,
+    moto_network,
     moto_server,
     provisioner,
     redis_server,
@@ -54,6 +55,7 @@ def contract_api(
             "CELERY_BROKER_URL": broker.url,
             "LOCAL_DEV_MODE": "false",
             "AWS_ENDPOINT_URL": moto_url,
+            **moto_network(moto_url),
             "RATE_LIMIT_ENABLED": "false",
             # Room for every instance the run creates, so that the stateful phase meets
             # the instances it made rather than the quota.
