@@ -130,16 +130,17 @@ def test_earlier_jwt_setting_names_are_accepted(monkeypatch):
     """An existing deployment's .env names JWT_SECRET_KEY and JWT_REFRESH_SECRET_KEY."""
     monkeypatch.setenv("JWT_SECRET_KEY", "an access secret of the earlier name " + "x" * 8)
     monkeypatch.setenv("JWT_REFRESH_SECRET_KEY", "a refresh secret of the earlier name " + "y" * 8)
-    settings = Settings(_env_file=None)
+    settings = Settings(_env_file=None, environment="development")
     assert settings.jwt_access_secret.get_secret_value().startswith("an access secret")
     assert settings.jwt_refresh_secret.get_secret_value().startswith("a refresh secret")
     # The current names win when both are set.
     monkeypatch.setenv("JWT_ACCESS_SECRET", "the current name " + "z" * 20)
-    assert Settings(_env_file=None).jwt_access_secret.get_secret_value().startswith("the current")
+    current = Settings(_env_file=None, environment="development")
+    assert current.jwt_access_secret.get_secret_value().startswith("the current")
 
 
 def test_sizes_must_be_known_and_the_default_offered():
     with pytest.raises(ValidationError, match=r"m9x\.huge"):
-        Settings(_env_file=None, instance_sizes="small=m9x.huge")
+        Settings(_env_file=None, environment="development", instance_sizes="small=m9x.huge")
     with pytest.raises(ValidationError, match="DEFAULT_INSTANCE_SIZE"):
-        Settings(_env_file=None, default_instance_size="tiny")
+        Settings(_env_file=None, environment="development", default_instance_size="tiny")
