@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ApiServer
+from tests.support.api import ApiServer
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAYWRIGHT = ROOT / "web" / "node_modules" / "playwright-core" / "index.mjs"

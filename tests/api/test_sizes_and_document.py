@@ -4,12 +4,15 @@ security schemes and tags, 405's Allow header, and per-account limits on creates
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from cloudbot_common.settings import Settings
 from cloudbot_common.sizes import INSTANCE_TYPES
-from tests.api.test_auth import assert_problem
-from tests.conftest import ApiServer, make_user
-from tests.support.clients import api_client, fake_client_address
+from tests.support.clients import fake_client_address
+from tests.support.problems import assert_problem
+from tests.support.users import make_user
+
+pytestmark = pytest.mark.fast
 
 
 async def test_sizes_are_listed_with_their_hardware(http: httpx.AsyncClient, settings: Settings):
@@ -85,7 +88,7 @@ async def test_an_unreadable_body_is_a_problem_document(http: httpx.AsyncClient)
 
 
 async def test_creates_are_limited_per_account_not_per_shared_address(
-    http: httpx.AsyncClient, api_server: ApiServer, settings: Settings
+    http: httpx.AsyncClient, settings: Settings
 ):
     """Many people behind one address (an office) each create freely; one account that
     creates too fast is held back whatever its address."""
@@ -94,8 +97,8 @@ async def test_creates_are_limited_per_account_not_per_shared_address(
     users = []
     for _ in range(per_account + 2):
         # Each signs up from an address of its own (signups are limited per address).
-        async with api_client(api_server.url) as own:
-            users.append(await make_user(own))
+        http.headers["X-Forwarded-For"] = fake_client_address()
+        users.append(await make_user(http))
     for user in users:
         r = await http.post(
             "/api/instances",
