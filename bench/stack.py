@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from cloudbot_common.models import Instance, InstanceState, User
 from cloudbot_common.security.jwt_tokens import TokenCodec, TokenType
+from cloudbot_common.security.opaque import agent_credential
 from cloudbot_common.settings import Settings
 from cloudbot_gateway.workers import available_cpus
 
@@ -226,11 +227,11 @@ async def seed(
 
 
 async def _prepare_database(
-    settings: Settings, source_port: int
+    settings: Settings, gated_port: int
 ) -> tuple[str, uuid.UUID, uuid.UUID]:
     database_url = await create_database(settings)
     user_id, _, ids = await seed(
-        database_url, password_hash="!unusable", instances=1, vnc_port=source_port
+        database_url, password_hash="!unusable", instances=1, vnc_port=gated_port
     )
     return database_url, user_id, ids[0]
 
@@ -273,14 +274,20 @@ def _start_gateway(
 @contextlib.contextmanager
 def stack(settings: Settings, redis_url: str) -> Iterator[Stack]:
     source_port, gateway_port, websockify_port = free_port(), free_port(), free_port()
-    copying_port, metrics_port = free_port(), free_port()
-    database_url, user_id, instance_id = asyncio.run(_prepare_database(settings, source_port))
+    copying_port, metrics_port, gated_port = free_port(), free_port(), free_port()
+    database_url, user_id, instance_id = asyncio.run(_prepare_database(settings, gated_port))
     token = TokenCodec(settings).issue(TokenType.ACCESS, user_id, uuid.uuid4()).token
+    # The gateway proves this to the source's gate, as to a machine's.
+    key = agent_credential(settings.agent_token_secret.get_secret_value(), instance_id)
     procs: list[Proc] = []
     try:
-        source = start("source", [PYTHON, "-m", "bench.source", str(source_port)])
+        source = start(
+            "source",
+            [PYTHON, "-m", "bench.source", str(source_port), str(gated_port)],
+            {"BENCH_GATE_KEY": key},
+        )
         procs.append(source)
-        _wait(lambda: _tcp_open(source_port), source)
+        _wait(lambda: _tcp_open(source_port) and _tcp_open(gated_port), source)
         gateway = _start_gateway("gateway", gateway_port, metrics_port, database_url, redis_url)
         procs.append(gateway)
         copying = _start_gateway(

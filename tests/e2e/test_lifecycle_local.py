@@ -16,6 +16,7 @@ from tests.support.harness import (
     RFB,
     Db,
     api_process,
+    instance_key,
     kill_local_machines,
     machine_group,
     port_closed,
@@ -70,7 +71,7 @@ async def test_local_desktop_through_the_api(client, local_env, store):
     directory = Path(local_env["LOCAL_STATE_DIR"]) / instance_id
     group = machine_group(directory)
     assert row.host == "127.0.0.1"
-    assert RFB.fullmatch(await rfb_greeting(row.vnc_port))
+    assert RFB.fullmatch(await rfb_greeting(row.vnc_port, instance_key(instance_id)))
 
     r = await client.post(f"/api/instances/{instance_id}/stop", headers=user.headers)
     assert r.status_code == 202, r.text
@@ -81,7 +82,7 @@ async def test_local_desktop_through_the_api(client, local_env, store):
     r = await client.post(f"/api/instances/{instance_id}/start", headers=user.headers)
     assert r.status_code == 202, r.text
     await wait_api_state(client, user.headers, instance_id, "running")
-    assert RFB.fullmatch(await rfb_greeting(row.vnc_port))
+    assert RFB.fullmatch(await rfb_greeting(row.vnc_port, instance_key(instance_id)))
     group = machine_group(directory)
 
     r = await client.delete(f"/api/instances/{instance_id}", headers=user.headers)

@@ -20,12 +20,19 @@ from tests.support.gateway import (
     FakeAgent,
     GatewayServer,
     Owner,
+    close_gates,
     free_display,
     gateway_env,
     make_owner,
     run_gateway,
 )
 from tests.support.processes import free_port, running, tcp_open
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _close_gates() -> AsyncIterator[None]:
+    yield
+    close_gates()
 
 
 @pytest.fixture(scope="session")

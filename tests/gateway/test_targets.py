@@ -26,7 +26,7 @@ async def test_a_late_event_never_replaces_a_newer_state(
     db_engine: AsyncEngine, redis: Redis, owner: Owner
 ) -> None:
     targets = TargetDirectory(db_engine, redis)
-    instance_id = await add_instance(db_engine, owner.id, vnc_port=5900)
+    instance_id = await add_instance(db_engine, owner.id, vnc_port=5900, gated=False)
     key = f"cloudbot:gateway:target:{instance_id}"
     try:
         # Cached from the database while running, with the address.

@@ -16,6 +16,7 @@ from websockets.exceptions import InvalidStatus
 from cloudbot_common.instance_contract import AGENT_WS_PATH
 from cloudbot_common.lifecycle import START, STOP, TERMINATE
 from cloudbot_common.models import InstanceState as S
+from cloudbot_common.security.gate import GateRefused, connect_through_gate
 from cloudbot_common.security.opaque import agent_credential
 from tests.support.harness import (
     RFB,
@@ -46,9 +47,13 @@ def local_env(worker_env, api_server, tmp_path):
     kill_local_machines(tmp_path / "instances")
 
 
-async def agent_hello(port: int, credential: str) -> dict:
+async def agent_hello(port: int, credential: str, *, gate_key: str | None = None) -> dict:
+    """The agent's hello through the machine's gate (on `gate_key`, by default the same
+    credential the WebSocket checks as a bearer token)."""
+    sock = await connect_through_gate("127.0.0.1", port, gate_key or credential)
     url = f"ws://127.0.0.1:{port}{AGENT_WS_PATH}"
-    async with connect(url, additional_headers={"Authorization": f"Bearer {credential}"}) as ws:
+    headers = {"Authorization": f"Bearer {credential}"}
+    async with connect(url, sock=sock, additional_headers=headers) as ws:
         hello = json.loads(await asyncio.wait_for(ws.recv(), 5))
         await ws.send("ping from the test")
         assert await asyncio.wait_for(ws.recv(), 5) == "ping from the test"
@@ -67,13 +72,13 @@ async def test_local_desktop_lifecycle(store, local_env, settings, tmp_path, sec
     vnc, agent = row.vnc_port, row.agent_port
     assert row.host == "127.0.0.1"
     assert row.backend_instance_id == f"local-{instance_id}"
-    assert RFB.fullmatch(await rfb_greeting(vnc))
+    credential = agent_credential(settings.agent_token_secret.get_secret_value(), instance_id)
+    secret_registry.add(credential)
+    assert RFB.fullmatch(await rfb_greeting(vnc, credential))
     group = machine_group(directory)
     assert any("xterm" in c and "CloudBot lab-desk" in c for c in processes_of(directory, group))
     assert any("Xvfb" in c for c in processes_of(directory, group))
 
-    credential = agent_credential(settings.agent_token_secret.get_secret_value(), instance_id)
-    secret_registry.add(credential)
     # Tokens reach the machine in private files, never in an environment another process
     # can read in /proc; the hand-over file is gone once read.
     environments = environments_of(group)
@@ -83,9 +88,14 @@ async def test_local_desktop_lifecycle(store, local_env, settings, tmp_path, sec
     hello = await agent_hello(agent, credential)
     assert hello["type"] == "hello"
     assert hello["instance_id"] == str(instance_id)
+    # Past the gate, the agent's WebSocket still wants the credential as a bearer token.
     with pytest.raises(InvalidStatus) as refused:
-        await agent_hello(agent, "cba_" + "0" * 64)
+        await agent_hello(agent, "cba_" + "0" * 64, gate_key=credential)
     assert refused.value.response.status_code == 401
+    # Without the credential the gate admits nobody, to the desktop or to the agent.
+    for port in (vnc, agent):
+        with pytest.raises(GateRefused):
+            await connect_through_gate("127.0.0.1", port, "cba_" + "0" * 64)
 
     # The sandbox exchanged its bootstrap token (once) and reports health like a machine.
     async def healthy() -> bool:
@@ -107,7 +117,7 @@ async def test_local_desktop_lifecycle(store, local_env, settings, tmp_path, sec
         await store.command(instance_id, START)
         row = await store.wait_state(instance_id, S.RUNNING)
         assert (row.vnc_port, row.agent_port) == (vnc, agent)
-        assert RFB.fullmatch(await rfb_greeting(vnc))
+        assert RFB.fullmatch(await rfb_greeting(vnc, credential))
         assert (await agent_hello(agent, credential))["instance_id"] == str(instance_id)
         group = machine_group(directory)
         # The sandbox's own logs (agent, desktop) are deleted with it: scan them first.

@@ -1,5 +1,6 @@
 """What the gateway tests share: the gateway process, a real desktop, an agent in the
-machine's place, owners and their instances, and WebSocket clients."""
+machine's place (each behind the machine's gate, the agent's own code), owners and their
+instances, and WebSocket clients."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from cloudbot_common.models import Instance, InstanceState
 from cloudbot_common.security.jwt_tokens import TokenCodec, TokenType
 from cloudbot_common.security.opaque import agent_credential
 from cloudbot_common.settings import Settings
+from cloudbot_provisioner.machine.agent import Gate
 from tests.support.leaks import SECRETS
 from tests.support.processes import PYTHON, free_port, http_ok, running
 from tests.support.users import User, make_user
@@ -146,6 +148,28 @@ async def make_owner(http: httpx.AsyncClient, settings: Settings) -> Owner:
     return Owner(user, uuid.UUID(me.json()["id"]), claims.session_id)
 
 
+_gates: list[asyncio.Server] = []
+
+
+async def open_gate(port: int, key: str) -> int:
+    """The machine's gate (the agent's own code), admitting on `key`, in front of
+    127.0.0.1:`port`; its port."""
+    gate = Gate(lambda: key)
+
+    async def admit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await gate.admit(reader, writer, "127.0.0.1", port)
+
+    server = await asyncio.start_server(admit, "127.0.0.1", 0)
+    _gates.append(server)
+    return int(server.sockets[0].getsockname()[1])
+
+
+def close_gates() -> None:
+    for server in _gates:
+        server.close()
+    _gates.clear()
+
+
 async def add_instance(
     db_engine: AsyncEngine,
     owner_id: uuid.UUID,
@@ -153,9 +177,20 @@ async def add_instance(
     state: InstanceState = InstanceState.RUNNING,
     vnc_port: int | None = None,
     agent_port: int | None = None,
+    gated: bool = True,
 ) -> uuid.UUID:
-    """An instance row as the provisioner leaves it once the machine is up."""
+    """An instance row as the provisioner leaves it once the machine is up.
+
+    `vnc_port` and `agent_port` are the desktop's and the agent's own ports; as on a
+    machine, each is put behind a gate of its own (unless not `gated`) that admits on the
+    instance's agent credential, and the row names the gate's port."""
     instance_id = uuid.uuid4()
+    if gated:
+        key = agent_credential(Settings().agent_token_secret.get_secret_value(), instance_id)
+        if vnc_port is not None:
+            vnc_port = await open_gate(vnc_port, key)
+        if agent_port is not None:
+            agent_port = await open_gate(agent_port, key)
     async with db_engine.begin() as conn:
         await conn.execute(
             insert(Instance).values(

@@ -33,6 +33,8 @@ from cloudbot_common.commands import make_celery, publish, request_command
 from cloudbot_common.db import create_session_factory, unit_of_work
 from cloudbot_common.lifecycle import LIFECYCLE, Command, lock_instance
 from cloudbot_common.models import Instance, InstanceEvent, InstanceState, OutboxCommand, User
+from cloudbot_common.security.gate import connect_through_gate
+from cloudbot_common.security.opaque import agent_credential
 from cloudbot_common.settings import Settings
 from tests.support.processes import (
     PYTHON,
@@ -587,8 +589,16 @@ async def wait_api_state(
 RFB = re.compile(rb"RFB 003\.00\d\n")
 
 
-async def rfb_greeting(port: int) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+def instance_key(instance_id: uuid.UUID | str) -> str:
+    """The instance's agent credential, which the machine's gate admits on."""
+    secret = Settings().agent_token_secret.get_secret_value()
+    return agent_credential(secret, uuid.UUID(str(instance_id)))
+
+
+async def rfb_greeting(port: int, key: str) -> bytes:
+    """What the desktop says first, reached through the machine's gate on `key`."""
+    sock = await asyncio.wait_for(connect_through_gate("127.0.0.1", port, key), 5)
+    reader, writer = await asyncio.open_connection(sock=sock)
     try:
         return await asyncio.wait_for(reader.readexactly(12), 5)
     finally:

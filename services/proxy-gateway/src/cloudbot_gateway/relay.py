@@ -23,6 +23,7 @@ from websockets.frames import CloseCode
 from websockets.protocol import State
 
 from cloudbot_common.instance_contract import AGENT_AUTH_HEADER, AGENT_WS_PATH
+from cloudbot_common.security.gate import connect_through_gate
 
 # Write limit of every socket the gateway writes to the instance on (VNC and agent).
 UPSTREAM_WRITE_LIMIT = 64 * 1024
@@ -56,22 +57,30 @@ async def open_agent(
     max_size: int,
     logger: Any,
 ) -> ClientConnection:
-    """The agent's own WebSocket, with the instance's agent credential presented by us."""
-    return await connect(
-        f"ws://{host}:{port}{AGENT_WS_PATH}",
-        additional_headers={AGENT_AUTH_HEADER: f"Bearer {credential}"},
-        user_agent_header=None,
-        compression=None,
-        proxy=None,
-        open_timeout=connect_timeout,
-        max_size=max_size,
-        max_queue=MAX_QUEUE,
-        write_limit=UPSTREAM_WRITE_LIMIT,
-        ping_interval=30,
-        ping_timeout=30,
-        close_timeout=5,
-        logger=logger,
-    )
+    """The agent's own WebSocket, through the machine's gate, with the instance's agent
+    credential presented by us (to the gate as a proof, to the agent as a bearer)."""
+    async with asyncio.timeout(connect_timeout):
+        sock = await connect_through_gate(host, port, credential)
+    try:
+        return await connect(
+            f"ws://{host}:{port}{AGENT_WS_PATH}",
+            sock=sock,
+            additional_headers={AGENT_AUTH_HEADER: f"Bearer {credential}"},
+            user_agent_header=None,
+            compression=None,
+            proxy=None,
+            open_timeout=connect_timeout,
+            max_size=max_size,
+            max_queue=MAX_QUEUE,
+            write_limit=UPSTREAM_WRITE_LIMIT,
+            ping_interval=30,
+            ping_timeout=30,
+            close_timeout=5,
+            logger=logger,
+        )
+    except BaseException:
+        sock.close()
+        raise
 
 
 # --- Agent: WebSocket <-> WebSocket, frames and close codes passed through ---------------

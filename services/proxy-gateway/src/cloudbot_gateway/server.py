@@ -248,15 +248,21 @@ class Gateway:
         )
         await self.sessions.acquire(session)
         try:
+            # The machine's gate admits us on this credential, and so does its agent.
+            credential = agent_credential(self._agent_secret, instance_id)
             if channel is Channel.VNC:
                 session.upstream = await open_tcp(
-                    target.host, port, UPSTREAM_CONNECT_TIMEOUT, zero_copy=self.zero_copy
+                    target.host,
+                    port,
+                    credential,
+                    UPSTREAM_CONNECT_TIMEOUT,
+                    zero_copy=self.zero_copy,
                 )
             else:
                 session.upstream = await open_agent(
                     target.host,
                     port,
-                    agent_credential(self._agent_secret, instance_id),
+                    credential,
                     connect_timeout=UPSTREAM_CONNECT_TIMEOUT,
                     max_size=self.settings.gateway_max_message_bytes,
                     logger=self._ws_logger,

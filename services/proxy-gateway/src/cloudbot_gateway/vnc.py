@@ -38,6 +38,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 
+from cloudbot_common.security.gate import connect_through_gate
 from cloudbot_gateway.relay import UPSTREAM_WRITE_LIMIT, Meter, Stop
 from cloudbot_gateway.zerocopy import SpliceSender, frame_header
 
@@ -344,38 +345,21 @@ class SpliceUpstream(DesktopUpstream):
         self.sock.close()
 
 
-async def _connect(host: str, port: int) -> socket.socket:
-    """A non-blocking TCP socket connected to host:port (each address tried in turn)."""
-    loop = asyncio.get_running_loop()
-    error: OSError = OSError(f"no address for {host}")
-    for family, kind, proto, _, address in await loop.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM
-    ):
-        sock = socket.socket(family, kind, proto)
+async def open_tcp(
+    host: str, port: int, gate_key: str, connect_timeout: float, *, zero_copy: bool = False
+) -> DesktopUpstream:
+    """Connect to the VNC server through the machine's gate (`gate_key`: the instance's
+    agent credential); `zero_copy` relays it with splice(2). Past the gate the socket
+    carries the VNC server's plain bytes, so either relay takes it as it is."""
+    async with asyncio.timeout(connect_timeout):
+        sock = await connect_through_gate(host, port, gate_key)
+        if zero_copy:
+            return SpliceUpstream(sock)
         try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, address)
-        except OSError as exc:
-            sock.close()
-            error = exc
-            continue
+            _, upstream = await asyncio.get_running_loop().create_connection(TcpUpstream, sock=sock)
         except BaseException:
             sock.close()
             raise
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-    raise error
-
-
-async def open_tcp(
-    host: str, port: int, connect_timeout: float, *, zero_copy: bool = False
-) -> DesktopUpstream:
-    """Connect to the VNC server; `zero_copy` relays it with splice(2)."""
-    async with asyncio.timeout(connect_timeout):
-        if zero_copy:
-            return SpliceUpstream(await _connect(host, port))
-        loop = asyncio.get_running_loop()
-        _, upstream = await loop.create_connection(TcpUpstream, host, port)
     return upstream
 
 

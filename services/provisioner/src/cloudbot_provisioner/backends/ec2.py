@@ -116,8 +116,9 @@ def _machine(instance: dict[str, Any]) -> Machine:
         state=_STATES.get(instance["State"]["Name"], MachineState.PENDING),
         instance_id=_tags(instance).get(TAG_INSTANCE_ID),
         host=instance.get("PrivateIpAddress"),
-        vnc_port=contract.VNC_PORT,
-        agent_port=contract.AGENT_PORT,
+        # The gateway connects to the machine's gate, never to the services behind it.
+        vnc_port=contract.GATE_VNC_PORT,
+        agent_port=contract.GATE_AGENT_PORT,
         launched_at=instance.get("LaunchTime"),
     )
 

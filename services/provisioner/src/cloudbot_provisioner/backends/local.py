@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudbot_common import instance_contract as contract
+from cloudbot_common.security.gate import connect_through_gate
 from cloudbot_common.security.opaque import agent_credential
 from cloudbot_common.settings import Settings
 from cloudbot_provisioner.backends.base import LaunchSpec, Machine, MachineState
@@ -37,6 +38,7 @@ from cloudbot_provisioner.machine.local_machine import MACHINE_FILE, PID_FILE, S
 HOST = "127.0.0.1"
 _ID_PREFIX = "local-"
 _PORTS_LOCK = ".ports.lock"
+_PORT_KEYS = ("vnc_port", "agent_port", "desktop_port", "agent_ws_port")
 # Programs a local desktop needs, and the Debian packages that provide them.
 REQUIRED_PROGRAMS = {
     "Xvfb": "xvfb",
@@ -137,9 +139,12 @@ class LocalBackend:
         if spec is None or not spec.get("launched_at"):
             return None
         pid = await asyncio.to_thread(self._running_pid, directory)
+        key = self._agent_key(uuid.UUID(spec["instance_id"]))
         if pid is None:
             state = MachineState.STOPPED
-        elif await _vnc_greets(spec["vnc_port"]) and await _accepts(spec["agent_port"]):
+        elif await _desktop_greets(spec["vnc_port"], key) and await _gate_admits(
+            spec["agent_port"], key
+        ):
             state = MachineState.RUNNING
         else:
             state = MachineState.PENDING
@@ -180,6 +185,10 @@ class LocalBackend:
             if machine is not None and machine.state is not MachineState.GONE:
                 machines.append(machine)
         return machines
+
+    def _agent_key(self, instance_id: uuid.UUID) -> str:
+        """The instance's agent credential: what the gateway proves to the machine's gate."""
+        return agent_credential(self._settings.agent_token_secret.get_secret_value(), instance_id)
 
     # --- On disk -------------------------------------------------------------------------
 
@@ -222,10 +231,10 @@ class LocalBackend:
             for entry in self._root.iterdir():
                 other = self._read_spec(entry)
                 if other is not None:
-                    used.update((int(other["vnc_port"]), int(other["agent_port"])))
+                    used.update(int(other[key]) for key in _PORT_KEYS if key in other)
             ports: list[int] = []
             port = self._settings.local_port_range_start
-            while len(ports) < 2:
+            while len(ports) < len(_PORT_KEYS):
                 if port > 65535:
                     raise PermanentError("Could not launch the machine: no free local ports.")
                 if port not in used and _bindable(port):
@@ -238,8 +247,9 @@ class LocalBackend:
                 "owner_id": str(spec.owner_id),
                 "name": spec.name,
                 "control_plane_id": self._settings.control_plane_id,
-                "vnc_port": ports[0],
-                "agent_port": ports[1],
+                # The gate's two ports (what the gateway connects to), then the VNC
+                # server's and the agent's WebSocket's, which only the gate connects to.
+                **dict(zip(_PORT_KEYS, ports, strict=True)),
                 "api_url": self._settings.public_api_url.rstrip("/"),
                 "agent_ws_path": contract.AGENT_WS_PATH,
                 "bootstrap_path": contract.BOOTSTRAP_PATH,
@@ -277,9 +287,7 @@ class LocalBackend:
         # environment (readable in /proc). The agent credential is the one the gateway will
         # present; a real machine learns it at bootstrap.
         secrets = {
-            "agent_token": agent_credential(
-                self._settings.agent_token_secret.get_secret_value(), instance_id
-            ),
+            "agent_token": self._agent_key(instance_id),
             "bootstrap_token": bootstrap_token,
         }
         write_private(directory / SECRETS_FILE, json.dumps(secrets))
@@ -341,28 +349,25 @@ def _machine(record: dict[str, Any], state: MachineState) -> Machine:
     )
 
 
-async def _accepts(port: int) -> bool:
+async def _gate_admits(port: int, key: str) -> bool:
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 1)
+        sock = await asyncio.wait_for(connect_through_gate(HOST, port, key), 2)
     except (OSError, TimeoutError):
         return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+    sock.close()
     return True
 
 
-async def _vnc_greets(port: int) -> bool:
-    """Ready means the VNC server answers with its RFB greeting, not merely listens."""
+async def _desktop_greets(port: int, key: str) -> bool:
+    """Ready means the VNC server, past the machine's gate, answers with its RFB greeting."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 1)
+        sock = await asyncio.wait_for(connect_through_gate(HOST, port, key), 2)
     except (OSError, TimeoutError):
         return False
     try:
-        return (await asyncio.wait_for(reader.readexactly(12), 2)).startswith(b"RFB ")
-    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        greeting = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 12), 2)
+        return greeting.startswith(b"RFB ")
+    except (OSError, TimeoutError):
         return False
     finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        sock.close()

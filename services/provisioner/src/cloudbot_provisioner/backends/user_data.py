@@ -37,6 +37,8 @@ def render_user_data(instance_id: uuid.UUID, api_url: str, bootstrap_token: str)
         "__API_URL__": shlex.quote(api_url.rstrip("/")),
         "__VNC_PORT__": str(contract.VNC_PORT),
         "__AGENT_PORT__": str(contract.AGENT_PORT),
+        "__GATE_VNC_PORT__": str(contract.GATE_VNC_PORT),
+        "__GATE_AGENT_PORT__": str(contract.GATE_AGENT_PORT),
         "__AGENT_WS_PATH__": shlex.quote(contract.AGENT_WS_PATH),
         "__BOOTSTRAP_PATH__": shlex.quote(contract.BOOTSTRAP_PATH),
         "__HEARTBEAT_PATH__": shlex.quote(contract.HEARTBEAT_PATH),

@@ -1,4 +1,13 @@
-"""The CloudBot agent: the machine's WebSocket endpoint, its bootstrap and its heartbeats.
+"""The CloudBot agent: the machine's gate, its WebSocket endpoint, its bootstrap and its
+heartbeats.
+
+The desktop's VNC server and the agent's WebSocket listen on the machine's loopback only.
+The gate is the one way in from the network: it listens on the ports the gateway connects
+to, one in front of each, and admits a connection only once the peer has proved, over
+fresh nonces, that it holds the instance's agent credential (HMAC-SHA256; the protocol is
+described in the control plane's `cloudbot_common/security/gate.py`). Then it relays plain
+bytes. A peer that cannot prove it (a neighbour on the network, a security group left
+open) is closed on without a word.
 
 The same file runs on an EC2 machine (user_data.sh ships it verbatim) and in a local
 sandbox, so it depends on the standard library and `websockets` only, and on nothing of
@@ -7,9 +16,13 @@ the control plane. Configuration comes from the environment:
     CLOUDBOT_INSTANCE_ID        the instance this machine is
     CLOUDBOT_API_URL            the control plane, for bootstrap and heartbeats
     CLOUDBOT_STATE_DIR          where the credential and configuration are kept (0700)
-    CLOUDBOT_AGENT_HOST/PORT    where the WebSocket listens (default 0.0.0.0:7878)
+    CLOUDBOT_AGENT_HOST/PORT    where the WebSocket listens (default 127.0.0.1:7878)
     CLOUDBOT_AGENT_WS_PATH      the WebSocket path (default /ws)
-    CLOUDBOT_VNC_HOST/PORT      the desktop whose health is reported (127.0.0.1:5900)
+    CLOUDBOT_VNC_HOST/PORT      the desktop's VNC server (127.0.0.1:5900)
+    CLOUDBOT_GATE_HOST          where the gate listens (default 0.0.0.0)
+    CLOUDBOT_GATE_VNC_PORT      the gate in front of the VNC server (default 7900)
+    CLOUDBOT_GATE_AGENT_PORT    the gate in front of the WebSocket (default 7901)
+    CLOUDBOT_GATE_FDS           instead, listening sockets handed over: "vnc=3,agent=4"
     CLOUDBOT_BOOTSTRAP_PATH     default /api/agent/bootstrap
     CLOUDBOT_HEARTBEAT_PATH     default /api/agent/heartbeat
     CLOUDBOT_BOOTSTRAP_TOKEN    the single-use bootstrap token (first boot only), or
@@ -29,16 +42,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
 import os
 import random
 import signal
+import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -56,6 +72,14 @@ _CONFIG_FILE = "config.json"
 # A refused token will not become valid by asking again.
 _REFUSED = {401, 403, 404, 410}
 
+_GATE_GREETING = b"CLOUDBOT-GATE/1\n"
+_NONCE_BYTES = 32
+# A peer has this long to prove itself; past it, or past this many unproven connections
+# at once, the gate closes on it.
+_GATE_TIMEOUT = 5.0
+_GATE_MAX_UNPROVEN = 64
+_RELAY_CHUNK = 256 * 1024
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -69,6 +93,11 @@ class AgentConfig:
     vnc_port: int
     bootstrap_path: str
     heartbeat_path: str
+    gate_host: str
+    gate_vnc_port: int
+    gate_agent_port: int
+    # Listening sockets handed over by whoever started us, by what they front.
+    gate_fds: dict[str, int]
 
     @classmethod
     def from_env(cls) -> AgentConfig:
@@ -77,14 +106,110 @@ class AgentConfig:
             instance_id=env["CLOUDBOT_INSTANCE_ID"],
             api_url=env["CLOUDBOT_API_URL"].rstrip("/"),
             state_dir=Path(env.get("CLOUDBOT_STATE_DIR", "/var/lib/cloudbot")),
-            host=env.get("CLOUDBOT_AGENT_HOST", "0.0.0.0"),
+            host=env.get("CLOUDBOT_AGENT_HOST", "127.0.0.1"),
             port=int(env.get("CLOUDBOT_AGENT_PORT", "7878")),
             ws_path=env.get("CLOUDBOT_AGENT_WS_PATH", "/ws"),
             vnc_host=env.get("CLOUDBOT_VNC_HOST", "127.0.0.1"),
             vnc_port=int(env.get("CLOUDBOT_VNC_PORT", "5900")),
             bootstrap_path=env.get("CLOUDBOT_BOOTSTRAP_PATH", "/api/agent/bootstrap"),
             heartbeat_path=env.get("CLOUDBOT_HEARTBEAT_PATH", "/api/agent/heartbeat"),
+            gate_host=env.get("CLOUDBOT_GATE_HOST", "0.0.0.0"),
+            gate_vnc_port=int(env.get("CLOUDBOT_GATE_VNC_PORT", "7900")),
+            gate_agent_port=int(env.get("CLOUDBOT_GATE_AGENT_PORT", "7901")),
+            gate_fds={
+                name: int(fd)
+                for name, _, fd in (
+                    item.partition("=")
+                    for item in env.get("CLOUDBOT_GATE_FDS", "").split(",")
+                    if item
+                )
+            },
         )
+
+
+def _gate_proof(key: str, role: bytes, gate_nonce: bytes, gateway_nonce: bytes) -> bytes:
+    return hmac.new(
+        key.encode(), role + b"\0" + gate_nonce + gateway_nonce, hashlib.sha256
+    ).digest()
+
+
+class Gate:
+    """Admits a connection to a loopback service once the peer proves it holds the key.
+
+    `key` returns the instance's agent credential, or None before the machine knows it
+    (then nobody is admitted). Every refusal looks the same: the connection closes, having
+    received only the greeting and the gate's nonce.
+    """
+
+    def __init__(self, key: Callable[[], str | None]) -> None:
+        self._key = key
+        self._unproven = 0
+
+    async def admit(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int
+    ) -> None:
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        try:
+            if self._unproven >= _GATE_MAX_UNPROVEN:
+                return
+            self._unproven += 1
+            try:
+                upstream = await asyncio.wait_for(
+                    self._prove(reader, writer, host, port), _GATE_TIMEOUT
+                )
+            finally:
+                self._unproven -= 1
+            if upstream is not None:
+                await _relay(reader, writer, *upstream)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for w in (writer, upstream[1] if upstream else None):
+                if w is not None:
+                    w.close()
+
+    async def _prove(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        gate_nonce = os.urandom(_NONCE_BYTES)
+        writer.write(_GATE_GREETING + gate_nonce)
+        answer = await reader.readexactly(2 * _NONCE_BYTES)
+        gateway_nonce, presented = answer[:_NONCE_BYTES], answer[_NONCE_BYTES:]
+        key = self._key()
+        expected = _gate_proof(key or "", b"gateway", gate_nonce, gateway_nonce)
+        if not hmac.compare_digest(presented, expected) or key is None:
+            return None
+        upstream = await asyncio.open_connection(host, port)
+        writer.write(_gate_proof(key, b"gate", gate_nonce, gateway_nonce))
+        return upstream
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        data = await reader.read(_RELAY_CHUNK)
+        if not data:
+            return
+        writer.write(data)
+        await writer.drain()
+
+
+async def _relay(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    up_reader: asyncio.StreamReader,
+    up_writer: asyncio.StreamWriter,
+) -> None:
+    """Both directions until either ends."""
+    pumps = [
+        asyncio.ensure_future(_pipe(reader, up_writer)),
+        asyncio.ensure_future(_pipe(up_reader, writer)),
+    ]
+    try:
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pump in pumps:
+            pump.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
 
 
 class Agent:
@@ -300,6 +425,31 @@ def _post_json(url: str, bearer: str, payload: dict[str, Any]) -> tuple[int, Any
         return status, None
 
 
+async def open_gates(config: AgentConfig, gate: Gate) -> list[asyncio.Server]:
+    """The gate on each port the gateway connects to, in front of its loopback service."""
+    fronts = {
+        "vnc": (config.gate_vnc_port, config.vnc_host, config.vnc_port),
+        "agent": (config.gate_agent_port, config.host, config.port),
+    }
+    servers = []
+    for name, (gate_port, host, port) in fronts.items():
+
+        async def admit(
+            reader: asyncio.StreamReader,
+            writer: asyncio.StreamWriter,
+            host: str = host,
+            port: int = port,
+        ) -> None:
+            await gate.admit(reader, writer, host, port)
+
+        if name in config.gate_fds:
+            sock = socket.socket(fileno=config.gate_fds[name])
+            servers.append(await asyncio.start_server(admit, sock=sock))
+        else:
+            servers.append(await asyncio.start_server(admit, config.gate_host, gate_port))
+    return servers
+
+
 async def main() -> None:
     config = AgentConfig.from_env()
     agent = Agent(config)
@@ -315,10 +465,13 @@ async def main() -> None:
         max_size=1 << 20,
         max_queue=16,
     ):
+        gates = await open_gates(config, Gate(lambda: agent.agent_token))
         log.info("agent listening", extra={"port": config.port})
         beats = asyncio.create_task(agent.heartbeats())
         await stop.wait()
         beats.cancel()
+        for server in gates:
+            server.close()
         with contextlib.suppress(asyncio.CancelledError):
             await beats
 

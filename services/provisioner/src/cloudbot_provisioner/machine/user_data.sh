@@ -12,6 +12,8 @@ INSTANCE_ID=__INSTANCE_ID__
 API_URL=__API_URL__
 VNC_PORT=__VNC_PORT__
 AGENT_PORT=__AGENT_PORT__
+GATE_VNC_PORT=__GATE_VNC_PORT__
+GATE_AGENT_PORT=__GATE_AGENT_PORT__
 AGENT_WS_PATH=__AGENT_WS_PATH__
 BOOTSTRAP_PATH=__BOOTSTRAP_PATH__
 HEARTBEAT_PATH=__HEARTBEAT_PATH__
@@ -44,8 +46,11 @@ cat > /etc/cloudbot/agent.env <<ENV
 CLOUDBOT_INSTANCE_ID=${INSTANCE_ID}
 CLOUDBOT_API_URL=${API_URL}
 CLOUDBOT_STATE_DIR=/var/lib/cloudbot
-CLOUDBOT_AGENT_HOST=0.0.0.0
+CLOUDBOT_AGENT_HOST=127.0.0.1
 CLOUDBOT_AGENT_PORT=${AGENT_PORT}
+CLOUDBOT_GATE_HOST=0.0.0.0
+CLOUDBOT_GATE_VNC_PORT=${GATE_VNC_PORT}
+CLOUDBOT_GATE_AGENT_PORT=${GATE_AGENT_PORT}
 CLOUDBOT_AGENT_WS_PATH=${AGENT_WS_PATH}
 CLOUDBOT_VNC_HOST=127.0.0.1
 CLOUDBOT_VNC_PORT=${VNC_PORT}
@@ -56,8 +61,9 @@ ENV
 chmod 0644 /etc/cloudbot/agent.env
 
 # The desktop: a virtual display, a screen that names the instance, and a VNC server.
-# VNC and the agent listen on every interface: the security group admits the gateway
-# only, never the world.
+# VNC and the agent's WebSocket listen on loopback only; the agent's gate, on
+# GATE_VNC_PORT and GATE_AGENT_PORT, is the one way in, and admits only a peer that proves
+# the instance's credential. The security group (the gateway only) is a second layer.
 cat > /etc/systemd/system/cloudbot-xvfb.service <<UNIT
 [Unit]
 Description=CloudBot virtual display
@@ -92,7 +98,7 @@ After=cloudbot-xvfb.service
 Requires=cloudbot-xvfb.service
 [Service]
 User=cloudbot
-ExecStart=/usr/bin/x11vnc -display :${DISPLAY_NUMBER} -rfbport ${VNC_PORT} -nopw -forever -shared -quiet
+ExecStart=/usr/bin/x11vnc -display :${DISPLAY_NUMBER} -rfbport ${VNC_PORT} -localhost -nopw -forever -shared -quiet
 Restart=always
 RestartSec=1
 [Install]
