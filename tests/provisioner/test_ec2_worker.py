@@ -50,7 +50,7 @@ async def test_full_lifecycle(worker, store, ec2, ec2_env, secret_registry):
     [machine] = machines_tagged(ec2, str(instance_id))
     assert row.backend_instance_id == machine["InstanceId"]
     assert row.host == machine["PrivateIpAddress"]
-    assert (row.vnc_port, row.agent_port) == (5900, 7878)
+    assert (row.vnc_port, row.agent_port) == (7900, 7901)  # the gate, never VNC itself
     tags = {t["Key"]: t["Value"] for t in machine["Tags"]}
     assert tags["cloudbot:instance-id"] == str(instance_id)
     assert tags["cloudbot:owner-id"] == str(owner)

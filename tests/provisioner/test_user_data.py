@@ -41,6 +41,27 @@ def test_user_data_ships_the_agent_verbatim():
     assert shipped == source
 
 
+def test_only_the_gate_listens_beyond_the_machine_s_loopback():
+    script = render_user_data(uuid.uuid4(), "http://api", new_token("cbb_"))
+    [vnc] = [line for line in script.splitlines() if line.startswith("ExecStart=/usr/bin/x11vnc")]
+    # Password-less, so on loopback only: the gate is the way in.
+    assert "-nopw" in vnc
+    assert "-localhost" in vnc.split()
+    env = dict(
+        line.split("=", 1)
+        for line in script.split("<<ENV\n", 1)[1].split("\nENV\n", 1)[0].splitlines()
+    )
+    assert env["CLOUDBOT_AGENT_HOST"] == "127.0.0.1"
+    assert env["CLOUDBOT_VNC_HOST"] == "127.0.0.1"
+    assert env["CLOUDBOT_GATE_HOST"] == "0.0.0.0"
+    assert (env["CLOUDBOT_GATE_VNC_PORT"], env["CLOUDBOT_GATE_AGENT_PORT"]) == (
+        "${GATE_VNC_PORT}",
+        "${GATE_AGENT_PORT}",
+    )
+    assert "GATE_VNC_PORT=7900\n" in script
+    assert "GATE_AGENT_PORT=7901\n" in script
+
+
 def test_backoff_grows_exponentially_with_jitter_up_to_the_cap():
     for attempt, ceiling in [(0, 1), (1, 2), (2, 4), (3, 8), (10, 60)]:
         delays = [backoff_seconds(attempt, cap=60) for _ in range(50)]
