@@ -1,6 +1,6 @@
 """The web console's login: the refresh token in an HttpOnly cookie, spent only by the
 console itself (CSRF header and trusted Origin), rotated like any refresh token; sign out
-of one session or of all of them. Real API process, Postgres and Redis."""
+of one session or of all of them. The API in this process, on real Postgres and Redis."""
 
 from __future__ import annotations
 
@@ -11,20 +11,22 @@ import pytest
 from starlette.responses import Response
 
 from cloudbot_api.auth.cookies import set_refresh_cookie
-from tests.support.api import ApiServer
+from cloudbot_common.settings import Settings
 from tests.support.leaks import SECRETS
 from tests.support.problems import assert_problem
 from tests.support.users import User, make_user, whoami
 
+pytestmark = pytest.mark.fast
+
 COOKIE = "cloudbot_refresh"
 
 
-def origin_of(api_server: ApiServer) -> str:
-    return api_server.url  # PUBLIC_API_URL of the test API
+def origin_of(settings: Settings) -> str:
+    return settings.public_api_url  # where the console is served from
 
 
-def browser_headers(api_server: ApiServer, cookie: str | None = None) -> dict[str, str]:
-    headers = {"Origin": origin_of(api_server), "X-CloudBot-CSRF": "1"}
+def browser_headers(settings: Settings, cookie: str | None = None) -> dict[str, str]:
+    headers = {"Origin": origin_of(settings), "X-CloudBot-CSRF": "1"}
     if cookie is not None:
         headers["Cookie"] = f"{COOKIE}={cookie}"
     return headers
@@ -41,11 +43,11 @@ def set_cookie(r: httpx.Response) -> tuple[str, dict[str, str | bool]]:
     return morsel.value, attributes
 
 
-async def web_login(http: httpx.AsyncClient, api_server: ApiServer, user: User) -> tuple[str, str]:
+async def web_login(http: httpx.AsyncClient, settings: Settings, user: User) -> tuple[str, str]:
     r = await http.post(
         "/api/auth/web/login",
         json={"email": user.email, "password": user.password},
-        headers=browser_headers(api_server),
+        headers=browser_headers(settings),
     )
     assert r.status_code == 200, r.text
     cookie, _ = set_cookie(r)
@@ -53,11 +55,11 @@ async def web_login(http: httpx.AsyncClient, api_server: ApiServer, user: User) 
     return r.json()["access_token"], cookie
 
 
-async def test_web_login_puts_the_refresh_token_in_a_strict_httponly_cookie(http, api_server, user):
+async def test_web_login_puts_the_refresh_token_in_a_strict_httponly_cookie(http, settings, user):
     r = await http.post(
         "/api/auth/web/login",
         json={"email": user.email, "password": user.password},
-        headers=browser_headers(api_server),
+        headers=browser_headers(settings),
     )
     assert r.status_code == 200, r.text
     body = r.json()
@@ -73,11 +75,9 @@ async def test_web_login_puts_the_refresh_token_in_a_strict_httponly_cookie(http
     assert (await whoami(http, body["access_token"])).status_code == 200
 
 
-async def test_the_cookie_refreshes_rotates_and_a_reused_one_ends_the_session(
-    http, api_server, user
-):
-    access, first = await web_login(http, api_server, user)
-    r = await http.post("/api/auth/web/refresh", headers=browser_headers(api_server, first))
+async def test_the_cookie_refreshes_rotates_and_a_reused_one_ends_the_session(http, settings, user):
+    access, first = await web_login(http, settings, user)
+    r = await http.post("/api/auth/web/refresh", headers=browser_headers(settings, first))
     assert r.status_code == 200, r.text
     second, _ = set_cookie(r)
     SECRETS.add(second, r.json()["access_token"])
@@ -86,11 +86,11 @@ async def test_the_cookie_refreshes_rotates_and_a_reused_one_ends_the_session(
     assert (await whoami(http, r.json()["access_token"])).status_code == 200
 
     # The old cookie again (a stolen copy): the whole login session ends, cookie dropped.
-    r = await http.post("/api/auth/web/refresh", headers=browser_headers(api_server, first))
+    r = await http.post("/api/auth/web/refresh", headers=browser_headers(settings, first))
     assert_problem(r, 401, "refresh_token_reused")
     _, dropped = set_cookie(r)
     assert dropped["max-age"] == "0"
-    r = await http.post("/api/auth/web/refresh", headers=browser_headers(api_server, second))
+    r = await http.post("/api/auth/web/refresh", headers=browser_headers(settings, second))
     assert_problem(r, 401, "invalid_refresh_token")
     assert (await whoami(http, access)).status_code == 401
 
@@ -110,10 +110,10 @@ async def test_the_cookie_refreshes_rotates_and_a_reused_one_ends_the_session(
     ids=["other-site", "sibling-origin", "no-origin", "no-header"],
 )
 async def test_cookie_requests_from_anywhere_but_the_console_are_refused(
-    http, api_server, user, headers
+    http, settings, user, headers
 ):
-    _, cookie = await web_login(http, api_server, user)
-    headers = {k: origin_of(api_server) if v == "PUBLIC" else v for k, v in headers.items()}
+    _, cookie = await web_login(http, settings, user)
+    headers = {k: origin_of(settings) if v == "PUBLIC" else v for k, v in headers.items()}
     headers["Cookie"] = f"{COOKIE}={cookie}"
     for path in ("/api/auth/web/refresh", "/api/auth/web/logout"):
         assert_problem(await http.post(path, headers=headers), 403, "csrf_refused")
@@ -124,37 +124,37 @@ async def test_cookie_requests_from_anywhere_but_the_console_are_refused(
     )
     assert_problem(r, 403, "csrf_refused")
     # Nothing was spent: the console itself still refreshes with the same cookie.
-    r = await http.post("/api/auth/web/refresh", headers=browser_headers(api_server, cookie))
+    r = await http.post("/api/auth/web/refresh", headers=browser_headers(settings, cookie))
     assert r.status_code == 200, r.text
     SECRETS.add(set_cookie(r)[0], r.json()["access_token"])
 
 
-async def test_refresh_without_a_cookie_is_unauthorized(http, api_server):
-    r = await http.post("/api/auth/web/refresh", headers=browser_headers(api_server))
+async def test_refresh_without_a_cookie_is_unauthorized(http, settings):
+    r = await http.post("/api/auth/web/refresh", headers=browser_headers(settings))
     assert_problem(r, 401, "invalid_refresh_token")
 
 
-async def test_web_logout_ends_the_session_and_drops_the_cookie(http, api_server, user):
-    access, cookie = await web_login(http, api_server, user)
-    r = await http.post("/api/auth/web/logout", headers=browser_headers(api_server, cookie))
+async def test_web_logout_ends_the_session_and_drops_the_cookie(http, settings, user):
+    access, cookie = await web_login(http, settings, user)
+    r = await http.post("/api/auth/web/logout", headers=browser_headers(settings, cookie))
     assert r.status_code == 204
     _, dropped = set_cookie(r)
     assert dropped["max-age"] == "0"
     assert (await whoami(http, access)).status_code == 401
-    r = await http.post("/api/auth/web/refresh", headers=browser_headers(api_server, cookie))
+    r = await http.post("/api/auth/web/refresh", headers=browser_headers(settings, cookie))
     assert_problem(r, 401, "invalid_refresh_token")
     # The program's session of the same account is not this one: it goes on.
     assert (await whoami(http, user.access_token)).status_code == 200
 
 
-async def test_logout_all_ends_every_session_of_the_account_only(http, api_server, user):
-    web_access, cookie = await web_login(http, api_server, user)
+async def test_logout_all_ends_every_session_of_the_account_only(http, settings, user):
+    web_access, cookie = await web_login(http, settings, user)
     other = await make_user(http)
     r = await http.post("/api/auth/logout-all", headers=user.headers)
     assert r.status_code == 204
     for token in (web_access, user.access_token):
         assert (await whoami(http, token)).status_code == 401
-    r = await http.post("/api/auth/web/refresh", headers=browser_headers(api_server, cookie))
+    r = await http.post("/api/auth/web/refresh", headers=browser_headers(settings, cookie))
     assert_problem(r, 401, "invalid_refresh_token")
     r = await http.post("/api/auth/refresh", json={"refresh_token": user.refresh_token})
     assert_problem(r, 401, "invalid_refresh_token")
