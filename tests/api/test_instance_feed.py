@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 
 from cloudbot_api.instances.router import SSE_KEEPALIVE_SECONDS
-from cloudbot_common.models import InstanceState
+from cloudbot_common.db import create_session_factory, unit_of_work
+from cloudbot_common.events import InstanceStateEvent, publish_instance_event
+from cloudbot_common.models import Instance, InstanceEvent, InstanceState
 from tests.support.instances import create, give_bootstrap_token, move, read_sse_lines
 from tests.support.leaks import SECRETS
 from tests.support.users import make_user
@@ -97,3 +100,33 @@ async def _until_closed(lines: AsyncIterator[str]) -> AsyncIterator[str]:
 async def test_the_feed_needs_a_user(http, headers):
     r = await http.get("/api/instances/events", headers=headers)
     assert r.status_code == 401
+
+
+async def test_the_feed_passes_on_idle_warnings_of_the_users_machines(http, user, db_engine, redis):
+    mine = (await create(http, user, name="mine")).json()["id"]
+    async with http.stream("GET", "/api/instances/events", headers=user.headers) as r:
+        lines = r.aiter_lines()
+        kind, _ = await next_event(lines)
+        assert kind == "snapshot"
+        # What the provisioner's idle sweep writes and announces.
+        reason = "Idle; stops at 2026-12-01T01:00:00+00:00 unless used."
+        async with unit_of_work(create_session_factory(db_engine)) as session:
+            row = await session.get(Instance, uuid.UUID(mine))
+            assert row is not None
+            entry = InstanceEvent(
+                instance_id=row.id, state=row.state, reason=reason, kind="idle_warning"
+            )
+            session.add(entry)
+            await session.flush()
+            event = InstanceStateEvent(
+                event_id=entry.id,
+                instance_id=mine,
+                owner_id=str(row.owner_id),
+                state=row.state,
+                reason=reason,
+            )
+        await publish_instance_event(redis, event)
+        kind, data = await next_event(lines)
+    assert kind == "idle_warning"
+    assert data["id"] == mine
+    assert data["reason"] == reason

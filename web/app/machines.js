@@ -15,6 +15,7 @@ export class Machines {
     this.onOpen = onOpen;
     this.machines = new Map();
     this.errors = new Map(); // machine id -> the last error shown beside it
+    this.warnings = new Map(); // machine id -> its idle warning, until its state changes
     this.controller = null;
     this.form = root.querySelector("#create");
     this.form.addEventListener("submit", (event) => {
@@ -70,8 +71,15 @@ export class Machines {
       document.body.dataset.feed = "live";
     } else if (name === "instance") {
       const before = this.machines.get(body.id);
-      if (before?.state !== body.state) this.announce(`${body.name} is ${body.state}.`);
+      if (before?.state !== body.state) {
+        this.warnings.delete(body.id);
+        this.announce(`${body.name} is ${body.state}.`);
+      }
       this.machines.set(body.id, body);
+    } else if (name === "idle_warning") {
+      const machine = this.machines.get(body.id);
+      this.warnings.set(body.id, body.reason);
+      if (machine) this.announce(`${machine.name}: ${body.reason}`);
     } else if (name === "removed") {
       const gone = this.machines.get(body.id);
       if (gone) this.announce(`${gone.name} is deleted.`);
@@ -118,6 +126,10 @@ export class Machines {
     );
     if (machine.state_reason && state === "failed") {
       item.append(el("p", { className: "note" }, machine.state_reason));
+    }
+    if (this.warnings.has(id)) {
+      item.append(el("p", { className: "warning", dataset: { role: "idle-warning" } },
+        this.warnings.get(id)));
     }
     const actions = el("div", { className: "actions" });
     const button = (action, label, handler, className = "") => {

@@ -69,6 +69,26 @@ class InstanceRepository:
         )
         return result.all()
 
+    async def last_event_id(self) -> int:
+        return await self.session.scalar(select(func.max(InstanceEvent.id))) or 0
+
+    async def owner_events_after(
+        self, owner_id: uuid.UUID, after_id: int, kind: str, limit: int = 100
+    ) -> Sequence[InstanceEvent]:
+        """Events of one kind, of any of the owner's instances, after `after_id`."""
+        result = await self.session.scalars(
+            select(InstanceEvent)
+            .join(Instance, Instance.id == InstanceEvent.instance_id)
+            .where(
+                Instance.owner_id == owner_id,
+                InstanceEvent.id > after_id,
+                InstanceEvent.kind == kind,
+            )
+            .order_by(InstanceEvent.id)
+            .limit(limit)
+        )
+        return result.all()
+
     async def claim_idempotency_key(
         self, user_id: uuid.UUID, key: str, request_hash: str
     ) -> IdempotencyRecord | None:

@@ -105,11 +105,12 @@ async def create_instance(
     description=(
         'The first event is `event: snapshot` with `{"items": [...]}` as `GET /instances` '
         "answers it; then `event: instance` with the whole instance each time one is "
-        'created or changes state or health, and `event: removed` with `{"id": ...}` '
-        "when one is terminated. Each connection starts with a snapshot, so a client "
-        "that reconnects needs no event id. The stream ends when the login session does "
-        "and after SSE_MAX_STREAM_SECONDS, and counts against SSE_MAX_STREAMS_PER_USER "
-        "(429 beyond)."
+        'created or changes state or health, `event: removed` with `{"id": ...}` when '
+        'one is terminated, and `event: idle_warning` with `{"id", "reason", "at"}` when '
+        "one will soon be stopped for being unused. Each connection starts with a "
+        "snapshot, so a client that reconnects needs no event id. The stream ends when "
+        "the login session does and after SSE_MAX_STREAM_SECONDS, and counts against "
+        "SSE_MAX_STREAMS_PER_USER (429 beyond)."
     ),
     response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {}}}, **problem_responses(401, 429)},
@@ -140,12 +141,17 @@ async def _owner_stream(
     unsubscribe = resources.events.on_owner(str(principal.user_id), on_change)
     stale_after = timedelta(seconds=resources.settings.heartbeat_stale_seconds)
     sent: dict[str, dict[str, Any]] | None = None
+    warned_after = 0  # the last instance event seen, for idle warnings
     try:
         while not stream.ended.is_set():
             wake = anyio.Event()  # armed before reading, so nothing published after is missed
             async with resources.sessions() as session:
-                rows = await InstanceRepository(session).list_for_owner(
-                    principal.user_id, include_terminated=False
+                repo = InstanceRepository(session)
+                if sent is None:
+                    warned_after = await repo.last_event_id()
+                rows = await repo.list_for_owner(principal.user_id, include_terminated=False)
+                warnings = await repo.owner_events_after(
+                    principal.user_id, warned_after, "idle_warning"
                 )
             now = {str(r.id): to_out(r, stale_after).model_dump(mode="json") for r in rows}
             if sent is None:
@@ -156,6 +162,14 @@ async def _owner_stream(
                         yield {"event": "instance", "data": json.dumps(out)}
                 for key in sent.keys() - now.keys():
                     yield {"event": "removed", "data": json.dumps({"id": key})}
+            for warning in warnings:
+                warned_after = warning.id
+                data = {
+                    "id": str(warning.instance_id),
+                    "reason": warning.reason,
+                    "at": warning.created_at.isoformat(),
+                }
+                yield {"event": "idle_warning", "data": json.dumps(data)}
             sent = now
             # Woken by the event hub; the timeout re-reads in case a message was lost and
             # to notice health going stale.
