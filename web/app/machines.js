@@ -44,13 +44,18 @@ export class Machines {
   }
 
   // The stream, reopened after a drop with a growing pause; every connection starts with
-  // a snapshot, so nothing is missed meanwhile.
+  // a snapshot, so nothing is missed meanwhile. A stream the server ended after a while
+  // (it bounds their length) is reopened at once.
   async follow(signal) {
     let pause = 1;
     while (!signal.aborted) {
+      const opened = Date.now();
       try {
         await readEvents("/api/instances/events", (name, data) => this.apply(name, data), signal);
-        pause = 1;
+        if (Date.now() - opened > 5000) {
+          pause = 1;
+          continue;
+        }
       } catch (error) {
         if (signal.aborted) return;
         if (error.status === 401) return; // signed out: the page shows the sign-in form
