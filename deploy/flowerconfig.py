@@ -12,6 +12,7 @@ development password. Flower never runs without it.
 from __future__ import annotations
 
 import ast
+import logging as _logging
 from typing import Any
 
 from cloudbot_common.logging import configure_logging, redact_processor
@@ -23,6 +24,9 @@ _settings = _get_settings()
 # redacted), instead of tornado's own console format.
 logging = "none"
 configure_logging("flower", level=_settings.log_level, json_output=_settings.log_json)
+# Flower asks the workers for their state as it starts, usually before they are up: a
+# warning per question it could not get answered is start-up noise.
+_logging.getLogger("flower.inspector").setLevel(_logging.ERROR)
 
 basic_auth = [f"{_settings.flower_user}:{_settings.flower_password.get_secret_value()}"]
 # Flower alone would listen on every interface; compose passes --address=0.0.0.0 inside
@@ -31,8 +35,9 @@ address = "127.0.0.1"
 # Monitoring only: no pool resizing, shutdowns or rate-limit changes from the web page.
 read_only = True
 # What an operator wants to see of a command: its name, the instance it acts on, and how
-# it went.
-tasks_columns = "name,kwargs,state,received,started,runtime,retries,worker,uuid"
+# it went (the result says how long it waited for its machine, over how many attempts;
+# the runtime is the last attempt's).
+tasks_columns = "name,kwargs,state,result,received,started,runtime,retries,worker,uuid"
 max_tasks = 20000
 purge_offline_workers = 3600
 

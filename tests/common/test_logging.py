@@ -85,9 +85,41 @@ def test_leak_scan_finds_secrets_and_token_shapes(tmp_path: Path):
     ]
 
 
-def test_service_logs_are_written_where_the_scan_looks(http):
+async def test_service_logs_are_written_where_the_scan_looks(http):
     # The api_server fixture's log is among the scanned files and really holds log lines,
-    # so a clean scan means something.
+    # so a clean scan means something. (Health probes are not access-logged: ask for
+    # something else.)
+    assert (await http.get("/api/auth/me")).status_code == 401
     logs = list(LOG_DIR.glob("api-*.log"))
     assert logs
     assert any('"event": "request"' in p.read_text() for p in logs)
+
+
+def test_a_terminal_line_is_terse_and_json_keeps_every_field():
+    """Celery's task dict and uvicorn's coloured copy of the message are left out of a
+    terminal's line; production's JSON keeps them. Routine library chatter is quiet in
+    both, its warnings are not."""
+    for json_output in (True, False):
+        out = io.StringIO()
+        configure_logging("test", level="INFO", json_output=json_output, stream=out)
+        try:
+            logging.getLogger("celery.app.trace").info("Task x succeeded", extra={"data": {"a": 1}})
+            logging.getLogger("celery.app.trace").warning("Task x failed")
+            logging.getLogger("celery.beat").info("Scheduler: Sending due task outbox-relay")
+            logging.getLogger("alembic.runtime.plugins").info("setup plugin alembic.x")
+            logging.getLogger("app").info(
+                "ready", extra={"data": {"task": "dict"}, "color_message": "\x1b[1mready"}
+            )
+        finally:
+            logging.getLogger().handlers.clear()
+        lines = out.getvalue().splitlines()
+        assert len(lines) == 2, lines
+        assert "failed" in lines[0]
+        if json_output:
+            ready = json.loads(lines[1])
+            assert ready["data"] == {"task": "dict"}
+            assert ready["color_message"] == "\x1b[1mready"
+        else:
+            assert "ready" in lines[1]
+            assert "task" not in lines[1]
+            assert "color_message" not in lines[1]

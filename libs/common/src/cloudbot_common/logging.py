@@ -31,6 +31,26 @@ _SECRET_TEXT = re.compile(
 )
 REDACTED = "[redacted]"
 
+# Libraries whose INFO lines are never wanted (we write our own access lines).
+_QUIET_LIBRARIES = ("uvicorn.access", "botocore", "aiobotocore", "asyncio")
+# Libraries whose INFO lines are routine: a line per Celery task received and succeeded
+# (with the whole task dict), beat's every schedule tick, start-up chatter (alembic's
+# plugins, Flower's task list, connection notices). Shown at LOG_LEVEL=DEBUG only; their
+# warnings and errors always.
+_ROUTINE_LIBRARIES = (
+    "alembic",
+    "celery.app.trace",
+    "celery.worker.strategy",
+    "celery.worker.request",
+    "celery.worker.consumer",
+    "celery.beat",
+    "kombu",
+    "flower.command",
+)
+# Fields that only repeat the message in another form (uvicorn's coloured copy, Celery's
+# task dict): kept in JSON, left out of a terminal's line.
+_CONSOLE_DROPPED = ("color_message", "data")
+
 
 def redact_text(text: str) -> str:
     def repl(m: re.Match[str]) -> str:
@@ -60,6 +80,14 @@ def redact_processor(
     return event_dict
 
 
+def _drop_console_fields(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key in _CONSOLE_DROPPED:
+        event_dict.pop(key, None)
+    return event_dict
+
+
 def configure_logging(
     service: str, *, level: str = "INFO", json_output: bool = True, stream: TextIO | None = None
 ) -> None:
@@ -76,6 +104,8 @@ def configure_logging(
         if json_output
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    # A terminal shows the line a person reads; machines (JSON) get every field.
+    terse: list[Any] = [] if json_output else [_drop_console_fields]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -89,6 +119,7 @@ def configure_logging(
             structlog.processors.format_exc_info,
             redact_processor,
             lambda _l, _m, ed: {**ed, "service": service},
+            *terse,
             renderer,
         ],
     )
@@ -97,8 +128,12 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("uvicorn.access", "botocore", "aiobotocore", "asyncio"):
+    for noisy in _QUIET_LIBRARIES:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    for routine in _ROUTINE_LIBRARIES:
+        logging.getLogger(routine).setLevel(
+            logging.WARNING if root.level >= logging.INFO else root.level
+        )
     # uvicorn installs its own handlers; send them through ours instead.
     for name in ("uvicorn", "uvicorn.error", "celery", "websockets"):
         lg = logging.getLogger(name)

@@ -17,12 +17,15 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloudbot_api.errors import problem_response
+from cloudbot_common.instance_contract import HEARTBEAT_PATH
 from cloudbot_common.logging import get_logger
 
 log = get_logger("cloudbot_api.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # A request at least this slow always gets its access line, whatever the sampling.
 _SLOW_SECONDS = 0.5
+# Answered many times a minute by design: one line each would bury everything else.
+_ROUTINE_PATHS = frozenset({HEARTBEAT_PATH, "/healthz", "/readyz"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +83,8 @@ class RequestContextMiddleware:
     enqueues, the route's metrics, and an access line.
 
     Access lines of successful, quick requests are sampled at `access_log_sample` (1:
-    all); errors (status >= 400) and slow requests are always logged.
+    all), the routine ones (machines' heartbeats, health probes) at DEBUG only; errors
+    (status >= 400) and slow requests are always logged.
     """
 
     def __init__(
@@ -123,9 +127,16 @@ class RequestContextMiddleware:
                     self.metrics.observe(scope, status, max(answered - started, 0.0))
                 # Sampling needs no secure randomness.
                 sampled = random.random() < self.sample  # noqa: S311
-                if status >= 400 or seconds >= _SLOW_SECONDS or sampled:
+                noteworthy = status >= 400 or seconds >= _SLOW_SECONDS
+                if noteworthy or sampled:
+                    # Routine requests that went well show at LOG_LEVEL=DEBUG only.
+                    emit = (
+                        log.debug
+                        if scope["path"] in _ROUTINE_PATHS and not noteworthy
+                        else log.info
+                    )
                     # The path only: query strings are never logged.
-                    log.info(
+                    emit(
                         "request",
                         method=scope["method"],
                         path=scope["path"],

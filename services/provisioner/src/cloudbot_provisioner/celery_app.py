@@ -10,7 +10,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    beat_init,
+    setup_logging,
+    worker_process_init,
+    worker_process_shutdown,
+)
 
 from cloudbot_common.commands import make_celery
 from cloudbot_common.logging import configure_logging
@@ -77,6 +82,13 @@ def _close_runtime(**_: Any) -> None:
     close_runtime()
 
 
+def _quiet_beat(**_: Any) -> None:
+    # Beat sends only periodic housekeeping, whose tasks send no events (tasks.py): no
+    # task-sent event either, so Flower's list stays the commands people asked for.
+    app.conf.task_send_sent_event = False
+
+
 setup_logging.connect(_configure_logging, weak=False)
+beat_init.connect(_quiet_beat, weak=False)
 worker_process_init.connect(_open_runtime, weak=False)
 worker_process_shutdown.connect(_close_runtime, weak=False)

@@ -9,6 +9,7 @@ by its task name and registered by `register_commands`. Task arguments are ids o
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -73,7 +74,7 @@ def _run_command(
     instance_id: str,
     command_id: str,
     waiting_since: float | None,
-) -> None:
+) -> str | None:
     rt = _runtime()
     iid, cid = uuid.UUID(instance_id), uuid.UUID(command_id)
     # The API request's id travels as a message header (`send_command`), so this task's
@@ -89,17 +90,18 @@ def _run_command(
             outcome = rt.run(steps.run(rt, handler, iid, cid, waiting_since))
         except PermanentError as e:
             rt.run(steps.give_up(rt, command, iid, cid, e.reason))
-            return
+            return None
         except TransientError as e:
             _retry_or_give_up(task, rt, command, iid, cid, e.reason, e)
-            return
+            return None
         except Exception as e:
             # Unknown errors (the database away, a bug) get the same bounded retries.
             log.exception("command step failed unexpectedly")
             error = type(e).__name__
             reason = f"Could not {command.verb} the machine: an internal error ({error})."
             _retry_or_give_up(task, rt, command, iid, cid, reason, e)
-            return
+            return None
+        attempt = int(task.request.retries or 0) + 1
         if isinstance(outcome, steps.Wait):
             # Look again later without holding this worker slot meanwhile.
             rt.run(_requeued(rt, cid, outcome.seconds))
@@ -112,9 +114,21 @@ def _run_command(
                 countdown=outcome.seconds,
                 task_id=command_id,
                 headers={"request_id": request_id} if request_id else None,
+                # Counted as a retry of the one task, so Flower shows the attempts.
+                retries=attempt,
             )
+            return None
+        return _done(attempt, waiting_since)
     finally:
         structlog.contextvars.clear_contextvars()
+
+
+def _done(attempts: int, waiting_since: float | None) -> str:
+    """The command's result as Flower shows it: the whole wait for the machine and the
+    attempts it took (Flower's runtime column is the last attempt's alone)."""
+    if waiting_since is None:
+        return "done at the first attempt"
+    return f"done after {time.time() - waiting_since:.1f} s of waiting and {attempts} attempts"
 
 
 def _retry_or_give_up(
@@ -151,8 +165,8 @@ def register_commands(celery: Celery, dispatch: Mapping[Command, Handler]) -> di
 def _command_task(celery: Celery, command: Command, handler: Handler) -> Any:
     def run(
         self: Any, instance_id: str, command_id: str, waiting_since: float | None = None
-    ) -> None:
-        _run_command(self, command, handler, instance_id, command_id, waiting_since)
+    ) -> str | None:
+        return _run_command(self, command, handler, instance_id, command_id, waiting_since)
 
     run.__name__ = run.__qualname__ = command.verb
     return _task(command.task, celery, bind=True, ignore_result=True)(run)
@@ -160,14 +174,18 @@ def _command_task(celery: Celery, command: Command, handler: Handler) -> Any:
 
 COMMAND_TASKS = register_commands(app, DISPATCH)
 
+# Periodic housekeeping sends no monitoring events: Flower lists the commands people asked
+# for, not a relay tick every few seconds (beat sends no task-sent events either).
+_HOUSEKEEPING: dict[str, Any] = {"ignore_result": True, "send_events": False}
 
-@_task(RELAY_TASK, ignore_result=True)
+
+@_task(RELAY_TASK, **_HOUSEKEEPING)
 def relay_outbox() -> int:
     rt = _runtime()
     return rt.run(outbox_relay.relay(rt))
 
 
-@_task(RECONCILE_TASK, ignore_result=True)
+@_task(RECONCILE_TASK, **_HOUSEKEEPING)
 def reconcile() -> dict[str, int]:
     rt = _runtime()
     try:
@@ -178,7 +196,7 @@ def reconcile() -> dict[str, int]:
         return {}
 
 
-@_task(WEBHOOK_RELAY_TASK, ignore_result=True)
+@_task(WEBHOOK_RELAY_TASK, **_HOUSEKEEPING)
 def relay_webhooks() -> int:
     """Hand each (webhook, machine) pair with a delivery due to a worker."""
     rt = _runtime()
@@ -204,7 +222,7 @@ def deliver_webhooks(webhook_id: str, instance_id: str | None) -> int:
     return rt.run(webhook_delivery.deliver_pair(rt, uuid.UUID(webhook_id), iid))
 
 
-@_task(IDLE_SWEEP_TASK, ignore_result=True)
+@_task(IDLE_SWEEP_TASK, **_HOUSEKEEPING)
 def idle_sweep() -> dict[str, int]:
     """Warn about, then stop, machines nobody has used for their idle time."""
     rt = _runtime()
