@@ -29,7 +29,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from cloudbot_api.main import build_resources, create_app
+from cloudbot_api.main import create_app
 from cloudbot_api.resources import Resources
 from cloudbot_common.db import create_engine
 from cloudbot_common.logging import configure_logging
@@ -177,39 +177,35 @@ def in_process_log() -> Iterator[TextIO]:
 
 
 @pytest.fixture(scope="session")
-async def _in_process_resources(settings: Settings) -> AsyncIterator[Resources]:
-    # Commands go to Celery's in-memory broker: no worker of this run may pick them up.
-    resources = build_resources(settings.model_copy(update={"celery_broker_url": "memory://"}))
-    resources.events.start()
-    yield resources
-    await resources.close()
-
-
-@pytest.fixture(scope="session")
-def _in_process_app(settings: Settings) -> FastAPI:
-    return create_app(settings)
+async def _in_process_api(settings: Settings) -> AsyncIterator[tuple[FastAPI, Resources]]:
+    """The API application, started by its own lifespan as uvicorn would start it, and
+    the resources that made. Commands go to Celery's in-memory broker: no worker of this
+    run may pick them up."""
+    app = create_app(settings.model_copy(update={"celery_broker_url": "memory://"}))
+    async with app.router.lifespan_context(app):
+        yield app, app.state.resources
 
 
 @pytest.fixture
 async def api_app(
-    _in_process_app: FastAPI,
-    _in_process_resources: Resources,
+    _in_process_api: tuple[FastAPI, Resources],
     in_process_log: TextIO,
     db_sessions: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[FastAPI]:
     """The API application in this process, its database sessions inside the test's
     transaction. While the test runs, this process logs as the API does, to a file in
     .test-logs that is scanned like every service's."""
+    app, started = _in_process_api
     root = logging.getLogger()
     level = root.level
     configure_logging("api", level="DEBUG", json_output=True, stream=in_process_log)
     # Every session factory of the API (read-only ones too) works in the test's transaction.
-    resources = copy.copy(_in_process_resources)
+    resources = copy.copy(started)
     for f in dataclasses.fields(resources):
         if isinstance(getattr(resources, f.name), async_sessionmaker):
             setattr(resources, f.name, db_sessions)
-    _in_process_app.state.resources = resources
-    yield _in_process_app
+    app.state.resources = resources
+    yield app
     for handler in [h for h in root.handlers if getattr(h, "stream", None) is in_process_log]:
         root.removeHandler(handler)
     root.setLevel(level)
