@@ -34,10 +34,9 @@ from tests.support.flow import (
     sign_up,
     talk_to_agent,
 )
-from tests.support.harness import kill_local_machines
 from tests.support.leaks import SECRETS
 from tests.support.processes import leftovers
-from tests.support.supervisor import Service, Supervisor, url_of
+from tests.support.supervisor import Service, Supervisor, local_desktops, url_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.vnc]
 
@@ -49,16 +48,7 @@ SIGNUPS_PER_MINUTE = 4
 @pytest.fixture(scope="module")
 def cluster(base_env: dict[str, str], tmp_path_factory) -> Iterator[Supervisor]:
     state = tmp_path_factory.mktemp("scale")
-    env = {
-        **base_env,
-        "LOCAL_DEV_MODE": "true",
-        "LOCAL_STATE_DIR": str(state / "instances"),
-        "LOCAL_PORT_RANGE_START": str(20000 + secrets.randbelow(200) * 100),
-        "MAX_LIVE_INSTANCES_PER_USER": "1",
-        "RATE_LIMIT_SIGNUP": f"{SIGNUPS_PER_MINUTE}/minute",
-        "LOG_LEVEL": "INFO",
-        "GATEWAY_DRAIN_TIMEOUT_SECONDS": "1",
-    }
+    env = local_desktops(base_env, state, RATE_LIMIT_SIGNUP=f"{SIGNUPS_PER_MINUTE}/minute")
     supervisor = Supervisor(env, state)
     api_1, api_2 = supervisor.api("api-1"), supervisor.api("api-2")
     # Desktops call back whichever API; a balancer would sit in front of both.
@@ -69,11 +59,8 @@ def cluster(base_env: dict[str, str], tmp_path_factory) -> Iterator[Supervisor]:
     supervisor.worker("worker-1")
     supervisor.worker("worker-2")
     supervisor.beat()
-    try:
-        with supervisor.running():
-            yield supervisor
-    finally:
-        kill_local_machines(state / "instances")
+    with supervisor.running():
+        yield supervisor
 
 
 def ws_url(service: Service) -> str:

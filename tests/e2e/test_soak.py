@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import statistics
 import time
 from collections.abc import Iterator
@@ -23,10 +22,9 @@ import pytest
 
 from bench.stack import pss_bytes_tree
 from tests.support.flow import Replicas, Timings, whole_flow
-from tests.support.harness import kill_local_machines
 from tests.support.leaks import SECRETS
 from tests.support.processes import LOG_DIR, leftovers
-from tests.support.supervisor import Supervisor, url_of
+from tests.support.supervisor import Supervisor, local_desktops, url_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.vnc]
 
@@ -41,17 +39,7 @@ SERVICES = ["api", "gateway", "worker", "beat"]
 @pytest.fixture(scope="module")
 def local_stack(base_env: dict[str, str], tmp_path_factory) -> Iterator[Supervisor]:
     state = tmp_path_factory.mktemp("soak")
-    env = {
-        **base_env,
-        "LOCAL_DEV_MODE": "true",
-        "LOCAL_STATE_DIR": str(state / "instances"),
-        "LOCAL_PORT_RANGE_START": str(20000 + secrets.randbelow(200) * 100),
-        "MAX_LIVE_INSTANCES_PER_USER": "1",
-        "RATE_LIMIT_ENABLED": "false",
-        "LOG_LEVEL": "INFO",
-        "GATEWAY_DRAIN_TIMEOUT_SECONDS": "1",
-        "DATABASE_POOL_SIZE": "20",
-    }
+    env = local_desktops(base_env, state, RATE_LIMIT_ENABLED="false", DATABASE_POOL_SIZE="20")
     supervisor = Supervisor(env, state)
     api = supervisor.api()
     # The worker's desktops call the API back (bootstrap, heartbeats).
@@ -60,11 +48,8 @@ def local_stack(base_env: dict[str, str], tmp_path_factory) -> Iterator[Supervis
     api.env["PUBLIC_GATEWAY_URL"] = f"ws://127.0.0.1:{gateway.env['GATEWAY_PORT']}"
     supervisor.worker(concurrency=2)
     supervisor.beat()
-    try:
-        with supervisor.running():
-            yield supervisor
-    finally:
-        kill_local_machines(state / "instances")
+    with supervisor.running():
+        yield supervisor
 
 
 def memory(supervisor: Supervisor) -> dict[str, int]:

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from sqlalchemy.engine import make_url
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin
 
 from tests.support.clients import api_client
 from tests.support.faultproxy import FaultProxy
@@ -37,6 +40,7 @@ pytestmark = pytest.mark.slow
 # Every timeout of the stack is 2 s here; a request may meet a few in a row (the pool's
 # ping, a fresh connection, the statement), and must still answer well within this.
 BOUND = 12.0
+ORIGIN = "http://app.test"  # in ALLOWED_WS_ORIGINS of the test environment
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Wire:
     ec2: FaultProxy
     moto: str
     api_url: str
+    gateway_url: str
 
     def peer(self, name: str) -> FaultProxy:
         proxy: FaultProxy = getattr(self, name)
@@ -84,10 +89,18 @@ def wire(base_env: dict[str, str], tmp_path_factory) -> Iterator[Wire]:
         }
         supervisor = Supervisor(env, tmp_path_factory.mktemp("wire"))
         api = supervisor.api()
+        gateway = supervisor.gateway()
         supervisor.worker()
         supervisor.beat()
         with supervisor.running():
-            yield Wire(postgres, redis, ec2, moto, url_of(api))
+            yield Wire(
+                postgres,
+                redis,
+                ec2,
+                moto,
+                url_of(api),
+                f"ws://127.0.0.1:{gateway.env['GATEWAY_PORT']}",
+            )
 
 
 @pytest.fixture
@@ -223,3 +236,26 @@ async def test_ec2_latency_and_dropped_calls(wire, client):
     wire.ec2.cut()
     wire.ec2.flow()
     await all_run(wire, client, user, [slow, cut])
+
+
+@pytest.mark.parametrize("peer", ["postgres", "redis"])
+async def test_the_gateway_refuses_promptly_with_a_503_when_a_peer_stalls(wire, client, peer):
+    """Before the handshake, in the problem shape: the gateway's lookups are bounded too."""
+    user = await make_user(client)
+    r = await create(client, user)
+    assert r.status_code == 202, r.text
+    instance_id = str(r.json()["id"])
+    await all_run(wire, client, user, [instance_id])
+    url = f"{wire.gateway_url}/api/instances/{instance_id}/vnc"
+    with wire.peer(peer).stalled():
+        start = time.monotonic()
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(
+                url, additional_headers=user.headers, origin=Origin(ORIGIN), open_timeout=BOUND
+            ):
+                pass
+        took = time.monotonic() - start
+    assert took < BOUND, f"the gateway took {took:.1f} s"
+    response = refused.value.response
+    assert response.status_code == 503, response.body
+    assert response.headers["Content-Type"].startswith("application/problem+json")

@@ -9,6 +9,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection
 
+from tests.support.flow import ByteStream
 from tests.support.gateway import (
     ORIGIN,
     Desktop,
@@ -18,23 +19,6 @@ from tests.support.gateway import (
     ticket_for,
     ws_connect,
 )
-
-
-class ByteStream:
-    """The relayed TCP stream, read across WebSocket message boundaries."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.buffer = bytearray()
-
-    async def read(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            message = await self.ws.recv()
-            assert isinstance(message, bytes), "the VNC channel carries binary frames only"
-            self.buffer += message
-        data = bytes(self.buffer[:n])
-        del self.buffer[:n]
-        return data
 
 
 async def rfb_session(ws: ClientConnection, desktop: Desktop) -> None:

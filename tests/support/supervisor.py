@@ -7,6 +7,7 @@ the system itself to settle.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import signal
 import socket
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from cloudbot_common.commands import make_celery
 from cloudbot_common.settings import Settings
+from tests.support.harness import kill_local_machines, worker_argv
 from tests.support.processes import PYTHON, Process, free_port, http_ok, wait_for
 
 CELERY = [PYTHON, "-m", "celery", "--app=cloudbot_provisioner.worker"]
@@ -91,16 +93,7 @@ class Supervisor:
             Settings(redis_url=broker, celery_broker_url=broker, environment="test"),
             "tests-control",
         ).control
-        argv = [
-            *CELERY,
-            "worker",
-            "--queues=provisioning",
-            f"--concurrency={concurrency}",
-            f"--hostname={node}",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel=INFO",
-        ]
+        argv = worker_argv(node, self.state_dir, concurrency=concurrency, beat=False)
         return self._add(
             Service(name, argv, self.env, lambda _: bool(control.ping([node], timeout=0.5)))
         )
@@ -130,6 +123,24 @@ class Supervisor:
         finally:
             for service in self.services.values():
                 service.stop()
+            if self.env.get("LOCAL_DEV_MODE") == "true":
+                # Local desktops outlive their worker, as machines do: end what is left.
+                kill_local_machines(Path(self.env["LOCAL_STATE_DIR"]))
+
+
+def local_desktops(base_env: dict[str, str], state_dir: Path, **extra: str) -> dict[str, str]:
+    """Settings of a stack whose machines are local desktops under `state_dir`, one per
+    user, with a gateway that does not wait long for open desktops when stopped."""
+    return {
+        **base_env,
+        "LOCAL_DEV_MODE": "true",
+        "LOCAL_STATE_DIR": str(state_dir / "instances"),
+        "LOCAL_PORT_RANGE_START": str(20000 + secrets.randbelow(200) * 100),
+        "MAX_LIVE_INSTANCES_PER_USER": "1",
+        "LOG_LEVEL": "INFO",
+        "GATEWAY_DRAIN_TIMEOUT_SECONDS": "1",
+        **extra,
+    }
 
 
 def url_of(service: Service) -> str:
