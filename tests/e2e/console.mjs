@@ -28,7 +28,9 @@ const browser = await chromium.launch({
 const context = await browser.newContext({
   viewport: { width, height }, hasTouch: phone, isMobile: phone, deviceScaleFactor: 1,
 });
-await context.grantPermissions(["clipboard-read", "clipboard-write"], { origin: env.API_URL });
+// A client address of this run's own (through the test's trusted proxy), so that the
+// rate limits it runs into are its own.
+await context.setExtraHTTPHeaders({ "X-Forwarded-For": env.CLIENT_ADDRESS });
 
 function watch(page) {
   page.on("console", (message) => {
@@ -349,6 +351,18 @@ try {
   await page.waitForSelector("body[data-view=auth]", T);
   checks.afterSignOutEverywhere = await page.getAttribute("body", "data-view");
   await screen("signed-out");
+
+  // Signing in too often: the form says how long to wait.
+  await page.fill("#signin-email", env.EMAIL);
+  for (let i = 0; i < 15; i += 1) {
+    await page.fill("#signin-password", "not the password");
+    await page.click("#signin button[type=submit]");
+    await page.waitForSelector("#signin .error:not(:empty)", T);
+    checks.signinRefusal = await page.textContent("#signin .error");
+    if (checks.signinRefusal.startsWith("Too many")) break;
+    await page.evaluate(() => { document.querySelector("#signin .error").textContent = ""; });
+  }
+  await screen("rate-limited");
   console.log(JSON.stringify({ result: { checks } }));
 } catch (error) {
   await page.screenshot({ path: `${env.ARTIFACTS}/failure.png` }).catch(() => {});

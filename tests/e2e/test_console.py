@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.clients import fake_client_address
 from tests.support.gateway import gateway_env
 from tests.support.harness import FAST_RETRIES, kill_local_machines, provisioner
 from tests.support.leaks import SECRETS
@@ -116,6 +118,7 @@ async def drive(stack: Stack, viewport: str) -> dict[str, object]:
             "PASSWORD": password,
             "KEYS": ",".join(keys),
             "ARTIFACTS": str(artifacts),
+            "CLIENT_ADDRESS": fake_client_address(),
         },
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
@@ -199,6 +202,8 @@ async def test_a_person_does_everything_in_the_console(stack: Stack, viewport: s
     # Signed out everywhere: another open tab and a reload show the sign-in form.
     assert checks["afterSignOutEverywhere"] == "auth"
     assert checks["otherTabAfterSignOut"] == "auth"
+    # Too many sign-ins: refused, with the wait said where the person acted.
+    assert re.fullmatch(r"Too many requests: try again in \d+ seconds?\.", checks["signinRefusal"])
     # No sideways scroll on any screen, and no accessibility violations axe can find.
     assert checks["overflow"] == {}, checks["overflow"]
     assert checks["axe"] == {}, checks["axe"]
