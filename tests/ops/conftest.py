@@ -7,15 +7,18 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import subprocess
 from collections.abc import Iterator
 
-import asyncpg
 import pytest
-from redis.asyncio import Redis
 
-from tests.support.databases import PG_ADMIN, REDIS_BASE
-from tests.support.processes import PYTHON
+from tests.support.databases import (
+    REDIS_BASE,
+    database_url,
+    drop_database,
+    flush_redis,
+    migrate,
+)
+from tests.support.dev_stack import Stack, run_stack
 
 # Redis dbs 1-7 are left to these tests (the shared test stack uses 8 and up).
 _REDIS_SLOTS = {"metrics": 1, "flower": 2, "stack": 3}
@@ -24,23 +27,6 @@ _REDIS_SLOTS = {"metrics": 1, "flower": 2, "stack": 3}
 def _worker_offset() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     return int(worker.removeprefix("gw") or 0) * len(_REDIS_SLOTS)
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-def _flush(url: str) -> None:
-    async def flush() -> None:
-        client = Redis.from_url(url)
-        await client.flushdb()
-        await client.aclose()
-
-    asyncio.run(flush())
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +39,17 @@ def private_env(
     slot = _REDIS_SLOTS[request.module.REDIS_SLOT] + _worker_offset()
     assert slot < 8, "too many xdist workers for the private Redis dbs"
     redis_url = f"{REDIS_BASE}/{slot}"
-    _flush(redis_url)
+    asyncio.run(flush_redis(redis_url))
     name = f"cloudbot_ops_{slot}_{secrets.token_hex(4)}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    database_url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    env = {**base_env, "DATABASE_URL": database_url, "REDIS_URL": redis_url}
-    subprocess.run(
-        [PYTHON, "-m", "cloudbot_common.migrate", "upgrade", "head"],
-        env={**os.environ, **env},
-        check=True,
-    )
-    yield env
-    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    _flush(redis_url)
+    url = database_url(name)
+    migrate(url)
+    yield {**base_env, "DATABASE_URL": url, "REDIS_URL": redis_url}
+    asyncio.run(drop_database(name))
+    asyncio.run(flush_redis(redis_url))
+
+
+@pytest.fixture(scope="module")
+def stack(private_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The stack exactly as `make dev` runs it, on the module's private database and Redis
+    db (a module may override `private_env` for what `make dev` itself sets)."""
+    yield from run_stack(private_env, tmp_path_factory.mktemp("stack"))

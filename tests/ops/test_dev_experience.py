@@ -14,11 +14,9 @@ import time
 import httpx
 import pytest
 
-from tests.ops.test_local_stack import Stack, stack, wait_for_state
+from tests.support.dev_stack import Stack, wait_for_state
 from tests.support.leaks import SECRETS
 from tests.support.processes import ROOT, wait_for
-
-__all__ = ["stack"]  # the module's stack, exactly as `make dev` runs it
 
 REDIS_SLOT = "stack"
 # Every periodic thing runs at least every 2 s here (by default: heartbeats every 30 s,

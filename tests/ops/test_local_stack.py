@@ -10,12 +10,7 @@ import secrets
 import shutil
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from importlib.util import find_spec
-from pathlib import Path
-from typing import BinaryIO
 
 import httpx
 import pytest
@@ -23,12 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 from websockets.typing import Origin, Subprotocol
 
+from tests.support.dev_stack import Stack, processes_with, wait_for_state
 from tests.support.leaks import SECRET_NAME, SECRETS
-from tests.support.processes import PYTHON, Process, free_port, wait_for
+from tests.support.processes import PYTHON, wait_for
 
 REDIS_SLOT = "stack"
 ORIGIN = "http://app.test"  # in ALLOWED_WS_ORIGINS of the test environment
-HONCHO = str(Path(PYTHON).with_name("honcho"))
 
 pytestmark = [
     pytest.mark.slow,
@@ -42,127 +37,6 @@ pytestmark = [
         shutil.which("Xvfb") is None, reason="needs Xvfb and x11vnc (make dev installs them)"
     ),
 ]
-
-
-@dataclass
-class Stack:
-    api: str
-    gateway: str
-    flower: str
-    flower_auth: tuple[str, str]
-    honcho: Process
-    marker: str
-    env: dict[str, str]
-    # Held open from the start: the log stays readable even if another test session
-    # sharing this work tree clears .test-logs meanwhile.
-    log: BinaryIO
-
-    def log_text(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-
-def processes_with(marker: str) -> list[int]:
-    """Pids whose environment carries `marker` (every process the stack started)."""
-    found = []
-    needle = marker.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-@pytest.fixture(scope="module")
-def stack(private_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    api_port, gateway_port, flower_port = free_port(), free_port(), free_port()
-    api_metrics_port, gateway_metrics_port = free_port(), free_port()
-    marker = f"cloudbot-ops-stack-{secrets.token_hex(4)}"
-    flower_auth = ("ops", "flower-" + secrets.token_urlsafe(18))
-    SECRETS.add(flower_auth[1])
-    state = tmp_path_factory.mktemp("stack")
-    env = {
-        **private_env,
-        # What `make dev` sets, then what keeps this stack apart from anything else running.
-        "LOG_JSON": "false",
-        "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "CONTROL_PLANE_ID": marker,
-        "API_PORT": str(api_port),
-        "PUBLIC_API_URL": f"http://127.0.0.1:{api_port}",
-        "GATEWAY_PORT": str(gateway_port),
-        "API_METRICS_PORT": str(api_metrics_port),
-        "GATEWAY_METRICS_PORT": str(gateway_metrics_port),
-        "PUBLIC_GATEWAY_URL": f"ws://127.0.0.1:{gateway_port}",
-        "GATEWAY_DRAIN_TIMEOUT_SECONDS": "2",
-        "FLOWER_PORT": str(flower_port),
-        "FLOWER_USER": flower_auth[0],
-        "FLOWER_PASSWORD": flower_auth[1],
-        "LOCAL_DEV_MODE": "true",
-        "LOCAL_STATE_DIR": str(state / "instances"),
-        "LOCAL_PORT_RANGE_START": str(52000 + secrets.randbelow(40) * 100),
-        "CELERY_BEAT_SCHEDULE": str(state / "celerybeat-schedule"),
-        "WORKER_CONCURRENCY": "1",
-    }
-    honcho = Process(
-        "dev-stack",
-        [HONCHO, "--procfile", "Procfile.dev", "--env", "/dev/null", "start"],
-        env,
-    )
-    stack = Stack(
-        api=f"http://127.0.0.1:{api_port}",
-        gateway=f"http://127.0.0.1:{gateway_port}",
-        flower=f"http://127.0.0.1:{flower_port}",
-        flower_auth=flower_auth,
-        honcho=honcho,
-        marker=marker,
-        env=env,
-        log=honcho.log_path.open("rb"),
-    )
-    try:
-        for url in (
-            f"{stack.api}/readyz",
-            f"{stack.gateway}/readyz",
-            f"{stack.flower}/healthcheck",
-        ):
-            wait_for(answering(honcho, url), 60, url)
-        yield stack
-    except Exception:
-        print(stack.log_text()[-6000:])
-        raise
-    finally:
-        honcho.stop(timeout=20)
-        stack.log.close()
-
-
-def answering(honcho: Process, url: str) -> Callable[[], bool]:
-    def check() -> bool:
-        if not honcho.alive():
-            raise RuntimeError(f"the stack exited:\n{honcho.log_text()[-6000:]}")
-        return httpx.get(url, timeout=1).status_code == 200
-
-    return check
-
-
-def wait_for_state(
-    client: httpx.Client, instance_id: str, state: str, timeout: float, stack: Stack
-) -> dict:
-    deadline = time.monotonic() + timeout
-    seen = None
-    while time.monotonic() < deadline:
-        body = client.get(f"/api/instances/{instance_id}").json()
-        seen = body["state"]
-        if seen == state:
-            return body
-        assert seen != "failed", body
-        time.sleep(0.2)
-    worker = [line for line in stack.log_text().splitlines() if "worker.1" in line]
-    raise AssertionError(
-        f"instance stayed {seen}, never {state}; the worker said:\n" + "\n".join(worker[-60:])
-    )
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
