@@ -27,21 +27,28 @@ PING_AFTER_IDLE_SECONDS = 5.0
 
 
 def create_engine(
-    settings: Settings, *, pool_size: int | None = None, autocommit: bool = False
+    settings: Settings,
+    *,
+    pool_size: int | None = None,
+    max_overflow: int = 5,
+    autocommit: bool = False,
 ) -> AsyncEngine:
     """The process's engine. `autocommit`: connections that run each statement on its own
     (no BEGIN, no COMMIT or ROLLBACK), for work that only reads; a pool of their own, so
-    that no connection switches its isolation level back and forth per checkout."""
+    that no connection switches its isolation level back and forth per checkout.
+
+    `max_overflow`: connections opened beyond the pool under a burst and closed when
+    returned. Under steady concurrency above the pool an asyncio pool keeps closing
+    returned overflow connections while others wait and opening new ones (a Postgres
+    backend started per request): a process that serves steady concurrency (the API) is
+    better off with a pool of the size it needs and none."""
     options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
     command_timeout = settings.database_command_timeout_seconds
     engine = create_async_engine(
         settings.database_url,
         **options,
         pool_size=pool_size or settings.database_pool_size,
-        # No overflow: under a burst an asyncio pool discards returned overflow connections
-        # while waiters are queued, and opens new ones for the next (a Postgres backend
-        # started per request). Waiting briefly for a pooled connection is cheaper.
-        max_overflow=0,
+        max_overflow=max_overflow,
         pool_recycle=1800,
         pool_timeout=settings.database_pool_timeout_seconds,
         connect_args={

@@ -51,8 +51,9 @@ Every error is an [RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) problem doc
 
 
 def build_resources(settings: Settings) -> Resources:
-    engine = create_engine(settings)
-    read_engine = create_engine(settings, autocommit=True)
+    # No overflow (see create_engine): a request waits briefly for a pooled connection.
+    engine = create_engine(settings, max_overflow=0)
+    read_engine = create_engine(settings, max_overflow=0, autocommit=True)
     redis = redis_client(settings, decode_responses=True)
     events = EventHub(redis)
     return Resources(
