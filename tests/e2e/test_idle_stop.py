@@ -145,12 +145,12 @@ async def test_an_unused_machine_is_stopped_and_a_working_one_is_not(
     )
 
     audit = (await client.get("/api/user/audit", headers=user.headers)).json()["items"]
-    idle_stops = [
-        e
-        for e in audit
+    commands = [
+        (e["actor"].split(":")[0], e["details"]["command"], e["details"].get("reason"))
+        for e in reversed(audit)
         if e["action"] == "instance.command" and e["target"] == f"instance:{idle['id']}"
     ]
-    assert [(e["actor"], e["details"]["reason"]) for e in idle_stops][:1] == [("system", "idle")]
+    assert commands == [("session", "provision", None), ("system", "stop", "idle")]
     sessions = [e["action"] for e in audit if e["target"] == f"instance:{busy['id']}"]
     assert "gateway.session_opened" in sessions
     assert "gateway.session_closed" in sessions

@@ -71,6 +71,7 @@ _STATE_FILE = "agent.json"
 _CONFIG_FILE = "config.json"
 # A refused token will not become valid by asking again.
 _REFUSED = {401, 403, 404, 410}
+BOOTSTRAP_TIMEOUT_SECONDS = 120.0
 
 _GATE_GREETING = b"CLOUDBOT-GATE/1\n"
 _NONCE_BYTES = 32
@@ -290,7 +291,11 @@ class Agent:
         url = self.config.api_url + self.config.bootstrap_path
         delay = 1.0
         while True:
-            status, body = await asyncio.to_thread(_post_json, url, token, {})
+            # The token works once: an answer lost to a timeout cannot be asked for again,
+            # so wait for it as long as a slow control plane may take.
+            status, body = await asyncio.to_thread(
+                _post_json, url, token, {}, BOOTSTRAP_TIMEOUT_SECONDS
+            )
             if status == 200 and isinstance(body, dict) and body.get("credential"):
                 self._save(body)
                 _forget_bootstrap_token()
@@ -403,7 +408,9 @@ def write_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _post_json(url: str, bearer: str, payload: dict[str, Any]) -> tuple[int, Any]:
+def _post_json(
+    url: str, bearer: str, payload: dict[str, Any], timeout: float = 10
+) -> tuple[int, Any]:
     """POST JSON with a bearer token; (status, parsed body). Status 0: no answer."""
     request = urllib.request.Request(  # noqa: S310 - the URL is the operator's API URL
         url,
@@ -412,7 +419,7 @@ def _post_json(url: str, bearer: str, payload: dict[str, Any]) -> tuple[int, Any
         headers={"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
             raw = response.read()
             status = int(response.status)
     except urllib.error.HTTPError as e:
