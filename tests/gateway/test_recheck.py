@@ -1,23 +1,26 @@
 """The fallback for missed events: the periodic re-check ends sessions whose instance
 left `running` or whose login ended, reading Postgres and Redis rather than the cache
-the missed events would have updated."""
+the missed events would have updated, and Postgres alone for logins while Redis is away."""
 
 from __future__ import annotations
 
 import uuid
 
+import httpx
 from redis.asyncio import Redis
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cloudbot_common.events import EventHub, revoked_session_key
-from cloudbot_common.models import Instance, InstanceState
+from cloudbot_common.models import Instance, InstanceState, LoginSession
 from cloudbot_common.revocations import RevocationWatch
+from cloudbot_common.settings import Settings
 from cloudbot_common.tickets import Channel
 from cloudbot_gateway.metrics import Metrics
 from cloudbot_gateway.sessions import SessionRegistry
 from cloudbot_gateway.targets import TargetDirectory
-from tests.support.gateway import Owner, add_instance
+from tests.support.gateway import Owner, add_instance, make_owner
+from tests.support.processes import free_port
 
 
 async def test_recheck_ends_sessions_changed_behind_its_back(
@@ -66,3 +69,47 @@ async def test_recheck_ends_sessions_changed_behind_its_back(
     for session in sessions.values():
         registry.detach(session, "test")
     await registry.aclose()
+
+
+async def test_recheck_asks_postgres_while_redis_is_away(
+    db_engine: AsyncEngine, redis: Redis, owner: Owner, http: httpx.AsyncClient, settings: Settings
+) -> None:
+    ended = await make_owner(http, settings)
+    # Revoked in Postgres, announced, but the marker is gone (Redis lost it), and the
+    # revocation checks cannot reach Redis at all.
+    async with db_engine.begin() as conn:
+        await conn.execute(
+            update(LoginSession)
+            .where(LoginSession.id == ended.session_id)
+            .values(revoked_at=func.now(), revocation_announced_at=func.now())
+        )
+    away = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    hub = EventHub(redis)
+    watch = RevocationWatch(db_engine, away, hub, remember_seconds=60)
+    assert await watch.is_revoked(ended.session_id)
+    assert not await watch.is_revoked(owner.session_id)
+    registry = SessionRegistry(
+        redis,
+        hub,
+        Metrics(),
+        TargetDirectory(db_engine, redis).states,
+        max_per_user=10,
+        idle_timeout=300,
+        revocations=watch,
+    )
+    instance_id = await add_instance(db_engine, owner.id)
+    sessions = []
+    for who in (owner, ended):
+        session = registry.new_session(who.id, who.session_id, instance_id, Channel.VNC, "bearer")
+        await registry.acquire(session)
+        registry.attach(session)
+        sessions.append(session)
+
+    await registry._renew_and_recheck()
+
+    assert not sessions[0].stop.done()
+    assert sessions[1].stop.result().cause == "logout"
+    for session in sessions:
+        registry.detach(session, "test")
+    await registry.aclose()
+    await away.aclose()
