@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection
@@ -24,6 +24,10 @@ from websockets.protocol import State
 
 from cloudbot_common.instance_contract import AGENT_AUTH_HEADER, AGENT_WS_PATH
 from cloudbot_common.security.gate import connect_through_gate
+
+if TYPE_CHECKING:
+    from cloudbot_gateway.connection import GatewayConnection
+    from cloudbot_gateway.sessions import Session
 
 # Write limit of every socket the gateway writes to the instance on (VNC and agent).
 UPSTREAM_WRITE_LIMIT = 64 * 1024
@@ -48,6 +52,22 @@ class Stop(Exception):
         self.cause = cause
 
 
+class AgentUpstream:
+    """The agent's WebSocket: a session's `Upstream` on the agent channel."""
+
+    def __init__(self, agent: ClientConnection) -> None:
+        self.agent = agent
+
+    def bind(self, client: GatewayConnection, session: Session) -> None:
+        """Nothing to pair: messages flow once the handshake is done (`relay`)."""
+
+    async def relay(self, client: GatewayConnection, session: Session) -> str:
+        return await relay_agent(client, self.agent, session, session.stop)
+
+    def abandon(self) -> None:
+        self.agent.transport.abort()
+
+
 async def open_agent(
     host: str,
     port: int,
@@ -56,13 +76,13 @@ async def open_agent(
     connect_timeout: float,
     max_size: int,
     logger: Any,
-) -> ClientConnection:
+) -> AgentUpstream:
     """The agent's own WebSocket, through the machine's gate, with the instance's agent
     credential presented by us (to the gate as a proof, to the agent as a bearer)."""
     async with asyncio.timeout(connect_timeout):
         sock = await connect_through_gate(host, port, credential)
     try:
-        return await connect(
+        agent = await connect(
             f"ws://{host}:{port}{AGENT_WS_PATH}",
             sock=sock,
             additional_headers={AGENT_AUTH_HEADER: f"Bearer {credential}"},
@@ -81,6 +101,7 @@ async def open_agent(
     except BaseException:
         sock.close()
         raise
+    return AgentUpstream(agent)
 
 
 # --- Agent: WebSocket <-> WebSocket, frames and close codes passed through ---------------

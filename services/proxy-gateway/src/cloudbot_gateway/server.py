@@ -15,7 +15,6 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
 
-from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import InvalidHandshake
 from websockets.http11 import Request, Response
@@ -34,19 +33,14 @@ from cloudbot_common.settings import Settings
 from cloudbot_common.tickets import Channel
 from cloudbot_gateway import zerocopy
 from cloudbot_gateway.auth import Authenticator
+from cloudbot_gateway.connection import GatewayConnection
 from cloudbot_gateway.journal import Journal
 from cloudbot_gateway.metrics import Metrics
 from cloudbot_gateway.refusals import Refusal, http_response, not_found
-from cloudbot_gateway.relay import MAX_QUEUE, open_agent, relay_agent
-from cloudbot_gateway.sessions import CLOSE_SHUTDOWN, Session, SessionRegistry
+from cloudbot_gateway.relay import MAX_QUEUE, open_agent
+from cloudbot_gateway.sessions import CLOSE_SHUTDOWN, Session, SessionRegistry, Upstream
 from cloudbot_gateway.targets import TargetDirectory
-from cloudbot_gateway.vnc import (
-    CLIENT_WRITE_LIMIT,
-    DesktopUpstream,
-    VncConnection,
-    open_tcp,
-    relay_vnc,
-)
+from cloudbot_gateway.vnc import CLIENT_WRITE_LIMIT, open_tcp
 
 _log = get_logger(__name__)
 
@@ -56,12 +50,6 @@ UPSTREAM_CONNECT_TIMEOUT = 5.0
 PING_INTERVAL = 20.0
 # Frames queued per direction before the socket stops being read; with max_size this
 # bounds what one client can make us hold.
-
-
-class GatewayConnection(VncConnection):
-    """A client connection, carrying the session its upgrade request was granted."""
-
-    session: Session | None = None
 
 
 def _json(status: HTTPStatus, payload: dict[str, Any]) -> Response:
@@ -206,6 +194,7 @@ class Gateway:
                 HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", "Try again shortly."
             ).response()
         assert isinstance(connection, GatewayConnection)
+        assert session.upstream is not None
         connection.session = session
         peer = connection.remote_address
         session.origin = Origin(
@@ -213,8 +202,7 @@ class Gateway:
             user_agent=request.headers.get("User-Agent"),
             request_id=None,
         )
-        if isinstance(session.upstream, DesktopUpstream):
-            session.upstream.attach(connection, session)
+        session.upstream.bind(connection, session)
         # If the handshake never completes (client gone, server closing), the handler does
         # not run: release what the session holds when the connection goes.
         connection.connection_lost_waiter.add_done_callback(lambda _: self._abandon(session))
@@ -247,11 +235,12 @@ class Gateway:
             principal.user_id, principal.session_id, instance_id, channel, principal.via
         )
         await self.sessions.acquire(session)
+        upstream: Upstream
         try:
             # The machine's gate admits us on this credential, and so does its agent.
             credential = agent_credential(self._agent_secret, instance_id)
             if channel is Channel.VNC:
-                session.upstream = await open_tcp(
+                upstream = await open_tcp(
                     target.host,
                     port,
                     credential,
@@ -259,7 +248,7 @@ class Gateway:
                     zero_copy=self.zero_copy,
                 )
             else:
-                session.upstream = await open_agent(
+                upstream = await open_agent(
                     target.host,
                     port,
                     credential,
@@ -281,17 +270,15 @@ class Gateway:
         except BaseException:
             self.sessions.release_soon(session)
             raise
+        session.upstream = upstream
         return session
 
     def _abandon(self, session: Session) -> None:
         if session.started:
             return
         session.started = True  # run once
-        upstream = session.upstream
-        if isinstance(upstream, DesktopUpstream):
-            upstream.close()
-        elif isinstance(upstream, ClientConnection):
-            upstream.transport.abort()
+        if session.upstream is not None:
+            session.upstream.abandon()
         self.sessions.release_soon(session)
 
     def _select_subprotocol(
@@ -335,7 +322,7 @@ class Gateway:
     async def _handle(self, connection: ServerConnection) -> None:
         assert isinstance(connection, GatewayConnection)
         session = connection.session
-        if session is None or session.started:
+        if session is None or session.upstream is None or session.started:
             return
         self.sessions.attach(session)
         self.journal.opened(session)
@@ -349,10 +336,7 @@ class Gateway:
         )
         cause = "error"
         try:
-            if isinstance(session.upstream, DesktopUpstream):
-                cause = await relay_vnc(connection, session.upstream, session.stop)
-            else:
-                cause = await relay_agent(connection, session.upstream, session, session.stop)
+            cause = await session.upstream.relay(connection, session)
         finally:
             self.sessions.detach(session, cause)
             self.journal.closed(session, cause)

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from redis.asyncio import Redis
 from websockets.frames import CloseCode
@@ -37,6 +37,9 @@ from cloudbot_gateway.metrics import Metrics
 from cloudbot_gateway.refusals import Refusal
 from cloudbot_gateway.relay import Stop
 
+if TYPE_CHECKING:
+    from cloudbot_gateway.connection import GatewayConnection
+
 _log = get_logger(__name__)
 
 LEASE_SECONDS = 90
@@ -51,6 +54,21 @@ CLOSE_IDLE = CloseCode.GOING_AWAY
 CLOSE_SHUTDOWN = CloseCode.SERVICE_RESTART
 
 
+class Upstream(Protocol):
+    """The instance's end of a session: the desktop's VNC server (`vnc.DesktopUpstream`)
+    or the agent's WebSocket (`relay.AgentUpstream`)."""
+
+    def bind(self, client: GatewayConnection, session: Session) -> None:
+        """Pair with the client whose upgrade was granted, before the handshake ends."""
+
+    async def relay(self, client: GatewayConnection, session: Session) -> str:
+        """Relay until either end closes or the session is ended; returns why it ended."""
+        ...
+
+    def abandon(self) -> None:
+        """Let go at once: the handshake never completed."""
+
+
 @dataclass(eq=False, slots=True)
 class Session:
     user_id: uuid.UUID
@@ -60,7 +78,7 @@ class Session:
     via: str
     stop: asyncio.Future[Stop]
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    upstream: Any = None
+    upstream: Upstream | None = None
     origin: Origin | None = None  # the client's address and user agent, for the audit log
     started: bool = False
     bytes_up: int = 0

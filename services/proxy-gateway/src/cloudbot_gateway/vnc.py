@@ -34,12 +34,13 @@ import socket
 from collections import deque
 from typing import cast
 
-from websockets.asyncio.server import ServerConnection
-from websockets.frames import CloseCode, Frame, Opcode
+from websockets.frames import CloseCode
 from websockets.protocol import State
 
 from cloudbot_common.security.gate import connect_through_gate
+from cloudbot_gateway.connection import GatewayConnection
 from cloudbot_gateway.relay import UPSTREAM_WRITE_LIMIT, Meter, Stop
+from cloudbot_gateway.sessions import Session
 from cloudbot_gateway.zerocopy import SpliceSender, frame_header
 
 # The client's socket write limit; above it we stop reading the VNC server.
@@ -48,50 +49,6 @@ CLIENT_WRITE_LIMIT = 64 * 1024
 READ_SIZE = 1024 * 1024
 
 _OPEN = State.OPEN
-_BINARY, _CONT, _TEXT = Opcode.BINARY, Opcode.CONT, Opcode.TEXT
-
-
-class VncConnection(ServerConnection):
-    """A client WebSocket whose binary frames can go straight to a TCP upstream."""
-
-    upstream: DesktopUpstream | None = None
-    # Writes everything to the client while a zero-copy relay runs (see `zerocopy`).
-    sender: SpliceSender | None = None
-
-    def process_event(self, event: object) -> None:
-        upstream = self.upstream
-        if upstream is not None and isinstance(event, Frame):
-            opcode = event.opcode
-            if opcode is _BINARY or opcode is _CONT:
-                upstream.from_client(event.data)
-                return
-            if opcode is _TEXT:
-                upstream.fail(Stop(CloseCode.UNSUPPORTED_DATA, "binary frames only", "protocol"))
-                return
-        super().process_event(event)  # type: ignore[arg-type]
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        if self.upstream is not None:
-            self.upstream.client_drained()
-
-    def send_data(self) -> None:
-        sender = self.sender
-        if sender is None:
-            super().send_data()
-            return
-        for data in self.protocol.data_to_send():
-            if data:
-                sender.send(data)
-            else:
-                sender.send_eof()
-        if self.protocol.state is not _OPEN:
-            sender.stop_reading()  # no data frame may follow a close frame
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.sender is not None:
-            self.sender.close()
-        super().connection_lost(exc)
 
 
 class _ReadBuffer:
@@ -123,19 +80,27 @@ def _shared_buffer() -> _ReadBuffer:
 
 
 class DesktopUpstream:
-    """The TCP connection to the VNC server, relaying to and from one VncConnection."""
+    """The TCP connection to the VNC server, relaying to and from one client connection:
+    a session's `Upstream` on the desktop channel. It takes the client's binary frames
+    as they are parsed (the connection's `frames`)."""
 
-    # Set by attach(), before any byte is relayed.
-    client: VncConnection
+    # Set by bind(), before any byte is relayed.
+    client: GatewayConnection
     meter: Meter
 
     def __init__(self) -> None:
         self.ended: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
 
-    def attach(self, client: VncConnection, meter: Meter) -> None:
+    def bind(self, client: GatewayConnection, session: Session) -> None:
         """Pair with the client connection whose upgrade request was granted."""
-        self.client, self.meter = client, meter
-        client.upstream = self
+        self.client, self.meter = client, session
+        client.frames = self
+
+    async def relay(self, client: GatewayConnection, session: Session) -> str:
+        return await relay_vnc(client, self, session.stop)
+
+    def abandon(self) -> None:
+        self.close()
 
     def start(self) -> None:
         """The handshake is done: let bytes flow."""
@@ -364,7 +329,7 @@ async def open_tcp(
 
 
 async def relay_vnc(
-    client: VncConnection, upstream: DesktopUpstream, stop: asyncio.Future[Stop]
+    client: GatewayConnection, upstream: DesktopUpstream, stop: asyncio.Future[Stop]
 ) -> str:
     """Relay until either end closes or `stop` is set. Returns why the session ended."""
     upstream.start()
@@ -372,7 +337,7 @@ async def relay_vnc(
     try:
         await asyncio.wait((upstream.ended, client_gone, stop), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        client.upstream = None
+        client.frames = None
         upstream.close()
     if stop.done():
         ended = stop.result()

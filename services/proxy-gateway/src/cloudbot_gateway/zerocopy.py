@@ -10,7 +10,7 @@ then the pipe is spliced out to the client.
 
 One `SpliceSender` owns, while the relay runs, everything written to its client: frame
 headers, spliced payloads, and websockets' own control frames (pings, pongs, the close
-frame), which `VncConnection.send_data` hands over instead of writing to the transport.
+frame), which `GatewayConnection.send_data` hands over instead of writing to the transport.
 All of it goes through one queue, in order, so a control frame never lands inside a
 partly written data frame. The sender writes to a duplicate of the client's socket
 descriptor, because the event loop does not let a descriptor its transport owns be
