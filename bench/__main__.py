@@ -34,12 +34,10 @@ from bench.stack import (
     GATEWAY_WORKERS,
     PYTHON,
     Stack,
-    children,
-    cpu_seconds,
-    pss_bytes_tree,
     stack,
 )
 from bench.wsclient import Counter, open_counter
+from cloudbot_common.procfs import children, tree_cpu_seconds, tree_pss_bytes
 from cloudbot_common.settings import Settings
 
 MB = 1e6
@@ -127,11 +125,11 @@ async def throughput(s: Stack, target: str, n: int, seconds: float) -> Throughpu
     try:
         await asyncio.sleep(0.3)  # past connection set-up and slow start
         pid = _relay_pid(s, target)
-        cpu0 = cpu_seconds(pid) if pid else 0.0
+        cpu0 = tree_cpu_seconds(pid) if pid else 0.0
         bytes0, t0 = sum(c.bytes for c in counters), time.perf_counter()
         await asyncio.sleep(seconds)
         bytes1, t1 = sum(c.bytes for c in counters), time.perf_counter()
-        cpu1 = cpu_seconds(pid) if pid else 0.0
+        cpu1 = tree_cpu_seconds(pid) if pid else 0.0
     finally:
         await _close_all(counters)
         if target == "websockify":
@@ -213,11 +211,11 @@ async def idle_memory(s: Stack, target: str, n: int) -> float:
     assert pid is not None
     await _close_all(await _open_many(opener, 50))  # warm up the code paths
     await asyncio.sleep(0.5)
-    before = pss_bytes_tree(pid)
+    before = tree_pss_bytes(pid)
     counters = await _open_many(opener, n)
     try:
         await asyncio.sleep(1.0)
-        after = pss_bytes_tree(pid)
+        after = tree_pss_bytes(pid)
     finally:
         await _close_all(counters)
         if target == "websockify":

@@ -43,10 +43,10 @@ from bench.stack import (
     create_database,
     drop_database,
     free_port,
-    pss_bytes_tree,
     seed,
     start,
 )
+from cloudbot_common.procfs import tree_pss_bytes
 from cloudbot_common.security.passwords import Passwords
 from cloudbot_common.settings import Settings
 
@@ -328,7 +328,7 @@ async def lifecycle(s: ApiStack, plan: ApiPlan) -> dict[str, object]:
             result.written_ms.append((states["running"][0] - sent) * 1e3)
             result.delivered_ms.append((states["running"][1] - sent) * 1e3)
         # Throughput: a burst of creates from 16 clients at once, until all run.
-        pss_before = pss_bytes_tree(s.workers.pid)
+        pss_before = tree_pss_bytes(s.workers.pid)
         limit = asyncio.Semaphore(16)
 
         async def one(n: int) -> str:
@@ -344,7 +344,7 @@ async def lifecycle(s: ApiStack, plan: ApiPlan) -> dict[str, object]:
                 raise RuntimeError("the burst's instances did not all come up")
             await asyncio.sleep(0.02)
         elapsed = time.perf_counter() - started
-        pss_after = pss_bytes_tree(s.workers.pid)
+        pss_after = tree_pss_bytes(s.workers.pid)
     launches = (s.state_dir / "launches").read_text().split()
     return {
         **asdict(result),
@@ -368,7 +368,7 @@ def soak(s: ApiStack, plan: ApiPlan) -> dict[str, object]:
     )  # fmt: skip
     started = time.perf_counter()
     while load.poll() is None:
-        samples.append((time.perf_counter() - started, pss_bytes_tree(s.api.pid)))
+        samples.append((time.perf_counter() - started, tree_pss_bytes(s.api.pid)))
         time.sleep(interval)
     out, _ = load.communicate()
     return {"samples": samples, "load": asdict(_parse_wrk(out))}
@@ -378,8 +378,8 @@ def run_api(settings: Settings, redis_url: str, plan: ApiPlan) -> dict[str, obje
     with api_stack(settings, redis_url, plan) as s, tempfile.TemporaryDirectory() as tmp:
         figures: dict[str, object] = {"cpus": _cpus()}
         figures["pss_start"] = {
-            "api": pss_bytes_tree(s.api.pid),
-            "workers": pss_bytes_tree(s.workers.pid),
+            "api": tree_pss_bytes(s.api.pid),
+            "workers": tree_pss_bytes(s.workers.pid),
         }
         figures["requests"] = requests(s, plan)
         figures["logins"] = logins(s, plan, Path(tmp))

@@ -1,7 +1,7 @@
 """What the benchmark runs against: a throwaway database with a user and a running
 instance pointed at the TCP source, a real access token, and the processes (source,
-gateway, the gateway with its copying relay, websockify), plus CPU and memory readings
-from /proc."""
+gateway, the gateway with its copying relay, websockify). Their CPU and memory are read
+with `cloudbot_common.procfs`."""
 
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ from cloudbot_gateway.workers import available_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Gateway processes under test (GATEWAY_WORKERS). One by default: on a small machine the
 # client and source take about a core themselves (README, Performance).
 GATEWAY_WORKERS = int(os.environ.get("BENCH_GATEWAY_WORKERS", "1")) or available_cpus()
@@ -43,49 +42,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-# --- /proc readings ------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str]:
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of `pid` and all its descendants, the exited (reaped) ones included."""
-    try:
-        fields = _stat_fields(pid)
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    # utime, stime, cutime, cstime are fields 14-17 of stat, 12-15 after the command.
-    total = sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
-    for child in children(pid):
-        total += cpu_seconds(child)
-    return total
-
-
-def children(pid: int) -> list[int]:
-    """The live child processes of `pid` (none once it is gone); the tests use it too."""
-    kids: list[int] = []
-    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                kids += [int(p) for p in (task / "children").read_text().split()]
-    return kids
-
-
-def pss_bytes_tree(pid: int) -> int:
-    """Proportional set size of `pid` and its descendants (shared pages split fairly)."""
-    total = 0
-    # A process gone meanwhile (websockify's children exit all the time) has no file, or
-    # answers ESRCH when its file is read.
-    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                total += int(line.split()[1]) * 1024
-    return total + sum(pss_bytes_tree(c) for c in children(pid))
 
 
 # --- processes -----------------------------------------------------------------------

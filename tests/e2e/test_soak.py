@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.stack import pss_bytes_tree
+from cloudbot_common.procfs import tree_pss_bytes
 from tests.support.flow import Replicas, Timings, whole_flow
 from tests.support.leaks import SECRETS
 from tests.support.processes import LOG_DIR, leftovers
@@ -58,7 +58,7 @@ def memory(supervisor: Supervisor) -> dict[str, int]:
         proc = supervisor[name].proc
         assert proc is not None
         assert proc.alive(), f"{name} died"
-        readings[name] = pss_bytes_tree(proc.pid)
+        readings[name] = tree_pss_bytes(proc.pid)
     return readings
 
 

@@ -9,13 +9,13 @@ import hashlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import CloseCode
 
+from cloudbot_common.procfs import rss_bytes
 from tests.support.gateway import (
     GatewayServer,
     Owner,
@@ -60,13 +60,6 @@ async def until_stalled(count: Callable[[], int], timeout: float = 30) -> None:
             value = count()
             still = still + 1 if value == last else 0
             last = value
-
-
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 async def test_the_zero_copy_path_is_on_by_default(
@@ -194,14 +187,14 @@ async def test_a_slow_reader_stops_the_upstream_instead_of_growing_memory(
         finally:
             writer.close()
 
-    rss_before = _rss(relay_gateway.pid)
+    rss_before = rss_bytes(relay_gateway.pid)
     async with vnc_session(relay_gateway, db_engine, owner, desktop, max_queue=1) as ws:
         await ws.recv()  # read one frame, then stop reading
         await until_stalled(lambda: sent)  # the desktop is blocked
         # Only socket buffers (the kernel's, on four sockets) and the gateway's
         # bounded buffers hold what was sent; nothing like an unbounded queue.
         assert sent < 64 * MiB
-        assert _rss(relay_gateway.pid) - rss_before < 16 * MiB
+        assert rss_bytes(relay_gateway.pid) - rss_before < 16 * MiB
 
         # Reading again lets the desktop carry on.
         blocked_at = sent
@@ -228,7 +221,7 @@ async def test_a_desktop_that_stops_reading_stops_the_client_being_read(
 
     sent = 0
     chunk = bytes(MiB)
-    rss_before = _rss(relay_gateway.pid)
+    rss_before = rss_bytes(relay_gateway.pid)
     async with vnc_session(relay_gateway, db_engine, owner, desktop, write_limit=MiB) as ws:
         done = asyncio.Event()
 
@@ -242,7 +235,7 @@ async def test_a_desktop_that_stops_reading_stops_the_client_being_read(
         try:
             await until_stalled(lambda: sent)  # the client is blocked
             assert sent < 64 * MiB
-            assert _rss(relay_gateway.pid) - rss_before < 16 * MiB
+            assert rss_bytes(relay_gateway.pid) - rss_before < 16 * MiB
 
             # The desktop reads again: the client carries on, and nothing is lost.
             reading.set()

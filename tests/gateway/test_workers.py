@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from bench.stack import children
+from cloudbot_common.procfs import alive, children, socket_count, tcp_listeners
 from cloudbot_gateway.workers import available_cpus, worker_count
 from tests.support.gateway import (
     FakeAgent,
@@ -34,7 +34,6 @@ from tests.support.processes import (
     Process,
     free_port,
     http_ok,
-    pid_alive,
     running,
     wait_for,
 )
@@ -43,18 +42,6 @@ from tests.support.waiting import eventually
 WORKERS = 2
 OPEN = ("cloudbot_gateway_open_sessions", (("channel", "cloudbot"),))
 LISTENING = ("cloudbot_gateway_workers", ())
-
-
-def listeners(port: int) -> int:
-    """Sockets listening on 127.0.0.1:`port` (each worker has its own)."""
-    local = f"0100007F:{port:04X}"
-    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    return sum(1 for row in rows if row.split()[1] == local and row.split()[3] == "0A")
-
-
-def sockets_of(pid: int) -> int:
-    fds = Path(f"/proc/{pid}/fd")
-    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
 
 
 @pytest.fixture
@@ -71,7 +58,7 @@ def workers_gateway(base_env: dict[str, str]) -> Iterator[tuple[GatewayServer, P
     with running(
         "gateway-workers", argv, env, ready=http_ok(f"http://127.0.0.1:{port}/readyz")
     ) as process:
-        wait_for(lambda: listeners(port) == WORKERS, what="every worker listening")
+        wait_for(lambda: tcp_listeners(port) == WORKERS, what="every worker listening")
         yield GatewayServer(port, process.pid, int(env["GATEWAY_METRICS_PORT"])), process
 
 
@@ -96,11 +83,11 @@ class Workers:
     async def spread(self, stack: AsyncExitStack) -> list[ClientConnection]:
         """Sessions on every worker. The kernel hashes each new connection to a worker:
         open sessions until each holds some (the chance of 40 all landing on one is 2^-39)."""
-        before = {pid: sockets_of(pid) for pid in self.pids}
+        before = {pid: socket_count(pid) for pid in self.pids}
         sessions: list[ClientConnection] = []
-        while len(sessions) < 40 and not all(sockets_of(p) > before[p] for p in self.pids):
+        while len(sessions) < 40 and not all(socket_count(p) > before[p] for p in self.pids):
             sessions.append(await self.open(stack))
-        assert all(sockets_of(p) > before[p] for p in self.pids)
+        assert all(socket_count(p) > before[p] for p in self.pids)
         return sessions
 
     async def counted_open(self, expected: int) -> bool:
@@ -138,7 +125,7 @@ async def test_a_dead_worker_is_replaced_and_the_rest_carry_on(workers: Workers)
     supervisor = workers.supervisor
     async with AsyncExitStack() as stack:
         sessions = await workers.spread(stack)
-        held = sockets_of(survivor)
+        held = socket_count(survivor)
         os.kill(victim, signal.SIGKILL)
         await eventually(
             lambda: (
@@ -146,7 +133,9 @@ async def test_a_dead_worker_is_replaced_and_the_rest_carry_on(workers: Workers)
             ),
             what="a new worker",
         )
-        await eventually(lambda: listeners(workers.gateway.port) == WORKERS, what="it listening")
+        await eventually(
+            lambda: tcp_listeners(workers.gateway.port) == WORKERS, what="it listening"
+        )
         assert (await scrape(workers.gateway))[LISTENING] == WORKERS
         # The victim's sessions dropped; the survivor's go on.
         alive = []
@@ -158,7 +147,7 @@ async def test_a_dead_worker_is_replaced_and_the_rest_carry_on(workers: Workers)
             except ConnectionClosed:
                 pass
         assert 0 < len(alive) < len(sessions)
-        assert sockets_of(survivor) >= held
+        assert socket_count(survivor) >= held
         # The dead worker's sessions no longer count.
         await eventually(
             lambda: workers.counted_open(len(alive)), what="the dead worker's sessions uncounted"
@@ -178,8 +167,8 @@ async def test_every_worker_drains_when_the_supervisor_stops_or_dies(
         for ws in sessions:
             await wait_closed(ws)
             assert ws.close_code == 1012
-    await eventually(lambda: not any(pid_alive(p) for p in workers.pids), what="workers gone")
-    assert listeners(workers.gateway.port) == 0
+    await eventually(lambda: not any(alive(p) for p in workers.pids), what="workers gone")
+    assert tcp_listeners(workers.gateway.port) == 0
     if sig == signal.SIGTERM:
         assert workers.supervisor.popen.wait(15) == 0
 

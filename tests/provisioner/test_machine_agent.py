@@ -16,6 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from cloudbot_common import procfs
 from cloudbot_common.instance_contract import AGENT_WS_PATH
 from cloudbot_common.security.gate import GREETING, NONCE_BYTES, GateRefused, connect_through_gate
 from cloudbot_common.security.opaque import agent_credential
@@ -34,18 +35,6 @@ def _outside_address() -> str | None:
         except OSError:
             return None
     return None if address.startswith("127.") else address
-
-
-def _listening_addresses(port: int) -> set[str]:
-    """The local addresses (hex, as the kernel writes them) of TCP listeners on `port`."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, _, state = line.split()[1:4]
-            address, _, hex_port = local.partition(":")
-            if state == "0A" and int(hex_port, 16) == port:
-                found.add(address)
-    return found
 
 
 @pytest.fixture
@@ -107,8 +96,8 @@ async def test_the_websocket_and_the_desktop_listen_on_loopback_only(
     machine: Machine, desktop_port: int
 ) -> None:
     # 0100007F is 127.0.0.1 as /proc/net/tcp writes it; 00000000 would be every interface.
-    assert _listening_addresses(machine.ws_port) == {"0100007F"}
-    assert _listening_addresses(machine.gate_agent) == {"00000000"}
+    assert procfs.tcp_listening_addresses(machine.ws_port) == {"0100007F"}
+    assert procfs.tcp_listening_addresses(machine.gate_agent) == {"00000000"}
     outside = _outside_address()
     if outside is None:
         pytest.skip("this host has no address but loopback")

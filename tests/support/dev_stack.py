@@ -13,6 +13,7 @@ from typing import Any, BinaryIO
 
 import httpx
 
+from cloudbot_common import procfs
 from tests.support.leaks import SECRETS
 from tests.support.processes import PYTHON, Process, free_port, wait_for
 
@@ -39,17 +40,8 @@ class Stack:
 
 def processes_with(marker: str) -> list[int]:
     """Pids whose environment carries `marker` (every process the stack started)."""
-    found = []
     needle = marker.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    return [p.pid for p in procfs.processes() if needle in (procfs.environ(p.pid) or b"")]
 
 
 def run_stack(private_env: dict[str, str], state: Path) -> Iterator[Stack]:

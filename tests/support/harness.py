@@ -29,6 +29,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from cloudbot_common import procfs
 from cloudbot_common.commands import make_celery, publish, request_command
 from cloudbot_common.db import create_session_factory, unit_of_work
 from cloudbot_common.lifecycle import LIFECYCLE, Command, lock_instance
@@ -626,39 +627,22 @@ def machine_group(directory: Path) -> int:
     return int((directory / "machine.pid").read_text())
 
 
-def _live_processes() -> Iterator[tuple[Path, list[str]]]:
-    """Each live process: its /proc folder and its stat fields after the command."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if stat[0] != "Z":
-            yield proc, stat
-
-
 def environments_of(group: int) -> list[bytes]:
     """The environment every live process of the process group started with, as /proc
     shows it to any process of the same user."""
-    found = []
-    for proc, stat in _live_processes():
-        if int(stat[2]) == group:
-            with contextlib.suppress(OSError):
-                found.append((proc / "environ").read_bytes())
-    return found
+    found = (procfs.environ(pid) for pid in procfs.group_members(group))
+    return [env for env in found if env is not None]
 
 
 def processes_of(directory: Path, group: int) -> list[str]:
     """Command lines of every live process of this machine: its process group, and
     anything naming its directory."""
     found = []
-    for proc, stat in _live_processes():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
+    for process in procfs.processes():
+        args = procfs.cmdline(process.pid)
+        if args is None:
             continue
-        if int(stat[2]) == group or str(directory) in cmdline:
+        cmdline = b" ".join(args).decode()
+        if process.pgrp == group or str(directory) in cmdline:
             found.append(cmdline)
     return found

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from cloudbot_common import procfs
+
 ROOT = Path(__file__).resolve().parents[2]
 LOG_DIR = ROOT / ".test-logs"
 
@@ -122,24 +124,11 @@ def _raise_dead(proc: Process) -> bool:
 PYTHON = sys.executable
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not reaped, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def leftovers(state_dir: Path) -> list[str]:
     """Anything of a machine still there: its directory, or a process naming it."""
     found = [str(p) for p in state_dir.glob("*") if p.is_dir()] if state_dir.exists() else []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(state_dir).encode() in cmdline:
-                found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    for process in procfs.processes():
+        cmdline = procfs.cmdline(process.pid)
+        if cmdline is not None and any(str(state_dir).encode() in arg for arg in cmdline):
+            found.append(b" ".join(cmdline).decode(errors="replace"))
     return found

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloudbot_common import procfs
 from cloudbot_common.commands import make_celery
 from cloudbot_common.settings import Settings
 from tests.support.harness import kill_local_machines, worker_argv
@@ -150,34 +151,13 @@ def url_of(service: Service) -> str:
 def pid_of_connection(client_port: int) -> int | None:
     """The process holding the local end of a loopback TCP connection from `client_port`
     (for instance the Celery child whose EC2 call the fault proxy holds)."""
-    inode = None
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[1].split(":")[1], 16) == client_port:
-            inode = fields[9]
-            break
-    if inode is None:
-        return None
-    wanted = f"socket:[{inode}]"
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            for fd in (proc / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if fd.readlink().as_posix() == wanted:
-                        return int(proc.name)
-    return None
+    return procfs.tcp_socket_owner(client_port)
 
 
 def wait_dead(pid: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+        if not procfs.alive(pid):
             return
         time.sleep(0.05)
     raise TimeoutError(f"process {pid} still alive")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudbot_common import instance_contract as contract
+from cloudbot_common import procfs
 from cloudbot_common.security.gate import connect_through_gate
 from cloudbot_common.security.opaque import agent_credential
 from cloudbot_common.settings import Settings
@@ -57,41 +58,13 @@ def machine_id_of(instance_id: uuid.UUID | str) -> str:
     return f"{_ID_PREFIX}{instance_id}"
 
 
-# --- Processes (Linux /proc; zombies count as dead, since nobody may reap them) ------------
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields after the command name: state, ppid, pgrp, session, ..."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw.rsplit(")", 1)[1].split()
-
-
-def _alive(pid: int) -> bool:
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat is not None and stat[0] not in ("Z", "X") and int(stat[2]) == pgid:
-                members.append(int(entry.name))
-    return members
-
-
 def _is_machine_process(pid: int, directory: Path) -> bool:
     """Guards against a recycled pid: the process must be this directory's init."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"cloudbot_provisioner.machine.local_machine" in cmdline and any(
-        arg.decode(errors="replace") == str(directory) for arg in cmdline
+    cmdline = procfs.cmdline(pid)
+    return (
+        cmdline is not None
+        and b"cloudbot_provisioner.machine.local_machine" in cmdline
+        and any(arg.decode(errors="replace") == str(directory) for arg in cmdline)
     )
 
 
@@ -271,7 +244,7 @@ class LocalBackend:
             pid = int((directory / PID_FILE).read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) and _is_machine_process(pid, directory) else None
+        return pid if procfs.alive(pid) and _is_machine_process(pid, directory) else None
 
     def _boot(self, directory: Path, bootstrap_token: str | None) -> None:
         """Starts the machine's init, detached; returns once it has recorded its pid."""
@@ -316,21 +289,21 @@ class LocalBackend:
             pgid = int((directory / PID_FILE).read_text().strip())
         except (OSError, ValueError):
             return
-        if _alive(pgid) and not _is_machine_process(pgid, directory):
+        if procfs.alive(pgid) and not _is_machine_process(pgid, directory):
             # The recorded leader's pid now belongs to some other process: its group is
             # not ours to signal, and ours is long gone.
             with contextlib.suppress(OSError):
                 (directory / PID_FILE).unlink()
             return
         for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if not _group_members(pgid):
+            if not procfs.group_members(pgid):
                 break
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, sig)
             deadline = time.monotonic() + grace
-            while _group_members(pgid) and time.monotonic() < deadline:
+            while procfs.group_members(pgid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-        if _group_members(pgid):
+        if procfs.group_members(pgid):
             raise TransientError("Could not stop the local machine: its processes linger.")
         with contextlib.suppress(OSError):
             (directory / PID_FILE).unlink()
