@@ -133,10 +133,6 @@ async function typeToMachine(text) {
   await page.keyboard.press("Enter");
 }
 
-async function state(id) {
-  return page.getAttribute(`li.machine[data-instance="${id}"]`, "data-state").catch(() => null);
-}
-
 try {
   // Sign up.
   await page.goto(`${env.API_URL}/app/`);
@@ -186,8 +182,17 @@ try {
   checks.keysText = await page.textContent("#keys");
   await screen("keys");
 
-  // Create a machine and watch it turn running, live.
+  // Create a machine and watch it turn running, live: every state its row shows.
   const statesSeen = [];
+  await page.exposeFunction("machineState", (value) => {
+    if (statesSeen.at(-1) !== value) statesSeen.push(value);
+  });
+  await page.evaluate(() => {
+    new MutationObserver(() => {
+      const item = document.querySelector("li.machine");
+      if (item) window.machineState(item.dataset.state);
+    }).observe(document.querySelector(".machine-list"), { childList: true, subtree: true });
+  });
   await page.fill("#create-name", "my desk");
   await page.click("#create button[type=submit]");
   await page.waitForSelector("li.machine", T);
@@ -196,7 +201,6 @@ try {
     const item = document.querySelector(`li.machine[data-instance="${id}"]`);
     return item?.dataset.state === "running";
   }, id, { timeout: 90000, polling: 100 });
-  statesSeen.push(await state(id));
   checks.statesSeen = statesSeen;
   checks.navigations = navigations;
   checks.listRequests = listRequests;

@@ -169,6 +169,7 @@ async def test_a_person_does_everything_in_the_console(stack: Stack, viewport: s
     assert not any(secret in json.dumps(checks) for secret in SECRETS.values)
     assert checks["keysAfterRemove"] == ["anthropic"]
     # The machine turned running on the page by itself: no reload, no polling.
+    assert checks["statesSeen"][0] == "pending"
     assert checks["statesSeen"][-1] == "running"
     assert checks["navigations"] == 1
     assert checks["listRequests"] == 0
