@@ -17,7 +17,7 @@ from tests.support.instances import create, read_sse_lines
 from tests.support.users import User, make_user
 
 MAX_STREAMS = 2
-LIFETIME = 6
+LIFETIME = 10
 
 
 @pytest.fixture(scope="module")

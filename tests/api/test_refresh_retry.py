@@ -16,7 +16,7 @@ from tests.support.harness import api_process
 from tests.support.leaks import SECRETS
 from tests.support.users import make_user
 
-WINDOW = 3
+WINDOW = 5
 
 
 @pytest.fixture(scope="module")
