@@ -34,12 +34,12 @@ from cloudbot_api.resources import Resources
 from cloudbot_common.db import create_engine
 from cloudbot_common.logging import configure_logging
 from cloudbot_common.settings import Settings
-from tests.support.api import ApiServer
+from tests.support.api import ApiServer, api_process
 from tests.support.clients import api_client
 from tests.support.databases import REDIS_BASE, REDIS_FIRST_DB, drop_database, flush_redis, migrate
 from tests.support.databases import database_url as url_of
 from tests.support.leaks import SECRETS, SecretRegistry, find_leaks
-from tests.support.processes import LOG_DIR, PYTHON, free_port, http_ok, running
+from tests.support.processes import LOG_DIR
 from tests.support.users import User, make_user
 
 # Fixtures that start processes: a test that uses one is not fast.
@@ -216,15 +216,9 @@ async def api_app(
 
 @pytest.fixture(scope="session")
 def api_server(base_env: dict[str, str]) -> Iterator[ApiServer]:
-    port = free_port()
-    env = {**base_env, "API_PORT": str(port), "PUBLIC_API_URL": f"http://127.0.0.1:{port}"}
-    with running(
-        "api",
-        [PYTHON, "-m", "cloudbot_api"],
-        env,
-        ready=http_ok(f"http://127.0.0.1:{port}/healthz"),
-    ):
-        yield ApiServer(url=f"http://127.0.0.1:{port}", env=env)
+    with api_process(base_env) as url:
+        port = url.rsplit(":", 1)[1]
+        yield ApiServer(url=url, env={**base_env, "API_PORT": port, "PUBLIC_API_URL": url})
 
 
 @pytest.fixture

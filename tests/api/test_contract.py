@@ -20,10 +20,10 @@ import pytest
 
 from cloudbot_common.instance_contract import BOOTSTRAP_PREFIX, CREDENTIAL_PREFIX
 from cloudbot_common.security.opaque import new_token, token_digest
+from tests.support.api import api_process
 from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
-    api_process,
     moto_network,
     moto_server,
     provisioner,

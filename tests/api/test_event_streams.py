@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
+from tests.support.api import api_process
 from tests.support.clients import api_client
-from tests.support.harness import api_process
 from tests.support.instances import create, read_sse_lines
 from tests.support.users import User, make_user
 

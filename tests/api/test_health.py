@@ -5,6 +5,7 @@ import secrets
 
 from cloudbot_common.migrate import head_revision
 from tests.support.api import api_process
+from tests.support.clients import api_client
 from tests.support.databases import database_url, drop_database, migrate
 
 
@@ -13,8 +14,9 @@ async def test_readyz_reports_migrations_behind_head(base_env):
     url = database_url(name)
     await asyncio.to_thread(migrate, url, "0001")
     try:
-        async with api_process(base_env, DATABASE_URL=url) as client:
-            r = await client.get("/readyz")
+        with api_process({**base_env, "DATABASE_URL": url}, "api-behind") as api:
+            async with api_client(api) as client:
+                r = await client.get("/readyz")
         assert r.status_code == 503
         checks = r.json()["checks"]
         assert checks["postgres"] == "ok"

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from tests.support.api import api_process
 from tests.support.clients import api_client
-from tests.support.harness import api_process
 from tests.support.leaks import SECRETS
 from tests.support.users import make_user
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from tests.support.api import api_process
 from tests.support.clients import api_client, fake_client_address
-from tests.support.harness import api_process
 from tests.support.users import make_user
 
 FAILURES_PER_ADDRESS = 3

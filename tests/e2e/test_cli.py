@@ -18,13 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.harness import (
-    AWS_ENV,
-    FAST_RETRIES,
-    api_process,
-    moto_network,
-    provisioner,
-)
+from tests.support.api import api_process
+from tests.support.harness import AWS_ENV, FAST_RETRIES, moto_network, provisioner
 from tests.support.leaks import SECRETS
 
 CLI = shutil.which("cloudbot") or str(Path(__file__).resolve().parents[2] / ".venv/bin/cloudbot")

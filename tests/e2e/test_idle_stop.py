@@ -14,13 +14,8 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.support.harness import (
-    FAST_RETRIES,
-    api_process,
-    kill_local_machines,
-    provisioner,
-    wait_api_state,
-)
+from tests.support.api import api_process
+from tests.support.harness import FAST_RETRIES, kill_local_machines, provisioner, wait_api_state
 from tests.support.processes import PYTHON, free_port, http_ok, running
 from tests.support.users import make_user
 from tests.support.waiting import eventually

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from tests.support.api import api_process
 from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
-    api_process,
     ec2_client,
     machines_tagged,
     moto_network,

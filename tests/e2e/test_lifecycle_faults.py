@@ -17,12 +17,12 @@ from sqlalchemy.pool import NullPool
 
 from cloudbot_common.models import Instance
 from cloudbot_common.security.opaque import token_digest
+from tests.support.api import api_process
 from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
     TOKEN,
     Ec2FaultProxy,
-    api_process,
     ec2_client,
     machines_tagged,
     moto_network,

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.api import api_process
 from tests.support.harness import (
     FAST_RETRIES,
     RFB,
     Db,
-    api_process,
     instance_key,
     kill_local_machines,
     machine_group,

@@ -10,13 +10,13 @@ import pytest
 from sqlalchemy import func, select
 
 from cloudbot_common.models import Instance, OutboxCommand
+from tests.support.api import api_process
 from tests.support.clients import api_client
 from tests.support.harness import (
     AWS_ENV,
     FAST_RETRIES,
     Db,
     RedisServer,
-    api_process,
     ec2_client,
     machines_tagged,
     moto_network,

@@ -15,14 +15,8 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook as Verifier
 
-from tests.support.harness import (
-    AWS_ENV,
-    FAST_RETRIES,
-    api_process,
-    moto_network,
-    provisioner,
-    wait_api_state,
-)
+from tests.support.api import api_process
+from tests.support.harness import AWS_ENV, FAST_RETRIES, moto_network, provisioner, wait_api_state
 from tests.support.leaks import SECRETS
 from tests.support.users import make_user
 from tests.support.waiting import eventually

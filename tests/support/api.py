@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-import httpx
-
-from tests.support.clients import api_client
 from tests.support.processes import PYTHON, free_port, http_ok, running
 
 
@@ -20,15 +17,15 @@ class ApiServer:
     env: dict[str, str]
 
 
-@contextlib.asynccontextmanager
-async def api_process(
-    base_env: dict[str, str], name: str = "api-variant", **overrides: str
-) -> AsyncIterator[httpx.AsyncClient]:
-    """Run the API with `overrides` on top of `base_env`; yield a client of it."""
+@contextlib.contextmanager
+def api_process(env: dict[str, str], name: str = "api") -> Iterator[str]:
+    """The API with these settings; yields its base URL (also its PUBLIC_API_URL)."""
     port = free_port()
-    env = {**base_env, **overrides, "API_PORT": str(port)}
+    url = f"http://127.0.0.1:{port}"
     with running(
-        name, [PYTHON, "-m", "cloudbot_api"], env, ready=http_ok(f"http://127.0.0.1:{port}/healthz")
+        name,
+        [PYTHON, "-m", "cloudbot_api"],
+        {**env, "API_PORT": str(port), "PUBLIC_API_URL": url},
+        ready=http_ok(f"{url}/healthz"),
     ):
-        async with api_client(f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
+        yield url

@@ -41,7 +41,6 @@ from tests.support.processes import (
     PYTHON,
     Process,
     free_port,
-    http_ok,
     running,
     tcp_open,
     wait_for,
@@ -543,20 +542,6 @@ class Db:
 
 
 # --- The real API, as a process, for lifecycle tests through HTTP ---------------------------
-
-
-@contextlib.contextmanager
-def api_process(env: dict[str, str], name: str = "api") -> Iterator[str]:
-    """The API with these settings; yields its base URL (also its PUBLIC_API_URL)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with running(
-        name,
-        [PYTHON, "-m", "cloudbot_api"],
-        {**env, "API_PORT": str(port), "PUBLIC_API_URL": url},
-        ready=http_ok(f"{url}/healthz"),
-    ):
-        yield url
 
 
 async def wait_api_state(
