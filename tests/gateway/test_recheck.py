@@ -8,11 +8,11 @@ import uuid
 
 import httpx
 from redis.asyncio import Redis
-from sqlalchemy import func, update
+from sqlalchemy import func, insert, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cloudbot_common.events import EventHub, revoked_session_key
-from cloudbot_common.models import Instance, InstanceState, LoginSession
+from cloudbot_common.models import Instance, InstanceState, LoginSession, PersonalAccessToken
 from cloudbot_common.revocations import RevocationWatch
 from cloudbot_common.settings import Settings
 from cloudbot_common.tickets import Channel
@@ -113,3 +113,59 @@ async def test_recheck_asks_postgres_while_redis_is_away(
         registry.detach(session, "test")
     await registry.aclose()
     await away.aclose()
+
+
+async def test_recheck_ends_sessions_whose_revocation_never_reached_redis(
+    db_engine: AsyncEngine, redis: Redis, owner: Owner, http: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Revoked in Postgres, but no marker and no event (the write failed, or Redis lost it
+    since): a login, and a personal access token a session was opened with."""
+    ended = await make_owner(http, settings)
+    token_id = uuid.uuid4()
+    async with db_engine.begin() as conn:
+        await conn.execute(
+            update(LoginSession)
+            .where(LoginSession.id == ended.session_id)
+            .values(revoked_at=func.now(), revocation_announced_at=func.now())
+        )
+        await conn.execute(
+            insert(PersonalAccessToken).values(
+                id=token_id,
+                user_id=owner.id,
+                name="ci",
+                scope="write",
+                token_digest=uuid.uuid4().hex,
+                hint="cbp_x",
+                revoked_at=func.now(),
+            )
+        )
+    hub = EventHub(redis)
+    registry = SessionRegistry(
+        redis,
+        hub,
+        Metrics(),
+        TargetDirectory(db_engine, redis).states,
+        max_per_user=10,
+        idle_timeout=300,
+        revocations=RevocationWatch(db_engine, redis, hub, remember_seconds=60),
+    )
+    instance_id = await add_instance(db_engine, owner.id)
+    sessions = []
+    for user_id, login in (
+        (owner.id, owner.session_id),
+        (ended.id, ended.session_id),
+        (owner.id, token_id),
+    ):
+        session = registry.new_session(user_id, login, instance_id, Channel.VNC, "bearer")
+        await registry.acquire(session)
+        registry.attach(session)
+        sessions.append(session)
+
+    await registry._renew_and_recheck()
+
+    assert not sessions[0].stop.done()
+    assert sessions[1].stop.result().cause == "logout"
+    assert sessions[2].stop.result().cause == "logout"
+    for session in sessions:
+        registry.detach(session, "test")
+    await registry.aclose()

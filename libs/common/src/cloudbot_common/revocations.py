@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cloudbot_common.events import EventHub, revoke_login_session, revoked_session_key
 from cloudbot_common.logging import get_logger
-from cloudbot_common.models import LoginSession
+from cloudbot_common.models import LoginSession, PersonalAccessToken
 
 _log = get_logger(__name__)
 
@@ -78,7 +78,9 @@ class RevocationWatch:
             return bool(await self.revoked_in_database([session_id]))
 
     async def revoked_among(self, session_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
-        """Which of `session_ids` are revoked: Redis's markers, or Postgres without Redis."""
+        """Which of `session_ids` (login sessions, or personal access tokens standing in
+        for one) are revoked, by Redis's markers and by Postgres alike: for the periodic
+        re-check of long-lived sessions, which so never outlive a marker that was lost."""
         ids = list(session_ids)
         found = {i for i in ids if i in self.pending}
         try:
@@ -86,20 +88,31 @@ class RevocationWatch:
                 for session_id in ids:
                     pipe.exists(revoked_session_key(session_id))
                 marked = await pipe.execute()
-        except REDIS_FAILURES:
-            return found | await self.revoked_in_database(ids)
-        return found | {i for i, yes in zip(ids, marked, strict=True) if yes}
+        except REDIS_FAILURES as exc:
+            _log.warning("revocation markers unreadable; asking Postgres", error=type(exc).__name__)
+        else:
+            found |= {i for i, yes in zip(ids, marked, strict=True) if yes}
+        return found | await self.revoked_in_database(ids)
 
     async def revoked_in_database(self, session_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of `session_ids` Postgres says are revoked: login sessions, and personal
+        access tokens (whose id is the session of what was opened with them)."""
         if not session_ids:
             return set()
+        ids = list(session_ids)
         async with self._engine.connect() as conn:
-            rows = await conn.scalars(
+            logins = await conn.scalars(
                 select(LoginSession.id).where(
-                    LoginSession.id.in_(list(session_ids)), LoginSession.revoked_at.is_not(None)
+                    LoginSession.id.in_(ids), LoginSession.revoked_at.is_not(None)
                 )
             )
-            return set(rows)
+            found = set(logins)
+            tokens = await conn.scalars(
+                select(PersonalAccessToken.id).where(
+                    PersonalAccessToken.id.in_(ids), PersonalAccessToken.revoked_at.is_not(None)
+                )
+            )
+            return found | set(tokens)
 
     def _refuse(self, session_ids: Collection[uuid.UUID]) -> None:
         for session_id in session_ids:

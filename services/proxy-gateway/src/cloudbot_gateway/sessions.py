@@ -250,8 +250,9 @@ class SessionRegistry:
 
     async def _renew_and_recheck(self) -> None:
         """Renew the leases, and end sessions whose login or instance changed while events
-        were missed (the subscription was down): logouts from Redis (from Postgres while
-        Redis is away), states from Postgres."""
+        were missed (the subscription was down, or a revocation's marker was never
+        written): ended logins and revoked tokens from Redis and Postgres, states from
+        Postgres."""
         sessions = list(self._live)
         if not sessions:
             return
