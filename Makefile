@@ -93,7 +93,7 @@ SOAK_CONCURRENCY ?= 20
 .PHONY: soak
 soak: install desktop-deps ## Soak the local stack: SOAK_USERS (200) run the whole flow, SOAK_CONCURRENCY (20) at a time
 	SOAK_USERS=$(SOAK_USERS) SOAK_CONCURRENCY=$(SOAK_CONCURRENCY) \
-		$(UV) run --frozen pytest tests/e2e/test_soak.py -s $(PYTEST_ARGS)
+		$(UV) run --frozen pytest tests/e2e/test_soak.py -s --timeout=3600 $(PYTEST_ARGS)
 
 .PHONY: clean
 clean: ## Remove the virtual environment and caches

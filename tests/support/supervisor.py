@@ -103,7 +103,7 @@ class Supervisor:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         schedule = self.state_dir / f"{name}-schedule"
         argv = [*CELERY, "beat", f"--schedule={schedule}", "--loglevel=INFO"]
-        return self._add(Service(name, argv, self.env, lambda p: "beat: Starting" in p.log_text()))
+        return self._add(Service(name, argv, self.env, lambda p: "schedule lock" in p.log_text()))
 
     def _add(self, service: Service) -> Service:
         self.services[service.name] = service
