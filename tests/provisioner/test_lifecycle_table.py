@@ -114,7 +114,15 @@ async def test_an_added_command_runs_from_the_api_request_to_its_handler(
     async def request_reboot(instance_id: uuid.UUID) -> str:
         async with resources.sessions() as session:
             uow = UnitOfWork(session)
-            service = InstanceService(uow, resources, None, audit=Auditor(uow, origin=Origin()))
+            service = InstanceService(
+                uow,
+                settings=resources.settings,
+                redis=resources.redis,
+                celery=resources.celery,
+                sessions=resources.sessions,
+                audit=Auditor(uow, origin=Origin()),
+                request_id=None,
+            )
             instance = await service.request(owner, instance_id, REBOOT, actor="test")
             await uow.commit()  # publishes the command once committed, as a request does
             return instance.state

@@ -5,8 +5,10 @@ from collections.abc import Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from cloudbot_api.repository import Repository
+from cloudbot_common.commands import Requested, request_command
+from cloudbot_common.lifecycle import Command
 from cloudbot_common.models import (
     LIVE_STATES,
     IdempotencyRecord,
@@ -17,9 +19,16 @@ from cloudbot_common.models import (
 )
 
 
-class InstanceRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
+class InstanceRepository(Repository):
+    async def request(
+        self, instance: Instance, command: Command, request_id: str | None
+    ) -> Requested:
+        """Request `command` for `instance` (a new one is added) the one way the lifecycle
+        table says (`request_command`): its state and the outbox command. Raises
+        TransitionError when the instance is in a state the command does not start from."""
+        requested = await request_command(self.session, instance, command, request_id)
+        await self.save(instance)
+        return requested
 
     async def list_for_owner(
         self, owner_id: uuid.UUID, *, include_terminated: bool

@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from typing import Annotated, Any
 
 import anyio
@@ -20,7 +19,6 @@ from cloudbot_api.deps import (
     UowDep,
 )
 from cloudbot_api.errors import problem_responses
-from cloudbot_api.instances.repository import InstanceRepository
 from cloudbot_api.instances.schemas import (
     InstanceCreate,
     InstanceList,
@@ -29,7 +27,7 @@ from cloudbot_api.instances.schemas import (
     TicketCreate,
     TicketOut,
 )
-from cloudbot_api.instances.service import InstanceService, not_found, to_out
+from cloudbot_api.instances.service import InstanceFeed, InstanceService
 from cloudbot_api.instances.streams import Stream
 from cloudbot_common.lifecycle import START, STOP, TERMINATE
 from cloudbot_common.models import InstanceState
@@ -42,7 +40,22 @@ SSE_KEEPALIVE_SECONDS = 15
 async def get_service(
     uow: UowDep, resources: ResourcesDep, request: Request, audit: AuditorDep
 ) -> InstanceService:
-    return InstanceService(uow, resources, getattr(request.state, "request_id", None), audit=audit)
+    return InstanceService(
+        uow,
+        settings=resources.settings,
+        redis=resources.redis,
+        celery=resources.celery,
+        sessions=resources.sessions,
+        audit=audit,
+        request_id=getattr(request.state, "request_id", None),
+    )
+
+
+async def get_feed(resources: ResourcesDep) -> InstanceFeed:
+    return InstanceFeed(sessions=resources.sessions, settings=resources.settings)
+
+
+FeedDep = Annotated[InstanceFeed, Depends(get_feed)]
 
 
 ServiceDep = Annotated[InstanceService, Depends(get_service)]
@@ -116,11 +129,11 @@ async def create_instance(
     responses={200: {"content": {"text/event-stream": {}}}, **problem_responses(401, 429)},
 )
 async def my_instance_events(
-    principal: CurrentPrincipal, resources: ResourcesDep
+    principal: CurrentPrincipal, resources: ResourcesDep, feed: FeedDep
 ) -> EventSourceResponse:
     stream = await resources.streams.open(principal.user_id, principal.session_id)
     return EventSourceResponse(
-        _owner_stream(resources, principal, stream), ping=SSE_KEEPALIVE_SECONDS
+        _owner_stream(resources, feed, principal, stream), ping=SSE_KEEPALIVE_SECONDS
     )
 
 
@@ -131,7 +144,7 @@ def _shown(out: dict[str, Any]) -> tuple[Any, ...]:
 
 
 async def _owner_stream(
-    resources: ResourcesDep, principal: Principal, stream: Stream
+    resources: ResourcesDep, feed: InstanceFeed, principal: Principal, stream: Stream
 ) -> AsyncIterator[dict[str, str]]:
     wake = anyio.Event()
 
@@ -139,21 +152,14 @@ async def _owner_stream(
         wake.set()
 
     unsubscribe = resources.events.on_owner(str(principal.user_id), on_change)
-    stale_after = timedelta(seconds=resources.settings.heartbeat_stale_seconds)
     sent: dict[str, dict[str, Any]] | None = None
     warned_after = 0  # the last instance event seen, for idle warnings
     try:
         while not stream.ended.is_set():
             wake = anyio.Event()  # armed before reading, so nothing published after is missed
-            async with resources.sessions() as session:
-                repo = InstanceRepository(session)
-                if sent is None:
-                    warned_after = await repo.last_event_id()
-                rows = await repo.list_for_owner(principal.user_id, include_terminated=False)
-                warnings = await repo.owner_events_after(
-                    principal.user_id, warned_after, "idle_warning"
-                )
-            now = {str(r.id): to_out(r, stale_after).model_dump(mode="json") for r in rows}
+            if sent is None:
+                warned_after = await feed.last_event_id()
+            now, warnings = await feed.owner_view(principal.user_id, warned_after)
             if sent is None:
                 yield {"event": "snapshot", "data": json.dumps({"items": list(now.values())})}
             else:
@@ -278,6 +284,7 @@ async def instance_events(
     instance_id: uuid.UUID,
     principal: CurrentPrincipal,
     resources: ResourcesDep,
+    feed: FeedDep,
     last_event_id: Annotated[
         str | None,
         Header(
@@ -286,19 +293,20 @@ async def instance_events(
         ),
     ] = None,
 ) -> EventSourceResponse:
-    # A short session for the ownership check: the stream must not hold a connection.
-    async with resources.sessions() as session:
-        if await InstanceRepository(session).get_owned(principal.user_id, instance_id) is None:
-            raise not_found()
+    await feed.check_owned(principal.user_id, instance_id)
     stream = await resources.streams.open(principal.user_id, principal.session_id)
     return EventSourceResponse(
-        _event_stream(resources, instance_id, int(last_event_id or 0), stream),
+        _event_stream(resources, feed, instance_id, int(last_event_id or 0), stream),
         ping=SSE_KEEPALIVE_SECONDS,
     )
 
 
 async def _event_stream(
-    resources: ResourcesDep, instance_id: uuid.UUID, after: int, stream: Stream
+    resources: ResourcesDep,
+    feed: InstanceFeed,
+    instance_id: uuid.UUID,
+    after: int,
+    stream: Stream,
 ) -> AsyncIterator[dict[str, str]]:
     wake = anyio.Event()
 
@@ -309,8 +317,7 @@ async def _event_stream(
     try:
         while not stream.ended.is_set():
             wake = anyio.Event()  # armed before reading, so nothing published after is missed
-            async with resources.sessions() as session:
-                rows = await InstanceRepository(session).events_after(instance_id, after)
+            rows = await feed.history(instance_id, after)
             for row in rows:
                 after = row.id
                 data = {

@@ -1,4 +1,5 @@
-"""Instance lifecycle requests: validate, move the state, and stage the command (outbox)."""
+"""Instance lifecycle requests: validate, move the state, and stage the command (outbox);
+and what the event streams read (`InstanceFeed`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import json
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+
+from celery import Celery
+from redis.asyncio import Redis
 
 from cloudbot_api.audit.service import Auditor
 from cloudbot_api.errors import ProblemError
@@ -18,14 +22,15 @@ from cloudbot_api.instances.schemas import (
     InstanceUpdate,
     TicketOut,
 )
-from cloudbot_api.resources import Resources
 from cloudbot_api.unit_of_work import UnitOfWork
 from cloudbot_common.audit import Action
-from cloudbot_common.commands import Requested, publish, request_command
+from cloudbot_common.commands import Requested, publish
+from cloudbot_common.db import SessionFactory
 from cloudbot_common.events import publish_instance_event
 from cloudbot_common.lifecycle import LIFECYCLE, Command, TransitionError
 from cloudbot_common.logging import get_logger
-from cloudbot_common.models import Instance, InstanceState
+from cloudbot_common.models import Instance, InstanceEvent, InstanceState
+from cloudbot_common.settings import Settings
 from cloudbot_common.tickets import Channel, Ticket, issue_ticket
 
 log = get_logger(__name__)
@@ -70,16 +75,28 @@ def to_out(instance: Instance, stale_after: timedelta) -> InstanceOut:
 
 class InstanceService:
     def __init__(
-        self, uow: UnitOfWork, resources: Resources, request_id: str | None, *, audit: Auditor
+        self,
+        uow: UnitOfWork,
+        *,
+        settings: Settings,
+        redis: Redis,
+        celery: Celery,
+        sessions: SessionFactory,
+        audit: Auditor,
+        request_id: str | None,
     ) -> None:
         self.uow = uow
-        self.audit = audit
         self.repo = InstanceRepository(uow.session)
-        self.r = resources
+        self.settings = settings
+        self.redis = redis
+        self.celery = celery
+        # A session of its own for marking a command published once the request committed.
+        self.sessions = sessions
+        self.audit = audit
         self.request_id = request_id
 
     def out(self, instance: Instance) -> InstanceOut:
-        return to_out(instance, timedelta(seconds=self.r.settings.heartbeat_stale_seconds))
+        return to_out(instance, timedelta(seconds=self.settings.heartbeat_stale_seconds))
 
     async def list(self, owner_id: uuid.UUID, include_terminated: bool) -> Sequence[Instance]:
         return await self.repo.list_for_owner(owner_id, include_terminated=include_terminated)
@@ -100,10 +117,10 @@ class InstanceService:
     ) -> tuple[int, dict[str, object]]:
         """Returns (status, body): the first answer again when the key was seen before."""
         if not body.size:
-            body = body.model_copy(update={"size": self.r.settings.default_instance_size})
-        instance_type = self.r.settings.instance_sizes.get(body.size)
+            body = body.model_copy(update={"size": self.settings.default_instance_size})
+        instance_type = self.settings.instance_sizes.get(body.size)
         if instance_type is None:
-            offered = ", ".join(sorted(self.r.settings.instance_sizes))
+            offered = ", ".join(sorted(self.settings.instance_sizes))
             raise ProblemError(
                 422, "unknown_size", f"Unknown size {body.size!r}; offered sizes: {offered}."
             )
@@ -123,7 +140,7 @@ class InstanceService:
                 return earlier.status_code, earlier.response
 
         await self.repo.lock_owner(owner_id)
-        limit = self.r.settings.max_live_instances_per_user
+        limit = self.settings.max_live_instances_per_user
         if await self.repo.count_live(owner_id) >= limit:
             raise ProblemError(
                 403,
@@ -136,18 +153,14 @@ class InstanceService:
             name=body.name,
             size=body.size,
             instance_type=instance_type,
-            backend="local" if self.r.settings.local_dev_mode else "ec2",
+            backend="local" if self.settings.local_dev_mode else "ec2",
             idle_stop_minutes=(
                 body.idle_stop_minutes
                 if body.idle_stop_minutes is not None
-                else self.r.settings.idle_stop_minutes
+                else self.settings.idle_stop_minutes
             ),
         )
-        requested = await request_command(
-            self.uow.session, instance, LIFECYCLE.creates, self.request_id
-        )
-        await self.uow.session.flush()
-        await self.uow.session.refresh(instance)
+        requested = await self.repo.request(instance, LIFECYCLE.creates, self.request_id)
         body_out = self.out(instance).model_dump(mode="json")
         if idempotency_key is not None:
             await self.repo.save_idempotent_response(owner_id, idempotency_key, 202, body_out)
@@ -165,11 +178,9 @@ class InstanceService:
         if instance is None:
             raise not_found()
         try:
-            requested = await request_command(self.uow.session, instance, command, self.request_id)
+            requested = await self.repo.request(instance, command, self.request_id)
         except TransitionError:
             raise state_conflict(instance, command.verb) from None
-        await self.uow.session.flush()
-        await self.uow.session.refresh(instance)
         self._after_commit(requested)
         self._audit(owner_id, actor, instance, command)
         log.info("instance command requested", instance_id=str(instance.id), command=command.verb)
@@ -183,8 +194,7 @@ class InstanceService:
             raise not_found()
         instance.idle_stop_minutes = body.idle_stop_minutes
         instance.idle_warned_at = None  # a new limit re-arms the warning
-        await self.uow.session.flush()
-        await self.uow.session.refresh(instance)
+        await self.repo.save(instance)
         log.info("instance updated", instance_id=str(instance.id), idle_stop=body.idle_stop_minutes)
         return instance
 
@@ -194,15 +204,15 @@ class InstanceService:
         instance = await self.get(owner_id, instance_id)
         if instance.state != InstanceState.RUNNING:
             raise state_conflict(instance, "be connected to")
-        ttl = self.r.settings.ticket_ttl_seconds
+        ttl = self.settings.ticket_ttl_seconds
         token = await issue_ticket(
-            self.r.redis,
+            self.redis,
             Ticket(
                 user_id=owner_id, session_id=session_id, instance_id=instance_id, channel=channel
             ),
             ttl_seconds=ttl,
         )
-        base = self.r.settings.public_gateway_url.rstrip("/")
+        base = self.settings.public_gateway_url.rstrip("/")
         return TicketOut(
             ticket=token,
             channel=channel,
@@ -223,14 +233,47 @@ class InstanceService:
         )
 
     def _after_commit(self, requested: Requested) -> None:
-        resources = self.r
-
         async def send() -> None:
             # The outbox row is committed: if this fails, the provisioner's relay sends it.
-            await publish(resources.celery, resources.sessions, requested.command)
+            await publish(self.celery, self.sessions, requested.command)
 
         async def announce() -> None:
-            await publish_instance_event(resources.redis, requested.event)
+            await publish_instance_event(self.redis, requested.event)
 
         self.uow.after_commit(send)
         self.uow.after_commit(announce)
+
+
+class InstanceFeed:
+    """What the event streams read. A stream outlives its request, so each read takes a
+    short session of its own and none is held while the stream waits."""
+
+    def __init__(self, *, sessions: SessionFactory, settings: Settings) -> None:
+        self.sessions = sessions
+        self.stale_after = timedelta(seconds=settings.heartbeat_stale_seconds)
+
+    async def check_owned(self, owner_id: uuid.UUID, instance_id: uuid.UUID) -> None:
+        async with self.sessions() as session:
+            if await InstanceRepository(session).get_owned(owner_id, instance_id) is None:
+                raise not_found()
+
+    async def history(self, instance_id: uuid.UUID, after: int) -> Sequence[InstanceEvent]:
+        """The instance's events after the one with id `after`."""
+        async with self.sessions() as session:
+            return await InstanceRepository(session).events_after(instance_id, after)
+
+    async def last_event_id(self) -> int:
+        async with self.sessions() as session:
+            return await InstanceRepository(session).last_event_id()
+
+    async def owner_view(
+        self, owner_id: uuid.UUID, warned_after: int
+    ) -> tuple[dict[str, dict[str, object]], Sequence[InstanceEvent]]:
+        """The owner's instances as `GET /instances` shows them (by id), and the idle
+        warnings of their machines after event `warned_after`."""
+        async with self.sessions() as session:
+            repo = InstanceRepository(session)
+            rows = await repo.list_for_owner(owner_id, include_terminated=False)
+            warnings = await repo.owner_events_after(owner_id, warned_after, "idle_warning")
+        shown = {str(r.id): to_out(r, self.stale_after).model_dump(mode="json") for r in rows}
+        return shown, warnings
