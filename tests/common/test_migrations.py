@@ -7,7 +7,7 @@ import subprocess
 
 import asyncpg
 
-from tests.support.databases import PG_ADMIN
+from tests.support.databases import database_url, drop_database
 from tests.support.processes import PYTHON
 
 
@@ -31,7 +31,7 @@ async def tables(url: str) -> set[str]:
 
 def test_upgrade_downgrade_upgrade_and_models_agree():
     name = f"cloudbot_migrations_{secrets.token_hex(4)}"
-    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    url = database_url(name)
     try:
         # upgrade creates the database itself.
         assert migrate(url, "upgrade", "head").returncode == 0
@@ -44,10 +44,4 @@ def test_upgrade_downgrade_upgrade_and_models_agree():
         assert migrate(url, "upgrade", "head").returncode == 0
         assert migrate(url, "check").returncode == 0
     finally:
-
-        async def drop() -> None:
-            conn = await asyncpg.connect(PG_ADMIN)
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await conn.close()
-
-        asyncio.run(drop())
+        asyncio.run(drop_database(name))
