@@ -45,7 +45,6 @@ _PASS_THROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
 
 class Sandbox:
     def __init__(self, directory: Path) -> None:
-        self.dir = directory
         self.spec = json.loads((directory / MACHINE_FILE).read_text())
         self.disk = directory / DISK_DIR
         self.logs = directory / LOG_DIR
