@@ -44,12 +44,14 @@ def allowed(table: Lifecycle) -> set[tuple[S, S]]:
     return {(a, b) for a in S for b in S if b is not S.FAILED and table.can_move(a, b)}
 
 
+@pytest.mark.fast
 def test_the_table_allows_exactly_the_documented_moves():
     assert allowed(LIFECYCLE) == DOCUMENTED
     assert all(LIFECYCLE.can_move(s, S.FAILED) for s in S if s is not S.TERMINATED)
     assert not LIFECYCLE.can_move(S.TERMINATED, S.FAILED)
 
 
+@pytest.mark.fast
 def test_what_follows_from_the_table():
     assert LIFECYCLE.creates is PROVISION
     assert LIFECYCLE.transitional == {
@@ -71,6 +73,7 @@ def test_what_follows_from_the_table():
     assert set(handlers.DISPATCH) == set(LIFECYCLE.commands)
 
 
+@pytest.mark.fast
 def test_a_table_with_a_clash_or_no_creating_command_is_refused():
     with pytest.raises(ValueError, match="verb"):
         LIFECYCLE.with_command(STOP)
