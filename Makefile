@@ -35,12 +35,12 @@ migrate: install .env ## Create the database if needed and migrate it to head
 	$(UV) run --frozen python -m cloudbot_common.migrate upgrade head
 
 # What LOCAL_DEV_MODE's desktops run on (Debian package names).
-DESKTOP_PACKAGES := xvfb x11vnc xterm x11-xserver-utils
+DESKTOP_PACKAGES := xvfb x11vnc xterm x11-xserver-utils bubblewrap
 
 .PHONY: desktop-deps
-desktop-deps: ## Install Xvfb, x11vnc and xterm for local desktops (Debian; as root)
+desktop-deps: ## Install Xvfb, x11vnc, xterm and bubblewrap for local desktops (Debian; as root)
 	@if command -v Xvfb >/dev/null && command -v x11vnc >/dev/null && command -v xterm >/dev/null \
-		&& command -v xsetroot >/dev/null; then :; \
+		&& command -v xsetroot >/dev/null && command -v bwrap >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends $(DESKTOP_PACKAGES); \

@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
 import signal
+import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from cloudbot_common import procfs
 from cloudbot_common.instance_contract import AGENT_WS_PATH
 from cloudbot_common.lifecycle import START, STOP, TERMINATE
 from cloudbot_common.models import InstanceState as S
@@ -29,6 +33,7 @@ from tests.support.harness import (
     rfb_greeting,
 )
 from tests.support.leaks import SECRETS, find_leaks
+from tests.support.processes import ROOT
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.vnc
@@ -60,6 +65,69 @@ async def agent_hello(port: int, credential: str, *, gate_key: str | None = None
         return hello
 
 
+def _sandboxed_agent(group: int) -> int:
+    """The machine's agent process, inside its sandbox (not bubblewrap naming it)."""
+    for process in procfs.processes():
+        args = procfs.cmdline(process.pid)
+        if process.pgrp == group and args is not None and args[1:2] == [b"/opt/cloudbot/agent.py"]:
+            return process.pid
+    raise AssertionError("no agent running in the sandbox")
+
+
+def in_sandbox(group: int, script: str) -> str:
+    """Runs `script` inside the machine's sandbox, as its user: what anything running on
+    the desktop (its terminal, the agent's tasks) can do. Output and errors together."""
+    done = subprocess.run(
+        [
+            "nsenter", "--target", str(_sandboxed_agent(group)), "--all",
+            "--setuid", "1000", "--setgid", "1000", "--", "/bin/bash", "-c", script,
+        ],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    return done.stdout + done.stderr
+
+
+def _control_plane_pids() -> list[int]:
+    """The API's and the workers' processes on the host (their environments hold secrets)."""
+    pids = []
+    for process in procfs.processes():
+        args = b" ".join(procfs.cmdline(process.pid) or [])
+        if b"cloudbot_api" in args or b"celery" in args:
+            pids.append(process.pid)
+    assert pids
+    return pids
+
+
+async def assert_sandboxed(directory: Path, group: int) -> None:
+    """Nothing of the host beyond the machine's own disk is within the desktop's reach:
+    not the control plane's files or environment, nor another desktop's state, nor the
+    services on the host's loopback; and it is not root."""
+    other = directory.parent / str(uuid.uuid4())  # another desktop's state, as it is kept
+    (other / "disk").mkdir(parents=True)
+    (other / "disk" / "notes.txt").write_text("another desktop's file")
+    environs = " ".join(f"/proc/{pid}/environ" for pid in _control_plane_pids())
+    script = f"""
+        echo "uid=$(id -u)"
+        cat {ROOT}/pyproject.toml && echo READ-THE-REPOSITORY
+        cat {ROOT}/.env && echo READ-THE-ENV-FILE
+        cat {other}/disk/notes.txt && echo READ-ANOTHER-DESKTOP
+        ls {directory.parent} && echo LISTED-THE-DESKTOPS
+        for f in {environs}; do cat $f && echo READ-AN-ENVIRONMENT; done
+        (exec 3<>/dev/tcp/127.0.0.1/5432) && echo REACHED-POSTGRES
+        (exec 3<>/dev/tcp/127.0.0.1/6379) && echo REACHED-REDIS
+        echo "inside=$(ls /opt/cloudbot/desktop.py)"
+    """
+    try:
+        seen = await asyncio.to_thread(in_sandbox, group, script)
+    finally:
+        shutil.rmtree(other)
+    assert "uid=1000" in seen, seen
+    assert "inside=/opt/cloudbot/desktop.py" in seen, seen  # the script did run inside
+    for marker in ("READ-", "LISTED-", "REACHED-"):
+        assert marker not in seen, seen
+    assert "another desktop's file" not in seen
+
+
 async def test_local_desktop_lifecycle(store, local_env, settings, tmp_path, secret_registry):
     owner = await store.user()
     with provisioner(local_env, tmp_path / "a", name="local-worker-a") as first:
@@ -85,6 +153,7 @@ async def test_local_desktop_lifecycle(store, local_env, settings, tmp_path, sec
     assert len(environments) >= 4  # init, Xvfb, xterm, x11vnc, agent
     assert not any(credential.encode() in e or b"cbb_" in e for e in environments)
     assert not (directory / "secrets.json").exists()
+    await assert_sandboxed(directory, group)
     hello = await agent_hello(agent, credential)
     assert hello["type"] == "hello"
     assert hello["instance_id"] == str(instance_id)

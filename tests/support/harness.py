@@ -612,22 +612,37 @@ def machine_group(directory: Path) -> int:
     return int((directory / "machine.pid").read_text())
 
 
+def machine_processes(group: int) -> list[int]:
+    """The live processes of the process group and their descendants: a sandbox's
+    processes are the group's children, though the X server makes itself a group of its
+    own (inside the sandbox's process namespace it cannot see the group's leader)."""
+    found: list[int] = []
+    pending = procfs.group_members(group)
+    while pending:
+        pid = pending.pop()
+        if pid not in found:
+            found.append(pid)
+            pending += procfs.children(pid)
+    return found
+
+
 def environments_of(group: int) -> list[bytes]:
-    """The environment every live process of the process group started with, as /proc
-    shows it to any process of the same user."""
-    found = (procfs.environ(pid) for pid in procfs.group_members(group))
+    """The environment every live process of the machine started with, as /proc shows it
+    to any process of the same user."""
+    found = (procfs.environ(pid) for pid in machine_processes(group))
     return [env for env in found if env is not None]
 
 
 def processes_of(directory: Path, group: int) -> list[str]:
-    """Command lines of every live process of this machine: its process group, and
-    anything naming its directory."""
+    """Command lines of every live process of this machine: its process group and their
+    descendants, and anything naming its directory."""
+    members = set(machine_processes(group))
     found = []
     for process in procfs.processes():
         args = procfs.cmdline(process.pid)
         if args is None:
             continue
         cmdline = b" ".join(args).decode()
-        if process.pgrp == group or str(directory) in cmdline:
+        if process.pid in members or str(directory) in cmdline:
             found.append(cmdline)
     return found

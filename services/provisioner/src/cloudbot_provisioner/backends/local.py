@@ -2,7 +2,8 @@
 
 Each machine is a directory under LOCAL_STATE_DIR named by its instance id, holding its
 spec (ports, name), its disk and its logs, and a detached process tree started by
-`local_machine` (Xvfb, x11vnc, a terminal and the agent). The directory is the machine:
+`local_machine`: a bubblewrap sandbox running Xvfb, x11vnc, a terminal and the agent,
+reachable only through the gate's two ports on 127.0.0.1. The directory is the machine:
 it survives a provisioner restart, `stop` ends the processes and keeps it, `terminate`
 removes it.
 """
@@ -39,13 +40,16 @@ from cloudbot_provisioner.machine.local_machine import MACHINE_FILE, PID_FILE, S
 HOST = "127.0.0.1"
 _ID_PREFIX = "local-"
 _PORTS_LOCK = ".ports.lock"
-_PORT_KEYS = ("vnc_port", "agent_port", "desktop_port", "agent_ws_port")
+# The gate's two ports on the host: what the gateway connects to (the desktop's VNC server
+# and the agent's WebSocket listen inside the sandbox's own network).
+_PORT_KEYS = ("vnc_port", "agent_port")
 # Programs a local desktop needs, and the Debian packages that provide them.
 REQUIRED_PROGRAMS = {
     "Xvfb": "xvfb",
     "x11vnc": "x11vnc",
     "xterm": "xterm",
     "xsetroot": "x11-xserver-utils",
+    "bwrap": "bubblewrap",  # the sandbox every local desktop runs in
 }
 
 
@@ -220,8 +224,6 @@ class LocalBackend:
                 "owner_id": str(spec.owner_id),
                 "name": spec.name,
                 "control_plane_id": self._settings.control_plane_id,
-                # The gate's two ports (what the gateway connects to), then the VNC
-                # server's and the agent's WebSocket's, which only the gate connects to.
                 **dict(zip(_PORT_KEYS, ports, strict=True)),
                 "api_url": self._settings.public_api_url.rstrip("/"),
                 "agent_ws_path": contract.AGENT_WS_PATH,

@@ -23,6 +23,7 @@ the control plane. Configuration comes from the environment:
     CLOUDBOT_GATE_VNC_PORT      the gate in front of the VNC server (default 7900)
     CLOUDBOT_GATE_AGENT_PORT    the gate in front of the WebSocket (default 7901)
     CLOUDBOT_GATE_FDS           instead, listening sockets handed over: "vnc=3,agent=4"
+    CLOUDBOT_API_SOCKET         reach CLOUDBOT_API_URL (http) through this Unix socket
     CLOUDBOT_BOOTSTRAP_PATH     default /api/agent/bootstrap
     CLOUDBOT_HEARTBEAT_PATH     default /api/agent/heartbeat
     CLOUDBOT_BOOTSTRAP_TOKEN    the single-use bootstrap token (first boot only), or
@@ -44,6 +45,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
@@ -408,23 +410,57 @@ def write_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP to the control plane through a Unix socket: a local sandbox has no network of
+    its own, and its init relays this socket to the API (and nothing else)."""
+
+    def __init__(self, host: str, path: str, timeout: float) -> None:
+        super().__init__(host, timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def _post_over_unix_socket(
+    path: str, url: str, body: bytes, headers: dict[str, str], timeout: float
+) -> tuple[int, bytes]:
+    parts = urllib.parse.urlsplit(url)
+    connection = _UnixHTTPConnection(parts.netloc, path, timeout)
+    try:
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        connection.request("POST", target, body=body, headers=headers)
+        response = connection.getresponse()
+        return int(response.status), response.read()
+    finally:
+        connection.close()
+
+
 def _post_json(
     url: str, bearer: str, payload: dict[str, Any], timeout: float = 10
 ) -> tuple[int, Any]:
     """POST JSON with a bearer token; (status, parsed body). Status 0: no answer."""
-    request = urllib.request.Request(  # noqa: S310 - the URL is the operator's API URL
-        url,
-        data=json.dumps(payload).encode(),
-        method="POST",
-        headers={"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"},
-    )
+    body = json.dumps(payload).encode()
+    headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
+    api_socket = os.environ.get("CLOUDBOT_API_SOCKET")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            raw = response.read()
-            status = int(response.status)
+        if api_socket:
+            status, raw = _post_over_unix_socket(api_socket, url, body, headers, timeout)
+            if status >= 400:
+                return status, None
+        else:
+            request = urllib.request.Request(  # noqa: S310 - the operator's API URL
+                url, data=body, method="POST", headers=headers
+            )
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+                raw = response.read()
+                status = int(response.status)
     except urllib.error.HTTPError as e:
         return e.code, None
-    except (OSError, ValueError):
+    except (OSError, ValueError, http.client.HTTPException):
         return 0, None
     try:
         return status, json.loads(raw) if raw else None

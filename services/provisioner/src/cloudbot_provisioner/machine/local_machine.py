@@ -1,34 +1,43 @@
-"""One local sandbox machine: its init process, which runs the desktop and the agent.
+"""One local sandbox machine: its init on the host, which keeps the sandbox running.
 
 `python -m cloudbot_provisioner.machine.local_machine --daemon <dir>` detaches (own
 session, so it outlives the provisioner that started it), records its pid in
-`<dir>/machine.pid` and supervises, in its own process group:
+`<dir>/machine.pid` and runs, in its own process group, the machine's sandbox: bubblewrap
+with namespaces of its own (user, processes, network, mounts, IPC, host name), in which
+`desktop.py` runs the desktop and the agent as an unprivileged user (uid 1000).
 
-- Xvfb on a display of its own choosing (`-displayfd`), with a coloured root window,
-- an xterm titled with the instance's name and id, so a person recognises the screen,
-- x11vnc on the machine's VNC port, on 127.0.0.1 (where the gateway reaches it),
-- the CloudBot agent (`cloudbot_provisioner.machine.agent`) on the machine's agent port.
+What the sandbox sees: the system's programs and libraries (read-only), the agent and its
+one library, the machine's disk as its home and its logs. Not the control plane's files,
+its `.env`, other processes (its /proc is its own) or other machines' directories. Its
+network is its own loopback: VNC and the agent's WebSocket listen there, out of reach of
+the host and of other desktops; Postgres and Redis on the host are out of its reach too.
+Two ways lead out, both made here: the gate's listening sockets (127.0.0.1 on the host,
+the ports the gateway connects to), handed in as file descriptors, and a Unix socket the
+init relays to the API for bootstrap and heartbeats.
 
-A child that dies is started again, as an init system would. SIGTERM stops them all;
-the directory (the machine's disk) stays. Tokens arrive in a private file (0600), read and
-deleted at start, and reach the agent in files of its own, never in an environment
-(another process of the same user can read that in /proc).
+A sandbox that dies is started again, as a machine reboots. SIGTERM stops it; the
+directory (the machine's disk) stays. Tokens arrive in a private file (0600), read and
+deleted at start, and reach the agent in files of their own under `keys/`, mounted
+read-only, never in an environment.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import asyncio
+import contextlib
 import json
 import os
-import select
-import shlex
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 from pathlib import Path
-from typing import IO
+
+import websockets
 
 from cloudbot_provisioner.machine.agent import write_private
 
@@ -37,207 +46,207 @@ PID_FILE = "machine.pid"
 SECRETS_FILE = "secrets.json"
 DISK_DIR = "disk"
 LOG_DIR = "logs"
-SCREEN = "1280x800x24"
-_PALETTE = ["#1d3557", "#2a9d8f", "#6a4c93", "#8d0801", "#3a5a40", "#b5651d", "#005f73"]
-# Environment handed to the desktop; nothing of the provisioner's own environment leaks.
-_PASS_THROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
+# Inside the sandbox.
+_HOME = "/home/cloudbot"
+_OPT = "/opt/cloudbot"
+_RUN = "/run/cloudbot"
+_KEYS = "/run/cloudbot-keys"
+_LOGS = "/var/log/cloudbot"
+_UID = 1000
+_HERE = Path(__file__).resolve().parent
+# Of the host's /etc, only what the desktop's programs read (fonts, the linker's cache).
+_ETC = ("fonts", "ld.so.cache", "localtime", "alternatives", "X11", "terminfo")
 
 
-class Sandbox:
+class Machine:
     def __init__(self, directory: Path) -> None:
         self.spec = json.loads((directory / MACHINE_FILE).read_text())
-        self.disk = directory / DISK_DIR
-        self.logs = directory / LOG_DIR
-        self.disk.mkdir(mode=0o700, exist_ok=True)
-        self.logs.mkdir(mode=0o700, exist_ok=True)
-        self.display: int | None = None
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
-        self.stopping = False
-        # The bootstrap token is spent after the first successful bootstrap; it is kept to
-        # restart an agent that died before using it.
+        for name in (DISK_DIR, LOG_DIR, "logs/desktop", "keys", "run", "etc"):
+            (directory / name).mkdir(mode=0o700, exist_ok=True)
         secrets_file = directory / SECRETS_FILE
         secrets = json.loads(secrets_file.read_text()) if secrets_file.exists() else {}
         secrets_file.unlink(missing_ok=True)
-        self._bootstrap_token: str | None = secrets.get("bootstrap_token")
-        self._agent_token: str | None = secrets.get("agent_token")
+        keys = directory / "keys"
+        if secrets.get("agent_token"):
+            write_private(keys / "agent_token", secrets["agent_token"])
+        # The bootstrap token is spent after the first successful bootstrap; until then it
+        # stays, for an agent that died before using it.
+        if secrets.get("bootstrap_token"):
+            write_private(keys / "bootstrap_token", secrets["bootstrap_token"])
+        self.child: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+        self.listeners = [
+            self._listen(self.spec["vnc_port"]),
+            self._listen(self.spec["agent_port"]),
+        ]
 
-    # --- Children -----------------------------------------------------------------------
+    @staticmethod
+    def _listen(port: int) -> socket.socket:
+        """The gate's listening socket on the host. A sandbox just stopped may hold the
+        port for a moment longer (its processes end with its process namespace)."""
+        deadline = time.monotonic() + 10
+        while True:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+                continue
+            sock.listen(128)
+            sock.set_inheritable(True)
+            return sock
 
-    def _log(self, name: str) -> IO[bytes]:
-        return (self.logs / f"{name}.log").open("ab")
+    # --- The sandbox ---------------------------------------------------------------------
 
-    def _base_env(self) -> dict[str, str]:
-        env = {k: os.environ[k] for k in _PASS_THROUGH if k in os.environ}
-        env.update(HOME=str(self.disk), SHELL="/bin/bash", USER="cloudbot")
+    def _sandbox_argv(self) -> list[str]:
+        d = self.dir
+        argv = ["bwrap", "--unshare-all", "--die-with-parent", "--hostname", "cloudbot"]
+        argv += ["--uid", str(_UID), "--gid", str(_UID)]
+        argv += ["--ro-bind", "/usr", "/usr"]
+        for name in ("bin", "lib", "lib64", "lib32", "sbin"):
+            path = Path("/") / name
+            if path.is_symlink():
+                argv += ["--symlink", os.readlink(path), str(path)]
+            elif path.exists():
+                argv += ["--ro-bind", str(path), str(path)]
+        for name in _ETC:
+            argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+        argv += ["--ro-bind", str(d / "etc" / "passwd"), "/etc/passwd"]
+        argv += ["--ro-bind", str(d / "etc" / "group"), "/etc/group"]
+        python = Path(sys.base_prefix)
+        if not python.is_relative_to("/usr"):
+            argv += ["--ro-bind", str(python), str(python)]
+        argv += ["--ro-bind", str(Path(websockets.__file__).parent), f"{_OPT}/lib/websockets"]
+        for name in ("agent.py", "desktop.py"):
+            argv += ["--ro-bind", str(_HERE / name), f"{_OPT}/{name}"]
+        argv += ["--ro-bind", str(d / "etc" / "desktop.json"), f"{_OPT}/desktop.json"]
+        argv += ["--ro-bind", str(d / "keys"), _KEYS, "--ro-bind", str(d / "run"), _RUN]
+        argv += ["--bind", str(d / DISK_DIR), _HOME, "--bind", str(d / LOG_DIR / "desktop"), _LOGS]
+        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--chdir", _HOME]  # noqa: S108
+        argv += ["--clearenv"]
+        for key, value in self._sandbox_env().items():
+            argv += ["--setenv", key, value]
+        # The interpreter the control plane runs on, not its virtual environment.
+        return [
+            *argv,
+            os.path.realpath(sys.executable),
+            f"{_OPT}/desktop.py",
+            f"{_OPT}/desktop.json",
+        ]
+
+    def _sandbox_env(self) -> dict[str, str]:
+        vnc, agent = (s.fileno() for s in self.listeners)
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": _HOME,
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "PYTHONPATH": f"{_OPT}/lib",
+            "CLOUDBOT_INSTANCE_ID": self.spec["instance_id"],
+            "CLOUDBOT_API_URL": self.spec["api_url"],
+            "CLOUDBOT_API_SOCKET": f"{_RUN}/api.sock",
+            "CLOUDBOT_AGENT_WS_PATH": self.spec["agent_ws_path"],
+            "CLOUDBOT_BOOTSTRAP_PATH": self.spec["bootstrap_path"],
+            "CLOUDBOT_HEARTBEAT_PATH": self.spec["heartbeat_path"],
+            "CLOUDBOT_GATE_FDS": f"vnc={vnc},agent={agent}",
+            "CLOUDBOT_AGENT_TOKEN_FILE": f"{_KEYS}/agent_token",
+        }
+        if (self.dir / "keys" / "bootstrap_token").exists():
+            env["CLOUDBOT_BOOTSTRAP_TOKEN_FILE"] = f"{_KEYS}/bootstrap_token"
         return env
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str], **kw: object) -> None:
-        with self._log(name) as log:
-            self.children[name] = subprocess.Popen(  # noqa: S603 - fixed programs
-                argv,
-                env=env,
-                cwd=self.disk,
+    def _prepare(self) -> None:
+        etc = self.dir / "etc"
+        (etc / "passwd").write_text(
+            f"root:x:0:0::/root:/usr/sbin/nologin\ncloudbot:x:{_UID}:{_UID}:CloudBot:{_HOME}:/bin/bash\n"
+        )
+        (etc / "group").write_text(f"root:x:0:\ncloudbot:x:{_UID}:\n")
+        desktop = {k: self.spec[k] for k in ("instance_id", "name")} | {"log_dir": _LOGS}
+        (etc / "desktop.json").write_text(json.dumps(desktop))
+        if (self.dir / DISK_DIR / "agent" / "agent.json").exists():
+            (self.dir / "keys" / "bootstrap_token").unlink(missing_ok=True)
+
+    def start(self) -> None:
+        self._prepare()
+        with (self.dir / LOG_DIR / "sandbox.log").open("ab") as log:
+            self.child = subprocess.Popen(  # noqa: S603 - fixed program, our own arguments
+                self._sandbox_argv(),
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                **kw,  # type: ignore[call-overload]
+                pass_fds=[s.fileno() for s in self.listeners],
             )
 
-    def start_display(self) -> None:
-        read_fd, write_fd = os.pipe()
+    def stop(self) -> None:
+        child, self.child = self.child, None
+        if child is None or child.poll() is not None:
+            return
+        child.terminate()
         try:
-            self._spawn(
-                "xvfb",
-                [
-                    "Xvfb",
-                    "-displayfd",
-                    str(write_fd),
-                    "-screen",
-                    "0",
-                    SCREEN,
-                    "-nolisten",
-                    "tcp",
-                    # Without it the server resets when its last client leaves, and
-                    # takes the root colour with it.
-                    "-noreset",
-                ],
-                self._base_env(),
-                pass_fds=(write_fd,),
-            )
-            os.close(write_fd)
-            # Xvfb writes the display number once it accepts clients: no polling races.
-            ready, _, _ = select.select([read_fd], [], [], 15)
-            if not ready:
-                raise RuntimeError("Xvfb did not start within 15 s")
-            self.display = int(os.read(read_fd, 32).decode().strip())
-        finally:
-            os.close(read_fd)
-        digest = hashlib.sha256(self.spec["instance_id"].encode()).digest()
-        colour = _PALETTE[digest[0] % len(_PALETTE)]
-        subprocess.run(  # noqa: S603
-            ["xsetroot", "-solid", colour],  # noqa: S607 - found on PATH, like the others
-            env=self._desktop_env(),
-            check=False,
-            timeout=10,
+            child.wait(5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+    # --- The way to the API ------------------------------------------------------------
+
+    def relay_api(self) -> None:
+        """Relays the sandbox's Unix socket to the API's address, in a thread of its own."""
+        url = urllib.parse.urlsplit(self.spec["api_url"])
+        host, port = url.hostname or "127.0.0.1", url.port or (443 if url.scheme == "https" else 80)
+        # Bound by a relative name: the directory's full path may be longer than a Unix
+        # socket's address allows.
+        os.chdir(self.dir / "run")
+        Path("api.sock").unlink(missing_ok=True)
+        loop = asyncio.new_event_loop()
+        server = loop.run_until_complete(
+            asyncio.start_unix_server(lambda r, w: _relay(r, w, host, port), path="api.sock")
         )
+        # For the sandbox's user; outside it, the machine's directory (0700) hides it.
+        os.chmod("api.sock", 0o666)  # noqa: S103
+        threading.Thread(target=loop.run_forever, daemon=True, name="api-relay").start()
+        self._api_server = server
 
-    def _desktop_env(self) -> dict[str, str]:
-        return {**self._base_env(), "DISPLAY": f":{self.display}"}
-
-    def start_terminal(self) -> None:
-        name, instance_id = self.spec["name"], self.spec["instance_id"]
-        banner = (
-            'printf "CloudBot instance %s\\nid %s\\n\\n" '
-            f"{shlex.quote(name)} {shlex.quote(instance_id)}"
-            "; exec /bin/bash -i"
-        )
-        self._spawn(
-            "xterm",
-            [
-                "xterm",
-                "-T",
-                f"CloudBot {name} ({instance_id[:8]})",
-                "-geometry",
-                "110x32+40+40",
-                "-e",
-                "/bin/bash",
-                "-c",
-                banner,
-            ],
-            self._desktop_env(),
-        )
-
-    def start_vnc(self) -> None:
-        self._spawn(
-            "x11vnc",
-            [
-                "x11vnc",
-                "-display",
-                f":{self.display}",
-                "-rfbport",
-                str(self.spec["desktop_port"]),
-                "-localhost",
-                "-nopw",
-                "-forever",
-                "-shared",
-                "-quiet",
-            ],
-            self._desktop_env(),
-        )
-
-    def start_agent(self) -> None:
-        env = {
-            **self._base_env(),
-            "CLOUDBOT_INSTANCE_ID": self.spec["instance_id"],
-            "CLOUDBOT_API_URL": self.spec["api_url"],
-            "CLOUDBOT_STATE_DIR": str(self.disk / "agent"),
-            "CLOUDBOT_AGENT_HOST": "127.0.0.1",
-            "CLOUDBOT_AGENT_PORT": str(self.spec["agent_ws_port"]),
-            "CLOUDBOT_AGENT_WS_PATH": self.spec["agent_ws_path"],
-            "CLOUDBOT_VNC_HOST": "127.0.0.1",
-            "CLOUDBOT_VNC_PORT": str(self.spec["desktop_port"]),
-            "CLOUDBOT_GATE_HOST": "127.0.0.1",
-            "CLOUDBOT_GATE_VNC_PORT": str(self.spec["vnc_port"]),
-            "CLOUDBOT_GATE_AGENT_PORT": str(self.spec["agent_port"]),
-            "CLOUDBOT_BOOTSTRAP_PATH": self.spec["bootstrap_path"],
-            "CLOUDBOT_HEARTBEAT_PATH": self.spec["heartbeat_path"],
-        }
-        state = self.disk / "agent"
-        state.mkdir(mode=0o700, exist_ok=True)
-        if self._agent_token:
-            write_private(state / "agent_token", self._agent_token)
-            env["CLOUDBOT_AGENT_TOKEN_FILE"] = str(state / "agent_token")
-        if self._bootstrap_token and not (state / "agent.json").exists():
-            write_private(state / "bootstrap_token", self._bootstrap_token)  # the agent deletes it
-            env["CLOUDBOT_BOOTSTRAP_TOKEN_FILE"] = str(state / "bootstrap_token")
-        self._spawn("agent", [sys.executable, "-m", "cloudbot_provisioner.machine.agent"], env)
-
-    def start_all(self) -> None:
-        self.start_display()
-        self.start_terminal()
-        self.start_vnc()
-        self.start_agent()
-
-    def stop_all(self) -> None:
-        for child in self.children.values():
-            if child.poll() is None:
-                child.terminate()
-        deadline = time.monotonic() + 3
-        for child in self.children.values():
-            try:
-                child.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        self.children.clear()
-
-    # --- Supervision --------------------------------------------------------------------
+    # --- Supervision ---------------------------------------------------------------------
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        self.start_all()
+        self.relay_api()
+        self.start()
         while not self.stopping:
             time.sleep(0.5)
-            if self.stopping:
-                break
-            if self.children["xvfb"].poll() is not None:
-                # Everything hangs off the display: start the whole desktop again.
-                self.stop_all()
+            if not self.stopping and self.child is not None and self.child.poll() is not None:
                 time.sleep(1)
-                self.start_all()
-                continue
-            for name, start in (
-                ("xterm", self.start_terminal),
-                ("x11vnc", self.start_vnc),
-                ("agent", self.start_agent),
-            ):
-                if self.children[name].poll() is not None:
-                    start()
-        self.stop_all()
+                if not self.stopping:
+                    self.start()
+        self.stop()
 
     def _on_signal(self, _signum: int, _frame: object) -> None:
         self.stopping = True
+
+
+async def _relay(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int
+) -> None:
+    try:
+        up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+    except (OSError, TimeoutError):
+        writer.close()
+        return
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        dst.close()
+
+    await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
 def _daemonize(directory: Path) -> None:
@@ -266,11 +275,11 @@ def main(argv: list[str] | None = None) -> None:
     (directory / LOG_DIR).mkdir(mode=0o700, exist_ok=True)
     if args.daemon:
         _daemonize(directory)
-    sandbox = Sandbox(directory)
+    machine = Machine(directory)
     try:
-        sandbox.run()
+        machine.run()
     finally:
-        sandbox.stop_all()
+        machine.stop()
         pid_file = directory / PID_FILE
         if pid_file.exists() and pid_file.read_text().strip() == str(os.getpid()):
             pid_file.unlink()
