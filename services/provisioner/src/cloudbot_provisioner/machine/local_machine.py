@@ -60,6 +60,7 @@ _ETC = ("fonts", "ld.so.cache", "localtime", "alternatives", "X11", "terminfo")
 
 class Machine:
     def __init__(self, directory: Path) -> None:
+        self.dir = directory
         self.spec = json.loads((directory / MACHINE_FILE).read_text())
         for name in (DISK_DIR, LOG_DIR, "logs/desktop", "keys", "run", "etc"):
             (directory / name).mkdir(mode=0o700, exist_ok=True)
