@@ -117,7 +117,28 @@ async def test_the_cli_walks_the_first_instance_through(
 
     assert "stopped" in cli.run("stop", instance_id, "--wait")
     assert cli.json("start", instance_id, "--wait")["state"] == "running"
+    # A follower started now prints what comes next as it comes, and ends after terminated.
+    follower = subprocess.Popen(
+        [CLI, "events", instance_id, "--follow", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli.env,
+    )
     assert "terminated" in cli.run("delete", instance_id, "--wait")
+    out, err = follower.communicate(timeout=60)
+    assert follower.returncode == 0, err
+    followed = [json.loads(line)["state"] for line in out.splitlines()]
+    assert followed[-2:] == ["terminating", "terminated"]
+    assert followed[:7] == [
+        "pending",
+        "provisioning",
+        "running",
+        "stopping",
+        "stopped",
+        "starting",
+        "running",
+    ]
     everything = cli.json("list", "--all")
     assert [(i["id"], i["state"]) for i in everything] == [(instance_id, "terminated")]
 

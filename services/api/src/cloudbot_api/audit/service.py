@@ -10,12 +10,12 @@ from cloudbot_api import pagination
 from cloudbot_api.audit.repository import AuditRepository
 from cloudbot_api.audit.schemas import AuditEventOut, AuditPage
 from cloudbot_api.unit_of_work import UnitOfWork
-from cloudbot_common.audit import Action, Origin, record
+from cloudbot_common.audit import Action, Origin
 
 
 class Auditor:
     def __init__(self, uow: UnitOfWork, *, origin: Origin) -> None:
-        self._session = uow.session
+        self.repo = AuditRepository(uow.session)
         self.origin = origin
 
     def record(
@@ -27,14 +27,8 @@ class Auditor:
         target: str | None = None,
         **details: Any,
     ) -> None:
-        record(
-            self._session,
-            action,
-            user_id=user_id,
-            actor=actor,
-            origin=self.origin,
-            target=target,
-            **details,
+        self.repo.add_event(
+            action, user_id=user_id, actor=actor, origin=self.origin, target=target, details=details
         )
 
 
