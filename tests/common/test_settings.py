@@ -104,6 +104,14 @@ def test_production_requires_tls_public_urls(name: str, value: str):
         Settings(environment="production", _env_file=None, **{**STRONG, name: value})
 
 
+@pytest.mark.parametrize("seconds", [0, 86400])
+def test_a_bootstrap_token_lives_as_long_as_a_boot_needs_and_no_longer(seconds):
+    # It sits in the machine's user data until used: a day-long one is a standing key.
+    assert Settings(_env_file=None, environment="test").bootstrap_token_ttl_seconds <= 600
+    with pytest.raises(ValidationError, match="bootstrap_token_ttl_seconds"):
+        Settings(_env_file=None, environment="test", bootstrap_token_ttl_seconds=seconds)
+
+
 def test_development_defaults_are_fine_and_lists_parse():
     settings = Settings(
         _env_file=None,

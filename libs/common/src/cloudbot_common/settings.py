@@ -177,7 +177,9 @@ class Settings(BaseSettings):
     )
     # The size an instance gets when the create request names none.
     default_instance_size: str = "small"
-    bootstrap_token_ttl_seconds: int = 1800
+    # As long as a boot needs (launch, packages, the agent's first call), and never a
+    # standing key: the token sits in the machine's user data until it is used.
+    bootstrap_token_ttl_seconds: int = Field(600, ge=60, le=3600)
     ticket_ttl_seconds: int = 30
     # Server-Sent Events streams: open per user (all API replicas), and how long one lasts
     # before the client must reconnect (and authenticate again).
