@@ -440,7 +440,7 @@ def provisioner(
     ).control
     proc = Process(name, worker_argv(node, state_dir, beat=beat, app=app), env)
     try:
-        wait_for(lambda: not proc.alive() or bool(control.ping([node], timeout=0.5)), 60, name)
+        wait_for(lambda: not proc.alive() or bool(control.ping([node], timeout=0.5)), 90, name)
         if not proc.alive():
             raise RuntimeError(f"{name} exited early:\n{proc.log_text()[-4000:]}")
         yield proc

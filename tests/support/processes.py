@@ -101,7 +101,9 @@ def running(
     argv: list[str],
     env: dict[str, str],
     ready: Callable[[], bool] | None = None,
-    timeout: float = 30.0,
+    # Generous: a service starts slowly on a loaded 2-CPU machine; one that dies while
+    # starting is noticed at once anyway.
+    timeout: float = 90.0,
 ) -> Iterator[Process]:
     proc = Process(name, argv, env)
     try:
