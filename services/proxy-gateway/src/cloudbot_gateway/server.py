@@ -99,6 +99,7 @@ class Gateway:
             revocations=self.revocations,
         )
         self.journal = Journal(db_sessions, self.redis)
+        self.journal.start()
         self._agent_secret = s.agent_token_secret.get_secret_value()
         self.zero_copy = s.gateway_zero_copy and zerocopy.supported()
         self.metrics.zero_copy.set(self.zero_copy)
