@@ -320,12 +320,20 @@ class Agent:
         )
         interval = float(self.state.get("heartbeat_interval_seconds") or 30)
         credential = str(self.state["credential"])
+        reported: bool | None = None
+        next_beat = 0.0
         while True:
-            health = {"desktop": await self.desktop_healthy(), "agent": True, **self.activity()}
-            status, _ = await asyncio.to_thread(_post_json, url, credential, health)
-            if status not in (200, 202, 204):
-                log.warning("heartbeat answered %s", status)
-            await asyncio.sleep(interval)
+            desktop = await self.desktop_healthy()
+            if desktop != reported or time.monotonic() >= next_beat:
+                health = {"desktop": desktop, "agent": True, **self.activity()}
+                status, _ = await asyncio.to_thread(_post_json, url, credential, health)
+                if status not in (200, 202, 204):
+                    log.warning("heartbeat answered %s", status)
+                reported, next_beat = desktop, time.monotonic() + interval
+            # While the desktop is down (it starts beside the agent), look every second and
+            # report it up at once, not an interval later; once up, beat every interval.
+            wait = max(0.0, next_beat - time.monotonic())
+            await asyncio.sleep(wait if desktop else min(1.0, wait))
 
     async def desktop_healthy(self) -> bool:
         """The desktop is up when its VNC server greets like one (`RFB 003.00x`)."""

@@ -34,6 +34,27 @@ _PALETTE = ["#1d3557", "#2a9d8f", "#6a4c93", "#8d0801", "#3a5a40", "#b5651d", "#
 _PASS_THROUGH = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
 
 
+def _read_display(fd: int, timeout: float) -> int:
+    """The display number Xvfb writes once it accepts clients (no polling races).
+
+    Xvfb writes the number and its newline in two writes, and a failed second write is
+    fatal to it: the pipe stays open until the newline is in. (Closing it after the first
+    read killed Xvfb whenever the read fell between the two; the desktop then started over
+    until the timing happened to work, which made a start take seconds instead of one.)
+    """
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise RuntimeError(f"Xvfb did not start within {timeout:.0f} s")
+        chunk = os.read(fd, 32)
+        if not chunk:
+            raise RuntimeError("Xvfb exited before it accepted clients")
+        data += chunk
+    return int(data)
+
+
 class Desktop:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
@@ -87,11 +108,7 @@ class Desktop:
                 pass_fds=(write_fd,),
             )
             os.close(write_fd)
-            # Xvfb writes the display number once it accepts clients: no polling races.
-            ready, _, _ = select.select([read_fd], [], [], 15)
-            if not ready:
-                raise RuntimeError("Xvfb did not start within 15 s")
-            self.display = int(os.read(read_fd, 32).decode().strip())
+            self.display = _read_display(read_fd, timeout=15)
         finally:
             os.close(read_fd)
         digest = hashlib.sha256(self.spec["instance_id"].encode()).digest()
