@@ -10,13 +10,14 @@ import secrets
 import subprocess
 import textwrap
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.support.dev_stack import Stack, wait_for_state
 from tests.support.leaks import SECRETS
-from tests.support.processes import ROOT, wait_for
+from tests.support.processes import ROOT, http_ok, wait_for
 
 REDIS_SLOT = "stack"
 # Every periodic thing runs at least every 2 s here (by default: heartbeats every 30 s,
@@ -157,3 +158,70 @@ def test_flower_lists_the_commands_with_their_whole_wait(stack: Stack) -> None:
         # The whole wait (a check every second or more) is longer than the last check.
         assert seconds >= 0.9 * (attempts - 1)
         assert seconds > float(task["runtime"] or 0)
+
+
+def starts(stack: Stack) -> dict[str, int]:
+    """How many times each reloading service has come up, by its own start line."""
+    text = stack.log_text()
+    return {
+        "api": text.count("Application startup complete."),
+        "gateway": text.count("gateway listening"),
+        "worker": len(re.findall(r"worker\.1 .*\bready\.", text)),
+    }
+
+
+def test_a_saved_change_reloads_its_services_and_a_broken_one_shows_its_error(
+    stack: Stack,
+) -> None:
+    """Saving a source file restarts the services that import it, local desktops keep
+    running, and a save that breaks a service shows its error while the others (and the
+    service itself, once fixed) carry on."""
+    client = httpx.Client(base_url=stack.api, timeout=15, headers={"X-Forwarded-For": "10.9.8.10"})
+    email = f"reload-{secrets.token_hex(6)}@example.com"
+    password = "correct horse battery " + secrets.token_urlsafe(12)
+    signup = client.post("/api/auth/signup", json={"email": email, "password": password})
+    assert signup.status_code == 201, signup.text
+    tokens = client.post("/api/auth/login", json={"email": email, "password": password}).json()
+    SECRETS.add(password, tokens["access_token"], tokens["refresh_token"])
+    client.headers["Authorization"] = f"Bearer {tokens['access_token']}"
+    instance_id = client.post("/api/instances", json={"name": "reload desk"}).json()["id"]
+    shared = ROOT / "libs" / "common" / "src" / "cloudbot_common" / "sizes.py"
+    api_module = ROOT / "services" / "api" / "src" / "cloudbot_api" / "health.py"
+    originals = {path: path.read_text() for path in (shared, api_module)}
+    try:
+        wait_for_state(client, instance_id, "running", 120, stack)
+        machine = Path(stack.env["LOCAL_STATE_DIR"]) / instance_id / "machine.pid"
+        desktop = machine.read_text()
+
+        # A change to libs/common: the api, the gateway and the worker each restart.
+        before = starts(stack)
+        shared.write_text(originals[shared] + f"\n# saved at {time.time()}\n")
+        wait_for(
+            lambda: all(n > before[name] for name, n in starts(stack).items()),
+            60,
+            "the api, the gateway and the worker to restart",
+        )
+        shared.write_text(originals[shared])
+        for url in (f"{stack.api}/readyz", f"{stack.gateway}/readyz"):
+            wait_for(http_ok(url), 60, url)
+        assert client.get(f"/api/instances/{instance_id}").json()["state"] == "running"
+
+        # A broken save: the api says why and waits; the others carry on.
+        shown = len(stack.log_text())
+        api_module.write_text(originals[api_module] + "\ndef broken(:\n")
+        wait_for(lambda: "SyntaxError" in stack.log_text()[shown:], 60, "the api's error")
+        assert stack.honcho.alive()
+        assert httpx.get(f"{stack.gateway}/readyz", timeout=2).status_code == 200
+        # Fixed, it comes back by itself.
+        api_module.write_text(originals[api_module])
+        wait_for(lambda: httpx.get(f"{stack.api}/readyz", timeout=2).status_code == 200, 30, "api")
+        assert client.get(f"/api/instances/{instance_id}").json()["state"] == "running"
+        # The desktop ran on through all of it: the same machine, still up.
+        assert machine.read_text() == desktop
+        os.kill(int(desktop), 0)
+    finally:
+        for path, text in originals.items():
+            if path.read_text() != text:
+                path.write_text(text)
+        client.delete(f"/api/instances/{instance_id}")
+        client.close()

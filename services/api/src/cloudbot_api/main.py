@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -191,4 +192,6 @@ def run() -> None:
         uvicorn.Config(config.app, host=host, port=port, log_config=None).bind_socket()
         for host, port in listeners
     ]
-    uvicorn.Server(config).run(sockets=sockets)
+    # Ctrl-C (or a reload under `make dev`) ends it; uvicorn has already said so.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run(sockets=sockets)
