@@ -201,7 +201,15 @@ def test_a_saved_change_reloads_its_services_and_a_broken_one_shows_its_error(
             60,
             "the api, the gateway and the worker to restart",
         )
+        # Putting it back is a save too: wait for that round, so that nothing is asked of
+        # a service about to restart.
+        middle = starts(stack)
         shared.write_text(originals[shared])
+        wait_for(
+            lambda: all(n > middle[name] for name, n in starts(stack).items()),
+            60,
+            "the services to restart again",
+        )
         for url in (f"{stack.api}/readyz", f"{stack.gateway}/readyz"):
             wait_for(http_ok(url), 60, url)
         assert client.get(f"/api/instances/{instance_id}").json()["state"] == "running"
