@@ -233,7 +233,7 @@ async def test_a_restart_is_as_quick_as_a_create(store, local_env, tmp_path):
         restart, restart_healthy = await running_and_healthy(instance_id, started)
 
         directory = Path(local_env["LOCAL_STATE_DIR"]) / str(instance_id)
-        xvfb_log = (directory / "logs" / "xvfb.log").read_text()
+        xvfb_log = (directory / "logs" / "desktop" / "xvfb.log").read_text()
         await store.command(instance_id, TERMINATE)
         await store.wait_state(instance_id, S.TERMINATED)
 
