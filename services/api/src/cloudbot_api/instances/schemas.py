@@ -2,13 +2,24 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from cloudbot_common.models import InstanceState
 from cloudbot_common.tickets import Channel
 
 IDLE_STOP_MAX_MINUTES = 7 * 24 * 60
+
+
+def _a_number(value: object) -> object:
+    # A JSON number, as the schema says (165.0 is 165): not `true`, not "165".
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected a whole number of minutes")
+    return value
+
+
+Minutes = Annotated[int, BeforeValidator(_a_number)]
 
 
 class InstanceCreate(BaseModel):
@@ -28,9 +39,8 @@ class InstanceCreate(BaseModel):
         max_length=32,
         description="One of the offered sizes (GET /api/sizes); omitted, the default one",
     )
-    idle_stop_minutes: int | None = Field(
+    idle_stop_minutes: Minutes | None = Field(
         default=None,
-        strict=True,
         ge=0,
         le=IDLE_STOP_MAX_MINUTES,
         description="Stop the machine after this many minutes unused (no desktop or agent "
@@ -41,8 +51,7 @@ class InstanceCreate(BaseModel):
 class InstanceUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    idle_stop_minutes: int = Field(
-        strict=True,
+    idle_stop_minutes: Minutes = Field(
         ge=0,
         le=IDLE_STOP_MAX_MINUTES,
         description="Minutes unused before an idle stop; 0: never",
