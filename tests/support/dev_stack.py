@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 import httpx
 
 from cloudbot_common import procfs
+from tests.support.harness import kill_local_machines
 from tests.support.leaks import SECRETS
 from tests.support.processes import PYTHON, Process, free_port, wait_for
 
@@ -103,6 +104,9 @@ def run_stack(private_env: dict[str, str], state: Path) -> Iterator[Stack]:
     finally:
         honcho.stop(timeout=20)
         stack.log.close()
+        # Desktops outlive the stack by design; a test's that were not deleted (or whose
+        # delete the stop cut short) end with the test run.
+        kill_local_machines(state / "instances")
 
 
 def answering(honcho: Process, url: str) -> Callable[[], bool]:
