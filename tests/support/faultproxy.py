@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -82,6 +82,15 @@ class FaultProxy:
         self.latency = 0.0
         self.refusing = False
         self.flow()
+
+    @contextlib.contextmanager
+    def stalled(self) -> Iterator[None]:
+        """Hold every byte both ways while the block runs, then let them flow again."""
+        self.stall()
+        try:
+            yield
+        finally:
+            self.flow()
 
     # --- inside the loop ----------------------------------------------------------------
 
