@@ -38,6 +38,7 @@ from tests.support.api import ApiServer, api_process
 from tests.support.clients import api_client
 from tests.support.databases import REDIS_BASE, REDIS_FIRST_DB, drop_database, flush_redis, migrate
 from tests.support.databases import database_url as url_of
+from tests.support.identity import certs_dir
 from tests.support.leaks import SECRETS, SecretRegistry, find_leaks
 from tests.support.processes import LOG_DIR
 from tests.support.users import User, make_user
@@ -117,6 +118,8 @@ def base_env(database_url: str, redis_url: str) -> dict[str, str]:
         "REFRESH_RETRY_SECONDS": "0",
         "API_METRICS_PORT": "0",
         "GATEWAY_METRICS_PORT": "0",
+        # EC2 machines prove themselves with documents the tests sign (AWS's key is AWS's).
+        "INSTANCE_IDENTITY_CERTS_DIR": certs_dir(),
     }
 
 

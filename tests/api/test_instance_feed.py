@@ -15,7 +15,13 @@ from cloudbot_api.instances.router import SSE_KEEPALIVE_SECONDS
 from cloudbot_common.db import create_session_factory, unit_of_work
 from cloudbot_common.events import InstanceStateEvent, publish_instance_event
 from cloudbot_common.models import Instance, InstanceEvent, InstanceState
-from tests.support.instances import create, give_bootstrap_token, move, read_sse_lines
+from tests.support.instances import (
+    create,
+    give_bootstrap_token,
+    machine_proof,
+    move,
+    read_sse_lines,
+)
 from tests.support.leaks import SECRETS
 from tests.support.users import make_user
 
@@ -49,7 +55,11 @@ async def test_the_feed_lists_then_follows_every_machine_of_the_user(http, user,
 
         # Health as the machine reports it; the same report again is no news.
         token = await give_bootstrap_token(db_engine, new)
-        boot = await http.post("/api/agent/bootstrap", headers={"Authorization": f"Bearer {token}"})
+        boot = await http.post(
+            "/api/agent/bootstrap",
+            json=await machine_proof(db_engine, new),
+            headers={"Authorization": f"Bearer {token}"},
+        )
         SECRETS.add(boot.json()["credential"], boot.json()["agent_token"])
         beat = {"Authorization": f"Bearer {boot.json()['credential']}"}
         for _ in range(2):

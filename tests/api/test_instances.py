@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from cloudbot_common.lifecycle import PROVISION, START, STOP, TERMINATE
 from cloudbot_common.models import Instance, InstanceState, OutboxCommand
 from cloudbot_common.security.opaque import token_digest
-from tests.support.instances import create, give_bootstrap_token, move
+from tests.support.instances import create, give_bootstrap_token, machine_proof, move
 from tests.support.leaks import SECRETS
 from tests.support.problems import assert_problem
 from tests.support.users import make_user
@@ -207,8 +207,10 @@ async def test_bootstrap_token_works_once_and_heartbeats_show_health(
     iid = (await create(http, user)).json()["id"]
     await move(db_connection, redis, iid, InstanceState.PROVISIONING)
     token = await give_bootstrap_token(db_connection, iid)
+    proof = await machine_proof(db_connection, iid)
 
-    r = await http.post("/api/agent/bootstrap", headers={"Authorization": f"Bearer {token}"})
+    bearer = {"Authorization": f"Bearer {token}"}
+    r = await http.post("/api/agent/bootstrap", json=proof, headers=bearer)
     assert r.status_code == 200, r.text
     boot = r.json()
     SECRETS.add(boot["credential"], boot["agent_token"])
@@ -217,7 +219,7 @@ async def test_bootstrap_token_works_once_and_heartbeats_show_health(
     assert boot["config"]["agent"]["auth_token"] == boot["agent_token"]
     assert boot["credential"].startswith("cbc_")
 
-    again = await http.post("/api/agent/bootstrap", headers={"Authorization": f"Bearer {token}"})
+    again = await http.post("/api/agent/bootstrap", json=proof, headers=bearer)
     assert_problem(again, 401, "invalid_bootstrap_token")
 
     hb = {"Authorization": f"Bearer {boot['credential']}"}
@@ -247,5 +249,8 @@ async def test_bootstrap_token_works_once_and_heartbeats_show_health(
 async def test_expired_bootstrap_token_is_refused(http, user, db_connection):
     iid = (await create(http, user)).json()["id"]
     token = await give_bootstrap_token(db_connection, iid, ttl=-1)
-    r = await http.post("/api/agent/bootstrap", headers={"Authorization": f"Bearer {token}"})
+    proof = await machine_proof(db_connection, iid)
+    r = await http.post(
+        "/api/agent/bootstrap", json=proof, headers={"Authorization": f"Bearer {token}"}
+    )
     assert_problem(r, 401, "invalid_bootstrap_token")

@@ -21,6 +21,7 @@ from tests.support.harness import (
     provisioner,
     wait_api_state,
 )
+from tests.support.identity import aws_proof
 from tests.support.users import make_user
 
 TOKEN = re.compile(r"cbb_[A-Za-z0-9_-]{20,}")
@@ -81,15 +82,24 @@ async def test_full_lifecycle_against_moto(client, api_url, moto_url, secret_reg
     [token] = set(TOKEN.findall(script))
     secret_registry.add(token)
 
-    # The token works once: configuration with the provider key, and a credential.
+    # The token alone, or with the identity document of another machine, gets nothing and
+    # stays unspent.
     bearer = {"Authorization": f"Bearer {token}"}
-    r = await client.post("/api/agent/bootstrap", headers=bearer)
+    assert (await client.post("/api/agent/bootstrap", headers=bearer)).status_code == 401
+    other = aws_proof("i-0123456789abcdef0")
+    r = await client.post("/api/agent/bootstrap", json=other, headers=bearer)
+    assert r.status_code == 401
+    # With the tagged machine's signed identity document, the token works once:
+    # configuration with the provider key, and a credential.
+    proof = aws_proof(machine["InstanceId"])
+    r = await client.post("/api/agent/bootstrap", json=proof, headers=bearer)
     assert r.status_code == 200, r.text
     boot = r.json()
     secret_registry.add(boot["credential"], boot["agent_token"])
     assert boot["instance_id"] == instance_id
     assert boot["config"]["providers"]["anthropic"]["api_key"] == provider_key
-    assert (await client.post("/api/agent/bootstrap", headers=bearer)).status_code == 401
+    again = await client.post("/api/agent/bootstrap", json=proof, headers=bearer)
+    assert again.status_code == 401
 
     r = await client.post(
         "/api/agent/heartbeat",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 from redis.asyncio import Redis
@@ -15,6 +16,7 @@ from cloudbot_common.events import InstanceStateEvent, publish_instance_event
 from cloudbot_common.lifecycle import lock_instance, transition
 from cloudbot_common.models import Instance, InstanceState
 from cloudbot_common.security.opaque import new_token, token_digest
+from tests.support.identity import aws_proof, local_proof
 from tests.support.leaks import SECRETS
 from tests.support.users import User
 
@@ -53,7 +55,8 @@ async def move(
 
 
 async def give_bootstrap_token(bind: Bind, instance_id: uuid.UUID | str, ttl: int = 600) -> str:
-    """What the provisioner does at launch: mint a token and keep only its digest."""
+    """What the provisioner does at launch: mint a token and keep only its digest, and
+    record the machine (unless one is recorded already)."""
     token = new_token("cbb_")
     SECRETS.add(token)
     async with _session(bind) as session, session.begin():
@@ -61,7 +64,21 @@ async def give_bootstrap_token(bind: Bind, instance_id: uuid.UUID | str, ttl: in
         assert row is not None
         row.bootstrap_token_hash = token_digest(token)
         row.bootstrap_expires_at = datetime.now(UTC) + timedelta(seconds=ttl)
+        if row.backend_instance_id is None:
+            local = row.backend == "local"
+            row.backend_instance_id = f"local-{row.id}" if local else f"i-{uuid.uuid4().hex[:17]}"
     return token
+
+
+async def machine_proof(bind: Bind, instance_id: uuid.UUID | str) -> dict[str, Any]:
+    """The body with which the instance's recorded machine proves itself at bootstrap."""
+    async with _session(bind) as session:
+        row = await session.get(Instance, uuid.UUID(str(instance_id)))
+        assert row is not None
+        assert row.backend_instance_id is not None
+        if row.backend == "local":
+            return local_proof(str(row.id), row.backend_instance_id)
+        return aws_proof(row.backend_instance_id)
 
 
 async def read_sse_lines(lines: AsyncIterator[str], count: int) -> list[dict[str, str]]:

@@ -191,6 +191,9 @@ class Settings(BaseSettings):
     local_port_range_start: int = 47000
 
     aws_region: str = "us-east-1"
+    # Where the RSA certificates that verify EC2 instance identity documents are kept, one
+    # <region>.pem each; empty: AWS's, bundled with cloudbot_common.
+    instance_identity_certs_dir: str = ""
     aws_endpoint_url: str | None = None
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None

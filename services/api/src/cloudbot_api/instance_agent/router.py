@@ -9,7 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cloudbot_api.deps import ResourcesDep, UowDep
 from cloudbot_api.errors import problem_responses
-from cloudbot_api.instance_agent.schemas import BootstrapOut, HeartbeatIn
+from cloudbot_api.instance_agent.schemas import BootstrapIn, BootstrapOut, HeartbeatIn
 from cloudbot_api.instance_agent.service import InstanceAgentService
 from cloudbot_common.instance_contract import BOOTSTRAP_PATH, HEARTBEAT_PATH
 
@@ -57,10 +57,12 @@ ServiceDep = Annotated[InstanceAgentService, Depends(get_service)]
     BOOTSTRAP_PATH,
     response_model=BootstrapOut,
     summary="Exchange the single-use bootstrap token for configuration and a credential",
-    responses=problem_responses(401),
+    responses=problem_responses(401, 422, 503),
 )
-async def bootstrap(token: BootstrapTokenDep, service: ServiceDep) -> BootstrapOut:
-    return await service.bootstrap(token)
+async def bootstrap(
+    token: BootstrapTokenDep, service: ServiceDep, body: BootstrapIn | None = None
+) -> BootstrapOut:
+    return await service.bootstrap(token, body or BootstrapIn())
 
 
 @router.post(

@@ -7,6 +7,24 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
+class BootstrapIn(BaseModel):
+    """Which machine is asking: without a proof that verifies, the token is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    identity_document: str | None = Field(
+        default=None,
+        max_length=16384,
+        description="On EC2 the instance identity document as IMDS gives it, byte for byte;"
+        " for a local desktop the document its backend wrote into the sandbox",
+    )
+    identity_signature: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="The document's base64 signature (IMDS's instance-identity/signature)",
+    )
+
+
 class BootstrapOut(BaseModel):
     instance_id: uuid.UUID
     credential: str = Field(description="The instance credential for heartbeats; shown once")

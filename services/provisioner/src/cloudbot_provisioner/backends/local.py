@@ -30,6 +30,7 @@ from typing import Any
 from cloudbot_common import instance_contract as contract
 from cloudbot_common import procfs
 from cloudbot_common.security.gate import connect_through_gate
+from cloudbot_common.security.instance_identity import sign_local_identity
 from cloudbot_common.security.opaque import agent_credential
 from cloudbot_common.settings import Settings
 from cloudbot_provisioner.backends.base import LaunchSpec, Machine, MachineState
@@ -261,9 +262,18 @@ class LocalBackend:
         # Tokens go in a private file the machine's init reads and deletes, not in the
         # environment (readable in /proc). The agent credential is the one the gateway will
         # present; a real machine learns it at bootstrap.
+        # With the bootstrap token, the proof of which machine this is: signed here, on the
+        # host, with a key the sandbox can neither read nor derive (a local stand-in for
+        # EC2's instance identity document).
+        document, signature = sign_local_identity(
+            self._settings.agent_token_secret.get_secret_value(),
+            str(instance_id),
+            machine_id_of(instance_id),
+        )
         secrets = {
             "agent_token": self._agent_key(instance_id),
             "bootstrap_token": bootstrap_token,
+            "identity": {"document": document, "signature": signature},
         }
         write_private(directory / SECRETS_FILE, json.dumps(secrets))
         try:

@@ -28,6 +28,10 @@ the control plane. Configuration comes from the environment:
     CLOUDBOT_HEARTBEAT_PATH     default /api/agent/heartbeat
     CLOUDBOT_BOOTSTRAP_TOKEN    the single-use bootstrap token (first boot only), or
     CLOUDBOT_BOOTSTRAP_TOKEN_FILE  a file holding it, deleted once it has been used
+    CLOUDBOT_IDENTITY_FILE      the machine's proof of identity, {"document", "signature"},
+                                written by the host (local sandboxes); without it, the
+                                EC2 instance identity document and signature from IMDSv2
+    CLOUDBOT_IMDS_URL           the instance metadata service (http://169.254.169.254)
     CLOUDBOT_AGENT_TOKEN        the credential the gateway presents, when the machine
                                 knows it before bootstrap (local sandboxes), or
     CLOUDBOT_AGENT_TOKEN_FILE   a file holding it
@@ -293,11 +297,18 @@ class Agent:
         url = self.config.api_url + self.config.bootstrap_path
         delay = 1.0
         while True:
-            # The token works once: an answer lost to a timeout cannot be asked for again,
-            # so wait for it as long as a slow control plane may take.
-            status, body = await asyncio.to_thread(
-                _post_json, url, token, {}, BOOTSTRAP_TIMEOUT_SECONDS
-            )
+            # The token alone is not enough: the control plane also wants proof of which
+            # machine this is. Without one (IMDS not answering yet), ask again later rather
+            # than spend a refusal.
+            proof = await asyncio.to_thread(identity_proof)
+            if proof is None:
+                status, body = 0, None
+            else:
+                # The token works once: an answer lost to a timeout cannot be asked for
+                # again, so wait for it as long as a slow control plane may take.
+                status, body = await asyncio.to_thread(
+                    _post_json, url, token, proof, BOOTSTRAP_TIMEOUT_SECONDS
+                )
             if status == 200 and isinstance(body, dict) and body.get("credential"):
                 self._save(body)
                 _forget_bootstrap_token()
@@ -400,6 +411,40 @@ def _secret(name: str) -> str | None:
         with contextlib.suppress(OSError):
             return Path(path).read_text().strip() or None
     return None
+
+
+def identity_proof() -> dict[str, Any] | None:
+    """{"identity_document", "identity_signature"}: the file the host wrote, or else the
+    EC2 instance identity document and its signature as IMDSv2 gives them (the document's
+    bytes untouched: the signature is over them). None: not to be had now."""
+    path = os.environ.get("CLOUDBOT_IDENTITY_FILE")
+    if path:
+        try:
+            data = json.loads(Path(path).read_text())
+            return {"identity_document": data["document"], "identity_signature": data["signature"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    imds = os.environ.get("CLOUDBOT_IMDS_URL", "http://169.254.169.254").rstrip("/")
+    try:
+        token_request = urllib.request.Request(  # noqa: S310 - the metadata service
+            imds + "/latest/api/token",
+            method="PUT",
+            headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"},
+        )
+        with urllib.request.urlopen(token_request, timeout=5) as response:  # noqa: S310
+            imds_token = response.read().decode()
+        fetched = []
+        for leaf in ("document", "signature"):
+            request = urllib.request.Request(  # noqa: S310 - the metadata service
+                f"{imds}/latest/dynamic/instance-identity/{leaf}",
+                headers={"X-aws-ec2-metadata-token": imds_token},
+            )
+            with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+                fetched.append(response.read().decode())
+    except (OSError, ValueError, http.client.HTTPException):
+        log.warning("instance identity not available from the metadata service")
+        return None
+    return {"identity_document": fetched[0], "identity_signature": fetched[1]}
 
 
 def _forget_bootstrap_token() -> None:

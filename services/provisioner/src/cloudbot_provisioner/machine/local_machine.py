@@ -74,6 +74,8 @@ class Machine:
         # stays, for an agent that died before using it.
         if secrets.get("bootstrap_token"):
             write_private(keys / "bootstrap_token", secrets["bootstrap_token"])
+        if secrets.get("identity"):
+            write_private(keys / "identity", json.dumps(secrets["identity"]))
         self.child: subprocess.Popen[bytes] | None = None
         self.stopping = False
         self.listeners = [
@@ -157,6 +159,8 @@ class Machine:
         }
         if (self.dir / "keys" / "bootstrap_token").exists():
             env["CLOUDBOT_BOOTSTRAP_TOKEN_FILE"] = f"{_KEYS}/bootstrap_token"
+        if (self.dir / "keys" / "identity").exists():
+            env["CLOUDBOT_IDENTITY_FILE"] = f"{_KEYS}/identity"
         return env
 
     def _prepare(self) -> None:
@@ -169,6 +173,7 @@ class Machine:
         (etc / "desktop.json").write_text(json.dumps(desktop))
         if (self.dir / DISK_DIR / "agent" / "agent.json").exists():
             (self.dir / "keys" / "bootstrap_token").unlink(missing_ok=True)
+            (self.dir / "keys" / "identity").unlink(missing_ok=True)
 
     def start(self) -> None:
         self._prepare()
