@@ -17,6 +17,7 @@ from cloudbot_common.models import Instance, InstanceState
 from cloudbot_common.security.instance_identity import (
     IdentityError,
     verify_aws_identity,
+    verify_local_identity,
 )
 from cloudbot_common.security.opaque import agent_credential
 from cloudbot_common.settings import Settings
@@ -197,3 +198,14 @@ async def test_local_tampered_proof_gets_nothing(http, user, db, db_connection):
     await _refused_then_real_machine_boots(
         http, db, iid, token, tampered, local_proof(iid, machine)
     )
+
+
+def test_undecodable_documents_are_refused_not_errors():
+    """Text that is no UTF-8 (a lone surrogate) is refused, never a crash."""
+    odd = '{"region": "us-east-1"}\udfa5'
+    with pytest.raises(IdentityError):
+        verify_aws_identity(odd, sign('{"region": "us-east-1"}'), certs_dir="")
+    with pytest.raises(IdentityError):
+        verify_local_identity(odd, "c2ln", secret="s" * 32)
+    with pytest.raises(IdentityError):
+        verify_local_identity("{}", "\udfa5", secret="s" * 32)

@@ -43,6 +43,13 @@ class IdentityError(Exception):
     """The proof is missing, malformed, or not signed by whom it must be."""
 
 
+def _bytes(document: str) -> bytes:
+    try:
+        return document.encode()
+    except UnicodeEncodeError as e:  # a lone surrogate: no machine sent that
+        raise IdentityError("document is not UTF-8") from e
+
+
 def _parse(document: str) -> dict[str, Any]:
     if len(document) > _MAX_DOCUMENT:
         raise IdentityError("document too large")
@@ -58,7 +65,7 @@ def _parse(document: str) -> dict[str, Any]:
 def _b64(signature: str) -> bytes:
     try:
         return base64.b64decode("".join(signature.split()), validate=True)
-    except (binascii.Error, ValueError) as e:
+    except (binascii.Error, ValueError) as e:  # non-ASCII included
         raise IdentityError("signature is not base64") from e
 
 
@@ -84,13 +91,14 @@ def verify_aws_identity(document: str, signature: str, *, certs_dir: str = "") -
     """The fields of an EC2 instance identity document whose signature verifies against
     the RSA certificate of the document's own region (from `certs_dir`, or the bundled
     ones when empty)."""
+    data = _bytes(document)
     fields = _parse(document)
     region = fields.get("region")
     if not isinstance(region, str):
         raise IdentityError("document names no region")
     key = _aws_key(certs_dir, region)
     try:
-        key.verify(_b64(signature), document.encode(), PKCS1v15(), SHA256())
+        key.verify(_b64(signature), data, PKCS1v15(), SHA256())
     except InvalidSignature as e:
         raise IdentityError("signature does not verify") from e
     return fields
@@ -102,7 +110,7 @@ def _local_key(secret: str) -> bytes:
 
 
 def _local_mac(secret: str, document: str) -> bytes:
-    return hmac.new(_local_key(secret), document.encode(), hashlib.sha256).digest()
+    return hmac.new(_local_key(secret), _bytes(document), hashlib.sha256).digest()
 
 
 def sign_local_identity(secret: str, instance_id: str, machine_id: str) -> tuple[str, str]:

@@ -8,19 +8,23 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
 class BootstrapIn(BaseModel):
-    """Which machine is asking: without a proof that verifies, the token is refused."""
+    """Which machine is asking: without a proof that verifies, the token is refused.
+
+    The bounds are generous for what a machine sends (an EC2 document is under 1 KiB, its
+    signature under 400 characters) and keep any over-long body within the API's body limit,
+    so it gets a 422."""
 
     model_config = ConfigDict(extra="forbid")
 
     identity_document: str | None = Field(
         default=None,
-        max_length=16384,
+        max_length=2048,
         description="On EC2 the instance identity document as IMDS gives it, byte for byte;"
         " for a local desktop the document its backend wrote into the sandbox",
     )
     identity_signature: str | None = Field(
         default=None,
-        max_length=4096,
+        max_length=1024,
         description="The document's base64 signature (IMDS's instance-identity/signature)",
     )
 
