@@ -18,8 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.api import api_process
-from tests.support.harness import AWS_ENV, FAST_RETRIES, moto_network, provisioner
+from tests.support.harness import ec2_stack
 from tests.support.leaks import SECRETS
 
 CLI = shutil.which("cloudbot") or str(Path(__file__).resolve().parents[2] / ".venv/bin/cloudbot")
@@ -27,19 +26,9 @@ CLI = shutil.which("cloudbot") or str(Path(__file__).resolve().parents[2] / ".ve
 
 @pytest.fixture(scope="module")
 def api_url(base_env, broker_url, moto_url, tmp_path_factory) -> Iterator[str]:
-    env = {
-        **base_env,
-        **AWS_ENV,
-        **FAST_RETRIES,
-        "CELERY_BROKER_URL": broker_url,
-        "LOCAL_DEV_MODE": "false",
-        "AWS_ENDPOINT_URL": moto_url,
-        **moto_network(moto_url),
-    }
-    with api_process(env, "api-cli") as url:
-        worker_env = {**env, "PUBLIC_API_URL": url}
-        with provisioner(worker_env, tmp_path_factory.mktemp("cli"), name="cli-worker"):
-            yield url
+    state = tmp_path_factory.mktemp("cli")
+    with ec2_stack(base_env, broker_url, moto_url, state, "cli") as url:
+        yield url
 
 
 class Cli:

@@ -11,14 +11,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.api import api_process
 from tests.support.harness import (
-    AWS_ENV,
-    FAST_RETRIES,
     ec2_client,
+    ec2_stack,
     machines_tagged,
-    moto_network,
-    provisioner,
     wait_api_state,
 )
 from tests.support.identity import aws_proof
@@ -29,19 +25,9 @@ TOKEN = re.compile(r"cbb_[A-Za-z0-9_-]{20,}")
 
 @pytest.fixture(scope="module")
 def api_url(base_env, broker_url, moto_url, tmp_path_factory) -> Iterator[str]:
-    env = {
-        **base_env,
-        **AWS_ENV,
-        **FAST_RETRIES,
-        "CELERY_BROKER_URL": broker_url,
-        "LOCAL_DEV_MODE": "false",
-        "AWS_ENDPOINT_URL": moto_url,
-        **moto_network(moto_url),
-    }
-    with api_process(env, "api-ec2") as url:
-        worker_env = {**env, "PUBLIC_API_URL": url}
-        with provisioner(worker_env, tmp_path_factory.mktemp("e2e-ec2"), name="e2e-ec2-worker"):
-            yield url
+    state = tmp_path_factory.mktemp("e2e-ec2")
+    with ec2_stack(base_env, broker_url, moto_url, state, "e2e-ec2") as url:
+        yield url
 
 
 def user_data_of(ec2: Any, machine_id: str) -> str:

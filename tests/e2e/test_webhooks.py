@@ -15,8 +15,10 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook as Verifier
 
-from tests.support.api import api_process
-from tests.support.harness import AWS_ENV, FAST_RETRIES, moto_network, provisioner, wait_api_state
+from tests.support.harness import (
+    ec2_stack,
+    wait_api_state,
+)
 from tests.support.leaks import SECRETS
 from tests.support.users import make_user
 from tests.support.waiting import eventually
@@ -64,21 +66,17 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture(scope="module")
 def api_url(base_env, broker_url, moto_url, tmp_path_factory) -> Iterator[str]:
-    env = {
-        **base_env,
-        **AWS_ENV,
-        **FAST_RETRIES,
-        "CELERY_BROKER_URL": broker_url,
-        "LOCAL_DEV_MODE": "false",
-        "AWS_ENDPOINT_URL": moto_url,
-        **moto_network(moto_url),
-        "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.1/32",
-        "WEBHOOK_RELAY_SECONDS": "0.5",
-    }
-    with api_process(env, "api-webhooks") as url:
-        worker_env = {**env, "PUBLIC_API_URL": url}
-        with provisioner(worker_env, tmp_path_factory.mktemp("webhooks"), name="webhook-worker"):
-            yield url
+    state = tmp_path_factory.mktemp("webhooks")
+    with ec2_stack(
+        base_env,
+        broker_url,
+        moto_url,
+        state,
+        "webhooks",
+        WEBHOOK_ALLOWED_NETWORKS="127.0.0.1/32",
+        WEBHOOK_RELAY_SECONDS="0.5",
+    ) as url:
+        yield url
 
 
 async def test_every_state_change_is_delivered_signed_in_order_with_a_retry(

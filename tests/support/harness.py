@@ -37,6 +37,7 @@ from cloudbot_common.models import Instance, InstanceEvent, InstanceState, Outbo
 from cloudbot_common.security.gate import connect_through_gate
 from cloudbot_common.security.opaque import agent_credential
 from cloudbot_common.settings import Settings
+from tests.support.api import api_process
 from tests.support.processes import (
     PYTHON,
     Process,
@@ -646,3 +647,31 @@ def processes_of(directory: Path, group: int) -> list[str]:
         if process.pid in members or str(directory) in cmdline:
             found.append(cmdline)
     return found
+
+
+@contextlib.contextmanager
+def ec2_stack(
+    base_env: dict[str, str],
+    broker_url: str,
+    moto_url: str,
+    state_dir: Path,
+    name: str,
+    **extra: str,
+) -> Iterator[str]:
+    """The API and a worker (with its beat) driving the moto server as EC2, with the test
+    environment's settings and `extra`; yields the API's URL."""
+    env = {
+        **base_env,
+        **AWS_ENV,
+        **FAST_RETRIES,
+        "CELERY_BROKER_URL": broker_url,
+        "LOCAL_DEV_MODE": "false",
+        "AWS_ENDPOINT_URL": moto_url,
+        **moto_network(moto_url),
+        **extra,
+    }
+    with (
+        api_process(env, f"api-{name}") as url,
+        provisioner({**env, "PUBLIC_API_URL": url}, state_dir, name=f"{name}-worker"),
+    ):
+        yield url
