@@ -63,6 +63,16 @@ def machine_id_of(instance_id: uuid.UUID | str) -> str:
     return f"{_ID_PREFIX}{instance_id}"
 
 
+def _tree(pid: int) -> list[int]:
+    """`pid` and all its descendants, as they are now."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(procfs.children(current))
+    return found
+
+
 def _is_machine_process(pid: int, directory: Path) -> bool:
     """Guards against a recycled pid: the process must be this directory's init."""
     cmdline = procfs.cmdline(pid)
@@ -307,15 +317,25 @@ class LocalBackend:
             with contextlib.suppress(OSError):
                 (directory / PID_FILE).unlink()
             return
+
+        # The group, and every descendant: inside the sandbox some programs (Xvfb) make
+        # process groups of their own, which a signal to the group would miss.
+        def lingering() -> list[int]:
+            return [p for p in {*procfs.group_members(pgid), *tree} if procfs.alive(p)]
+
+        tree = _tree(pgid)
         for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if not procfs.group_members(pgid):
+            if not lingering():
                 break
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, sig)
+            for pid in lingering():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
             deadline = time.monotonic() + grace
-            while procfs.group_members(pgid) and time.monotonic() < deadline:
+            while lingering() and time.monotonic() < deadline:
                 time.sleep(0.05)
-        if procfs.group_members(pgid):
+        if lingering():
             raise TransientError("Could not stop the local machine: its processes linger.")
         with contextlib.suppress(OSError):
             (directory / PID_FILE).unlink()
