@@ -147,5 +147,17 @@ async def test_the_audit_log_pages_newest_first(http: httpx.AsyncClient) -> None
 
     r = await http.get("/api/user/audit", params={"limit": 0}, headers=user.headers)
     assert r.status_code == 422
+    # Ids are bigints: the largest is a valid (empty) page, one past it a 422, not a 500.
+    assert (await audit(http, user.headers, before=2**63 - 1))["items"] == everything
+    for cursor in (2**63, 10**32):
+        r = await http.get("/api/user/audit", params={"before": cursor}, headers=user.headers)
+        assert r.status_code == 422, r.text
+        assert r.json()["code"] == "validation_failed"
+        r = await http.get(
+            f"/api/user/webhooks/{uuid.uuid4()}/deliveries",
+            params={"before": cursor},
+            headers=user.headers,
+        )
+        assert r.status_code == 422, r.text
     r = await http.get("/api/user/audit")
     assert r.status_code == 401

@@ -23,6 +23,9 @@ from cloudbot_common.lifecycle import START, STOP, TERMINATE
 from cloudbot_common.models import InstanceState as S
 from cloudbot_common.security.gate import GateRefused, connect_through_gate
 from cloudbot_common.security.opaque import agent_credential
+from cloudbot_common.settings import Settings
+from cloudbot_provisioner.backends.base import LaunchSpec
+from cloudbot_provisioner.backends.local import LocalBackend
 from tests.support.harness import (
     RFB,
     environments_of,
@@ -34,7 +37,7 @@ from tests.support.harness import (
     rfb_greeting,
 )
 from tests.support.leaks import SECRETS, find_leaks
-from tests.support.processes import ROOT
+from tests.support.processes import ROOT, leftovers
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.vnc
@@ -245,3 +248,38 @@ async def test_a_restart_is_as_quick_as_a_create(store, local_env, tmp_path):
     # As quick as a create, give or take a loaded CI machine.
     assert restart <= 2 * create + 2, timings
     assert restart_healthy <= 2 * create_healthy + 2, timings
+
+
+async def test_a_machine_boots_once_and_is_removed_whole(local_env):
+    """Two workers carrying out one launch at once (a redelivered message while the first
+    copy is still at it) boot one machine, not two on the same ports; and removing it ends
+    every process of it, even one whose pid file was lost."""
+    settings = Settings(**{k.lower(): v for k, v in local_env.items()})
+    first, second = LocalBackend(settings), LocalBackend(settings)
+    spec = LaunchSpec(
+        instance_id=uuid.uuid4(),
+        owner_id=uuid.uuid4(),
+        name="raced-desk",
+        instance_type="local",
+        bootstrap_token="cbb_" + secrets.token_hex(16),
+    )
+    SECRETS.add(spec.bootstrap_token)
+    state_dir = Path(local_env["LOCAL_STATE_DIR"])
+    directory = state_dir / str(spec.instance_id)
+
+    def inits() -> list[int]:
+        return [
+            pid
+            for pid in procfs.naming(str(directory))
+            if b"cloudbot_provisioner.machine.local_machine" in b" ".join(procfs.cmdline(pid) or [])
+        ]
+
+    launched = await asyncio.gather(*(backend.launch(spec) for backend in (first, second)))
+    assert launched[0].id == launched[1].id
+    await first.start(launched[0].id)  # a start racing the launch boots nothing more
+    assert len(inits()) == 1, inits()
+
+    (directory / "machine.pid").unlink()  # as if the init had died before writing it
+    await second.terminate(launched[0].id)
+    assert not directory.exists()
+    assert leftovers(state_dir) == []

@@ -129,8 +129,8 @@ PYTHON = sys.executable
 def leftovers(state_dir: Path) -> list[str]:
     """Anything of a machine still there: its directory, or a process naming it."""
     found = [str(p) for p in state_dir.glob("*") if p.is_dir()] if state_dir.exists() else []
-    for process in procfs.processes():
-        cmdline = procfs.cmdline(process.pid)
-        if cmdline is not None and any(str(state_dir).encode() in arg for arg in cmdline):
+    for pid in procfs.naming(str(state_dir)):
+        cmdline = procfs.cmdline(pid)
+        if cmdline is not None:
             found.append(b" ".join(cmdline).decode(errors="replace"))
     return found

@@ -80,6 +80,17 @@ def cmdline(pid: int) -> list[bytes] | None:
     return raw.rstrip(b"\0").split(b"\0") if raw else []
 
 
+def naming(text: str) -> list[int]:
+    """The live processes with `text` in one of their arguments."""
+    needle = text.encode()
+    found = []
+    for process in processes():
+        args = cmdline(process.pid)
+        if args is not None and any(needle in arg for arg in args):
+            found.append(process.pid)
+    return found
+
+
 def environ(pid: int) -> bytes | None:
     """The environment `pid` was started with, NUL-separated (None if unreadable)."""
     try:

@@ -4,7 +4,17 @@ id); the extra row only tells whether there is a next page."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, TypeVar
+from typing import Annotated, Protocol, TypeVar
+
+from fastapi import Query
+
+# Ids are Postgres bigints: a larger cursor is refused as a 422, not sent to the database.
+MAX_ID = 2**63 - 1
+
+Before = Annotated[
+    int | None, Query(ge=1, le=MAX_ID, description="Only entries older than this id")
+]
+Limit = Annotated[int, Query(ge=1, le=200, description="At most this many entries")]
 
 
 class _HasId(Protocol):

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends
 
 from cloudbot_api.audit.schemas import AuditPage
 from cloudbot_api.audit.service import AuditService
 from cloudbot_api.deps import CurrentPrincipal, UowDep
 from cloudbot_api.errors import problem_responses
+from cloudbot_api.pagination import Before, Limit
 
 router = APIRouter(prefix="/user/audit", tags=["audit"])
 
@@ -34,7 +35,7 @@ ServiceDep = Annotated[AuditService, Depends(get_service)]
 async def audit_log(
     principal: CurrentPrincipal,
     service: ServiceDep,
-    before: Annotated[int | None, Query(ge=1, description="Events older than this id")] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before: Before = None,
+    limit: Limit = 50,
 ) -> AuditPage:
     return await service.page(principal.user_id, before, limit)

@@ -3,10 +3,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response, status
+from fastapi import APIRouter, Depends, Response, status
 
 from cloudbot_api.deps import AuditorDep, CurrentPrincipal, ResourcesDep, UowDep
 from cloudbot_api.errors import problem_responses
+from cloudbot_api.pagination import Before, Limit
 from cloudbot_api.webhooks.schemas import (
     DeliveryPage,
     WebhookCreate,
@@ -83,7 +84,7 @@ async def webhook_deliveries(
     webhook_id: uuid.UUID,
     principal: CurrentPrincipal,
     service: ServiceDep,
-    before: Annotated[int | None, Query(ge=1)] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before: Before = None,
+    limit: Limit = 50,
 ) -> DeliveryPage:
     return await service.deliveries(principal.user_id, webhook_id, before, limit)

@@ -41,6 +41,9 @@ from cloudbot_provisioner.machine.local_machine import MACHINE_FILE, PID_FILE, S
 HOST = "127.0.0.1"
 _ID_PREFIX = "local-"
 _PORTS_LOCK = ".ports.lock"
+# Held while a machine boots, halts or is removed: two workers given the same command (a
+# redelivered message while the first is still at it) must not boot one machine twice.
+_MACHINE_LOCK = ".lock"
 # The gate's two ports on the host: what the gateway connects to (the desktop's VNC server
 # and the agent's WebSocket listen inside the sandbox's own network).
 _PORT_KEYS = ("vnc_port", "agent_port")
@@ -145,25 +148,21 @@ class LocalBackend:
         if not record.get("launched_at"):
             # A launch that booted but died before recording it must not boot a second
             # desktop on the same ports.
-            if self._running_pid(directory) is None:
-                await asyncio.to_thread(self._boot, directory, spec.bootstrap_token)
+            await asyncio.to_thread(self._boot_unless_running, directory, spec.bootstrap_token)
             record = await asyncio.to_thread(self._mark_launched, directory)
         return _machine(record, MachineState.PENDING)
 
     async def stop(self, machine_id: str) -> None:
-        await asyncio.to_thread(self._halt, self._dir(machine_id))
+        await asyncio.to_thread(self._halt_locked, self._dir(machine_id))
 
     async def start(self, machine_id: str) -> None:
         directory = self._dir(machine_id)
         if await asyncio.to_thread(self._read_spec, directory) is None:
             raise PermanentError("Could not start the machine: its local directory is gone.")
-        if await asyncio.to_thread(self._running_pid, directory) is None:
-            await asyncio.to_thread(self._boot, directory, None)
+        await asyncio.to_thread(self._boot_unless_running, directory, None)
 
     async def terminate(self, machine_id: str) -> None:
-        directory = self._dir(machine_id)
-        await asyncio.to_thread(self._halt, directory)
-        await asyncio.to_thread(shutil.rmtree, directory, True)
+        await asyncio.to_thread(self._remove, self._dir(machine_id))
 
     async def list_ours(self) -> list[Machine]:
         names = await asyncio.to_thread(self._list_dirs)
@@ -259,6 +258,22 @@ class LocalBackend:
             return None
         return pid if procfs.alive(pid) and _is_machine_process(pid, directory) else None
 
+    def _boot_unless_running(self, directory: Path, bootstrap_token: str | None) -> None:
+        with _locked(directory / _MACHINE_LOCK):
+            if self._running_pid(directory) is None:
+                self._boot(directory, bootstrap_token)
+
+    def _halt_locked(self, directory: Path) -> None:
+        if directory.is_dir():
+            with _locked(directory / _MACHINE_LOCK):
+                self._halt(directory)
+
+    def _remove(self, directory: Path) -> None:
+        if directory.is_dir():
+            with _locked(directory / _MACHINE_LOCK):
+                self._halt(directory)
+                shutil.rmtree(directory, ignore_errors=True)
+
     def _boot(self, directory: Path, bootstrap_token: str | None) -> None:
         """Starts the machine's init, detached; returns once it has recorded its pid."""
         missing = missing_programs()
@@ -306,29 +321,33 @@ class LocalBackend:
             raise TransientError(f"Could not start the local machine ({type(e).__name__}).") from e
 
     def _halt(self, directory: Path) -> None:
-        """Ends the machine's whole process group: TERM, a short grace, then KILL."""
+        """Ends the machine's whole process group and every process of it elsewhere: TERM,
+        a short grace, then KILL. Call with the machine's lock held."""
         try:
-            pgid = int((directory / PID_FILE).read_text().strip())
+            pgid: int | None = int((directory / PID_FILE).read_text().strip())
         except (OSError, ValueError):
-            return
-        if procfs.alive(pgid) and not _is_machine_process(pgid, directory):
+            pgid = None
+        if pgid is not None and procfs.alive(pgid) and not _is_machine_process(pgid, directory):
             # The recorded leader's pid now belongs to some other process: its group is
-            # not ours to signal, and ours is long gone.
-            with contextlib.suppress(OSError):
-                (directory / PID_FILE).unlink()
-            return
+            # not ours to signal.
+            pgid = None
+        # The init and its sandbox name the directory on their command lines, so one whose
+        # pid file was lost (a crash between writing it and starting) is found all the same.
+        roots = {*procfs.naming(str(directory)), *([pgid] if pgid is not None else [])}
 
         # The group, and every descendant: inside the sandbox some programs (Xvfb) make
         # process groups of their own, which a signal to the group would miss.
         def lingering() -> list[int]:
-            return [p for p in {*procfs.group_members(pgid), *tree} if procfs.alive(p)]
+            group = procfs.group_members(pgid) if pgid is not None else []
+            return [p for p in {*group, *tree} if procfs.alive(p)]
 
-        tree = _tree(pgid)
+        tree = {pid for root in roots for pid in _tree(root)}
         for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             if not lingering():
                 break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, sig)
+            if pgid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, sig)
             for pid in lingering():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
