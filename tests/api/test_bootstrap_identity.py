@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from cloudbot_common.models import Instance, InstanceState
@@ -157,6 +162,41 @@ def test_bundled_certificate_is_aws_and_refuses_other_signers():
     moon = aws_document("i-0123456789abcdef0", region="mo-moon-1")
     with pytest.raises(IdentityError):
         verify_aws_identity(moon, sign(moon), certs_dir="")
+
+
+DATA = Path(__file__).parent / "data"
+BUNDLED = resources.files("cloudbot_common.security") / "aws_identity"
+
+
+def test_a_document_aws_signed_verifies_with_the_bundled_certificate():
+    """A real instance identity document and its `signature`, as IMDS served them on an EC2
+    machine, verify against the bundled certificate of their region; change one byte of
+    the document, or of the signature, and they do not."""
+    document = (DATA / "aws_identity_document.json").read_text()
+    signature = (DATA / "aws_identity_document.sig").read_text()
+    fields = verify_aws_identity(document, signature, certs_dir="")
+    assert fields["instanceId"].startswith("i-")
+    assert fields["region"] == "us-east-1"
+    with pytest.raises(IdentityError):
+        verify_aws_identity(document.replace("t2.micro", "t3.micro"), signature, certs_dir="")
+    flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
+    with pytest.raises(IdentityError):
+        verify_aws_identity(document, flipped, certs_dir="")
+
+
+def test_every_aws_region_has_its_certificate_bundled():
+    """Every commercial, GovCloud and China region AWS publishes a certificate for is
+    bundled, as an RSA certificate in force today, under the name the document's `region`
+    gives."""
+    regions = {p.name.removesuffix(".pem") for p in BUNDLED.iterdir() if p.name.endswith(".pem")}
+    assert {"us-east-1", "us-west-2", "eu-west-1", "eu-central-1", "ap-southeast-2",
+            "sa-east-1", "ca-central-1", "me-south-1", "af-south-1", "il-central-1",
+            "us-gov-west-1", "cn-north-1"} <= regions  # fmt: skip
+    now = datetime.now(UTC)
+    for region in regions:
+        cert = x509.load_pem_x509_certificate((BUNDLED / f"{region}.pem").read_bytes())
+        assert isinstance(cert.public_key(), RSAPublicKey), region
+        assert cert.not_valid_before_utc <= now < cert.not_valid_after_utc, region
 
 
 # --- Local desktops -------------------------------------------------------------------
