@@ -85,6 +85,32 @@ def database_url() -> Iterator[str]:
     asyncio.run(drop_database(name))
 
 
+# Redis dbs 1-7 are left to `private_env` (the shared test stack uses 8 and up).
+_REDIS_SLOTS = {"metrics": 1, "flower": 2, "stack": 3, "scale": 4}
+
+
+@pytest.fixture(scope="module")
+def private_env(
+    request: pytest.FixtureRequest, base_env: dict[str, str]
+) -> Iterator[dict[str, str]]:
+    """`base_env` with a freshly migrated database and an empty Redis db of its own: for
+    services whose queue, outbox and instances must be theirs alone (the reconciler of a
+    stack on the shared database would take up other tests' instances, and their workers
+    its commands).
+
+    The module names its slot with `REDIS_SLOT`, one of `_REDIS_SLOTS`."""
+    slot = _REDIS_SLOTS[request.module.REDIS_SLOT] + _worker_index() * len(_REDIS_SLOTS)
+    assert slot < 8, "too many xdist workers for the private Redis dbs"
+    redis_url = f"{REDIS_BASE}/{slot}"
+    asyncio.run(flush_redis(redis_url))
+    name = f"cloudbot_private_{slot}_{secrets.token_hex(4)}"
+    url = url_of(name)
+    migrate(url)
+    yield {**base_env, "DATABASE_URL": url, "REDIS_URL": redis_url}
+    asyncio.run(drop_database(name))
+    asyncio.run(flush_redis(redis_url))
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     url = f"{REDIS_BASE}/{REDIS_FIRST_DB + _worker_index()}"

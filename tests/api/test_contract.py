@@ -6,6 +6,7 @@ It must find nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import subprocess
@@ -76,28 +77,31 @@ def _signup(client: httpx.Client) -> tuple[str, str, str]:
     return email, password, r.json()["id"]
 
 
-def _machine_tokens(client: httpx.Client, database_url: str) -> tuple[str, str]:
-    """A bootstrap token and an instance credential of two instances of another account,
-    stored as the provisioner and bootstrap store them, so that the instance-facing
-    operations are exercised too (bootstrap replaces its instance's credential, hence
-    two). No command is queued for them and the worker drives EC2 only: nothing else
-    touches them."""
-    _, _, owner = _signup(client)
+@contextlib.contextmanager
+def _machine_tokens(owner: str, database_url: str) -> Iterator[tuple[str, str]]:
+    """A bootstrap token and an instance credential of two instances of `owner` (another
+    account than the run's), stored as the provisioner and bootstrap store them, so that
+    the instance-facing operations are exercised too (bootstrap replaces its instance's
+    credential, hence two). No command is queued for them and the worker drives EC2 only:
+    nothing touches them during the run, and they end with it (a stack of local desktops
+    on this database would otherwise take them up later)."""
     bootstrap, credential = new_token(BOOTSTRAP_PREFIX), new_token(CREDENTIAL_PREFIX)
+    ids = [uuid.uuid4(), uuid.uuid4()]
+    dsn = database_url.replace("+asyncpg", "")
 
     async def store() -> None:
-        conn = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+        conn = await asyncpg.connect(dsn)
         try:
-            for name, column, token in (
-                ("contract-boot", "bootstrap_token_hash", bootstrap),
-                ("contract-beat", "credential_hash", credential),
+            for instance_id, name, column, token in (
+                (ids[0], "contract-boot", "bootstrap_token_hash", bootstrap),
+                (ids[1], "contract-beat", "credential_hash", credential),
             ):
                 await conn.execute(
                     "INSERT INTO instances (id, owner_id, name, size, instance_type, backend,"
                     f" state, {column}, bootstrap_expires_at)"
                     " VALUES ($1, $2, $3, 'small', 't3.small', 'local', 'provisioning', $4,"
                     " now() + interval '1 hour')",
-                    uuid.uuid4(),
+                    instance_id,
                     uuid.UUID(owner),
                     name,
                     token_digest(token),
@@ -105,55 +109,70 @@ def _machine_tokens(client: httpx.Client, database_url: str) -> tuple[str, str]:
         finally:
             await conn.close()
 
+    async def end() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(
+                "UPDATE instances SET state = 'terminated', bootstrap_token_hash = NULL,"
+                " bootstrap_expires_at = NULL, credential_hash = NULL WHERE id = ANY($1)",
+                ids,
+            )
+        finally:
+            await conn.close()
+
     asyncio.run(store())
-    return bootstrap, credential
+    try:
+        yield bootstrap, credential
+    finally:
+        asyncio.run(end())
 
 
 def test_schemathesis_finds_nothing(contract_api: str, database_url: str) -> None:
     with httpx.Client(base_url=contract_api, timeout=15) as client:
         email, password, _ = _signup(client)
-        bootstrap, credential = _machine_tokens(client, database_url)
-    LOG_DIR.mkdir(exist_ok=True)
-    argv = [
-        str(ST),
-        "--config-file",
-        str(CONFIG),
-        "--no-color",
-        "run",
-        f"{contract_api}/openapi.json",
-        "--checks",
-        "all",
-        # Every check but one: DELETE /api/instances/{id} is asynchronous by contract (202:
-        # the machine is being terminated) and the instance stays readable, with its state
-        # and event stream, until it is terminated, as EC2, GCE and Kubernetes objects do.
-        # `use_after_free` expects a 404 right after any 2xx DELETE.
-        "--exclude-checks",
-        "use_after_free",
-        "--phases",
-        "examples,coverage,fuzzing,stateful",
-        "--max-time",
-        str(MAX_SECONDS),
-        "--generation-database",
-        "none",
-    ]
-    result = subprocess.run(
-        argv,
-        env={
-            **os.environ,
-            "ST_EMAIL": email,
-            "ST_PASSWORD": password,
-            "ST_BOOTSTRAP_TOKEN": bootstrap,
-            "ST_INSTANCE_CREDENTIAL": credential,
-        },
-        capture_output=True,
-        text=True,
-        timeout=MAX_SECONDS + 240,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-20000:]
-    # The run really tested: every phase ran (warnings, such as an operation that only
-    # ever answered 401, fail the run by the config).
-    assert "Tested: " in output, output[-5000:]
-    for phase in ("Examples", "Coverage", "Fuzzing", "Stateful"):
-        assert f"✅ {phase}" in output, output[-5000:]
+        _, _, other = _signup(client)
+    with _machine_tokens(other, database_url) as (bootstrap, credential):
+        LOG_DIR.mkdir(exist_ok=True)
+        argv = [
+            str(ST),
+            "--config-file",
+            str(CONFIG),
+            "--no-color",
+            "run",
+            f"{contract_api}/openapi.json",
+            "--checks",
+            "all",
+            # Every check but one: DELETE /api/instances/{id} is asynchronous by contract (202:
+            # the machine is being terminated) and the instance stays readable, with its state
+            # and event stream, until it is terminated, as EC2, GCE and Kubernetes objects do.
+            # `use_after_free` expects a 404 right after any 2xx DELETE.
+            "--exclude-checks",
+            "use_after_free",
+            "--phases",
+            "examples,coverage,fuzzing,stateful",
+            "--max-time",
+            str(MAX_SECONDS),
+            "--generation-database",
+            "none",
+        ]
+        result = subprocess.run(
+            argv,
+            env={
+                **os.environ,
+                "ST_EMAIL": email,
+                "ST_PASSWORD": password,
+                "ST_BOOTSTRAP_TOKEN": bootstrap,
+                "ST_INSTANCE_CREDENTIAL": credential,
+            },
+            capture_output=True,
+            text=True,
+            timeout=MAX_SECONDS + 240,
+            check=False,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-20000:]
+        # The run really tested: every phase ran (warnings, such as an operation that only
+        # ever answered 401, fail the run by the config).
+        assert "Tested: " in output, output[-5000:]
+        for phase in ("Examples", "Coverage", "Fuzzing", "Stateful"):
+            assert f"✅ {phase}" in output, output[-5000:]

@@ -41,14 +41,17 @@ from tests.support.supervisor import Service, Supervisor, local_desktops, url_of
 pytestmark = [pytest.mark.slow, pytest.mark.vnc]
 
 USERS = 6
+# A database and Redis db of the cluster's own: its reconciler must not take up other
+# tests' instances (and its desktops would then be left over), nor its workers theirs.
+REDIS_SLOT = "scale"
 SETTLE = 120.0
 SIGNUPS_PER_MINUTE = 4
 
 
 @pytest.fixture(scope="module")
-def cluster(base_env: dict[str, str], tmp_path_factory) -> Iterator[Supervisor]:
+def cluster(private_env: dict[str, str], tmp_path_factory) -> Iterator[Supervisor]:
     state = tmp_path_factory.mktemp("scale")
-    env = local_desktops(base_env, state, RATE_LIMIT_SIGNUP=f"{SIGNUPS_PER_MINUTE}/minute")
+    env = local_desktops(private_env, state, RATE_LIMIT_SIGNUP=f"{SIGNUPS_PER_MINUTE}/minute")
     supervisor = Supervisor(env, state)
     api_1, api_2 = supervisor.api("api-1"), supervisor.api("api-2")
     # Desktops call back whichever API; a balancer would sit in front of both.
