@@ -122,12 +122,14 @@ export class Machines {
     const { id, name, size, state, health } = machine;
     const item = el("li", { className: "machine", dataset: { instance: id, state } });
     const healthText = (up) => (up === true ? "up" : up === false ? "down" : "unknown");
+    const desktop = healthText(health.desktop);
+    const agent = healthText(health.agent);
     item.append(
       el("div", { className: "machine-name" }, el("strong", {}, name), ` · ${size}`),
       el("div", { className: "machine-state" },
         el("span", { className: `badge ${state}`, dataset: { role: "state" } }, state),
-        el("span", { className: "health" },
-          `desktop ${healthText(health.desktop)}, agent ${healthText(health.agent)}`)),
+        el("span", { className: "health", dataset: { role: "health", desktop, agent } },
+          `desktop ${desktop}, agent ${agent}`)),
     );
     if (machine.state_reason && state === "failed") {
       item.append(el("p", { className: "note" }, machine.state_reason));
@@ -163,12 +165,19 @@ export class Machines {
     if (line) line.textContent = error.message;
   }
 
+  // An answer of the API, unless the stream has already shown a later version: the
+  // stream may overtake the answer (a create's "pending" after its "provisioning", a
+  // deleted machine's removal).
+  keep(machine, { created = false } = {}) {
+    const known = this.machines.get(machine.id);
+    if (known ? Date.parse(known.updated_at) > Date.parse(machine.updated_at) : !created) return;
+    this.machines.set(machine.id, machine);
+    this.render();
+  }
+
   async act(machine, action) {
     this.errors.delete(machine.id);
-    const path = `/api/instances/${machine.id}/${action}`;
-    const changed = await api("POST", path);
-    this.machines.set(changed.id, changed);
-    this.render();
+    this.keep(await api("POST", `/api/instances/${machine.id}/${action}`));
   }
 
   async remove(machine) {
@@ -179,9 +188,7 @@ export class Machines {
     );
     if (!sure) return;
     this.errors.delete(machine.id);
-    const changed = await api("DELETE", `/api/instances/${machine.id}`);
-    this.machines.set(changed.id, changed);
-    this.render();
+    this.keep(await api("DELETE", `/api/instances/${machine.id}`));
   }
 
   async create() {
@@ -193,8 +200,7 @@ export class Machines {
         name: String(data.get("name")).trim(),
         size: data.get("size"),
       });
-      this.machines.set(machine.id, machine);
-      this.render();
+      this.keep(machine, { created: true });
       this.form.reset();
       showError(this.form)(null);
     } finally {
@@ -215,7 +221,7 @@ export class Machines {
       const details = [size.cpus && `${size.cpus} CPU`,
         size.memory_mib && `${+(size.memory_mib / 1024).toFixed(1)} GiB`,
         size.instance_type].filter(Boolean);
-      return el("option", { value: size.name, selected: Boolean(size.default) },
+      return el("option", { value: size.name, defaultSelected: Boolean(size.default) },
         details.length ? `${size.name} (${details.join(", ")})` : size.name);
     }));
   }

@@ -145,7 +145,8 @@ class InstanceService:
             raise ProblemError(
                 403,
                 "instance_quota_exceeded",
-                f"You already have {limit} live instances; delete one first.",
+                f"Your quota is {limit} live instance{'' if limit == 1 else 's'} and you "
+                "have reached it; delete one first.",
             )
         instance = Instance(
             id=uuid.uuid4(),
