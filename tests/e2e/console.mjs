@@ -1,8 +1,11 @@
 // Drives Debian's Chromium through the whole web console as a person would (see
-// test_console.py). Prints JSON lines: {"ask": "restart-gateway"} when the desktop is open
-// (then waits for a line on stdin), and at the end {"result": {"checks": {...}}}.
+// test_console.py). Prints JSON lines, asks of the test, each answered by a line on stdin:
+// {"ask": "restart-gateway"} when the desktop is open, {"ask": "pause-desktop" or
+// "resume-desktop", "instance": id} to freeze or thaw the machine's VNC server; and at the
+// end {"result": {"checks": {...}}}.
 // Environment: PLAYWRIGHT_CORE, AXE, CHROMIUM, API_URL, VIEWPORT (WxH), EMAIL, PASSWORD,
-// KEYS (three provider keys, comma-separated), ARTIFACTS (folder for screenshots).
+// KEYS (three provider keys, comma-separated), ARTIFACTS (folder for screenshots),
+// FOREIGN_WS (a WebSocket address other than the gateway's, which the page must not reach).
 import { readFileSync } from "node:fs";
 import { createInterface } from "node:readline";
 import { pathToFileURL } from "node:url";
@@ -122,6 +125,36 @@ async function at(x, y) {
   }, [x, y]);
 }
 
+// Ask the test for something and wait for its answer.
+async function ask(message) {
+  console.log(JSON.stringify(message));
+  await stdin.next();
+}
+
+// The API as the page itself calls it (the same module, so the same access token).
+async function callApi(method, path) {
+  return page.evaluate(async ([method, path]) => {
+    const { api } = await import(new URL("api.js", location.href).href);
+    return api(method, path);
+  }, [method, path]);
+}
+
+// Every state and health the machine's row shows, in order, without repeats.
+const statesSeen = [];
+const healthSeen = [];
+await page.exposeFunction("machineRow", (state, health) => {
+  if (statesSeen.at(-1) !== state) statesSeen.push(state);
+  if (healthSeen.at(-1) !== health) healthSeen.push(health);
+});
+async function watchMachine() {
+  await page.evaluate(() => {
+    new MutationObserver(() => {
+      const item = document.querySelector("li.machine");
+      if (item) window.machineRow(item.dataset.state, item.querySelector("[data-role=health]").textContent);
+    }).observe(document.querySelector(".machine-list"), { childList: true, subtree: true });
+  });
+}
+
 async function typeToMachine(text) {
   // The pointer into the terminal first: without a window manager, keys go where it is.
   const point = await at(400, 300);
@@ -135,7 +168,8 @@ async function typeToMachine(text) {
 
 try {
   // Sign up.
-  await page.goto(`${env.API_URL}/app/`);
+  const first = await page.goto(`${env.API_URL}/app/`);
+  checks.csp = first.headers()["content-security-policy"];
   await page.waitForSelector("body[data-view=auth]", T);
   await screen("signin");
   // The keyboard alone: from the focused heading, Tab walks the form in order.
@@ -182,26 +216,28 @@ try {
   checks.keysText = await page.textContent("#keys");
   await screen("keys");
 
-  // Create a machine and watch it turn running, live: every state its row shows.
-  const statesSeen = [];
-  await page.exposeFunction("machineState", (value) => {
-    if (statesSeen.at(-1) !== value) statesSeen.push(value);
-  });
-  await page.evaluate(() => {
-    new MutationObserver(() => {
-      const item = document.querySelector("li.machine");
-      if (item) window.machineState(item.dataset.state);
-    }).observe(document.querySelector(".machine-list"), { childList: true, subtree: true });
-  });
+  // Create a machine of a size the picker offers (not the default), and watch it turn
+  // running, live: every state and health its row shows.
+  await watchMachine();
+  await page.waitForSelector("#create-size option", { state: "attached", ...T });
+  checks.sizeOptions = await page.$$eval("#create-size option", (options) =>
+    options.map((option) => [option.value, option.textContent]));
+  checks.sizeDefault = await page.inputValue("#create-size");
+  checks.sizeChosen = checks.sizeOptions.map(([value]) => value)
+    .find((value) => value !== checks.sizeDefault);
   await page.fill("#create-name", "my desk");
+  await page.selectOption("#create-size", checks.sizeChosen);
   await page.click("#create button[type=submit]");
   await page.waitForSelector("li.machine", T);
   const id = await page.getAttribute("li.machine", "data-instance");
+  const row = `li.machine[data-instance="${id}"]`;
   await page.waitForFunction((id) => {
     const item = document.querySelector(`li.machine[data-instance="${id}"]`);
     return item?.dataset.state === "running";
   }, id, { timeout: 90000, polling: 100 });
-  checks.statesSeen = statesSeen;
+  checks.statesSeen = [...statesSeen];
+  checks.rowName = await page.textContent(`${row} .machine-name`);
+  checks.recordedSize = (await callApi("GET", `/api/instances/${id}`)).size;
   checks.navigations = navigations;
   checks.listRequests = listRequests;
   // One more is over the quota: said beside the form.
@@ -213,6 +249,7 @@ try {
   await screen("machines");
 
   // The desktop, with the agent beside it.
+  const openedAt = Date.now();
   await page.click(`button[data-action=open][data-instance="${id}"]`);
   await page.waitForSelector("body[data-desktop=connected]", T);
   await page.waitForFunction(() => {
@@ -256,19 +293,40 @@ try {
   checks.clipboardFromMachine = await page.inputValue("#clipboard-text");
   await screen("desktop-clipboard");
 
-  // View only: what is typed then does not reach the machine.
+  // View only: neither the pointer nor the keys reach the machine. In view only, a click
+  // far off the terminal (keys go where the pointer is) and "echo " typed; then, view only
+  // off, a command typed without a click: it runs only if neither got through.
+  const inTerminal = await at(400, 300);
+  await page.mouse.click(inTerminal.x, inTerminal.y);
   await page.click("#viewonly");
-  await typeToMachine("xsetroot -solid '#aa2222'");
-  await page.waitForTimeout(1500);
-  checks.viewOnlyTyped = await canvasShare([0xaa, 0x22, 0x22]);
+  checks.viewOnlyOn = await page.getAttribute("#viewonly", "aria-pressed");
+  const offTerminal = await at(1200, 760);
+  await page.mouse.click(offTerminal.x, offTerminal.y);
+  if (phone) await page.click("#keyboard");
+  else await page.focus("#screen canvas");
+  await page.keyboard.type("echo ", { delay: 20 });
+  await page.waitForTimeout(500);
   await page.click("#viewonly");
   checks.viewOnlyPressed = await page.getAttribute("#viewonly", "aria-pressed");
-  // Full screen (the screen alone), Ctrl-Alt-Del, scaling off and on again.
+  if (phone) await page.click("#keyboard");
+  else await page.focus("#screen canvas");
+  await page.keyboard.type("xsetroot -solid '#aa2222'", { delay: 20 });
+  await page.keyboard.press("Enter");
+  checks.afterViewOnly = await waitShare([0xaa, 0x22, 0x22]);
+
+  // Ctrl-Alt-Del reaches the machine as those keys together: the terminal's shell, told
+  // what xterm sends for Delete with Control and Alt held (ESC [3;7~), turns the screen
+  // orange.
+  await typeToMachine(`bind -x '"\\e[3;7~": xsetroot -solid "#ff8800"'`);
+  await page.waitForTimeout(300);
+  await page.click("#cad");
+  checks.ctrlAltDel = await waitShare([0xff, 0x88, 0x00]);
+
+  // Full screen (the screen alone), scaling off and on again.
   await page.click("#fullscreen");
   checks.fullscreen = await page.waitForFunction(() => document.fullscreenElement?.id, null, T)
     .then((handle) => handle.jsonValue()).catch(() => null);
   await page.evaluate(() => document.exitFullscreen().catch(() => {}));
-  await page.click("#cad");
   await page.click("#scale");
   checks.unscaledWidth = await page.evaluate(() =>
     document.querySelector("#screen canvas").getBoundingClientRect().width);
@@ -281,10 +339,19 @@ try {
   await page.waitForSelector("#agent .messages li.agent", T);
   checks.agentSaid = await page.$$eval("#agent .messages li.agent p", (items) =>
     items.map((item) => item.textContent));
+  // Who said what, and when.
+  checks.transcript = await page.$$eval("#agent .messages li", (items) => items.map((item) => ({
+    who: item.querySelector(".who").textContent,
+    at: item.querySelector("time").dateTime,
+    shown: item.querySelector("time").textContent,
+    text: item.querySelector("p").textContent,
+  })));
+  checks.transcriptWindow = [openedAt, Date.now()];
 
   // Reload: still signed in, back on the desktop.
   await page.reload();
   await page.waitForSelector("body[data-desktop=connected]", T);
+  await watchMachine();
   checks.afterReload = await page.getAttribute("body", "data-desktop");
   // A new tab: signed in too.
   const tab = await context.newPage();
@@ -330,8 +397,34 @@ try {
     }, [id, wanted], { timeout: 90000, polling: 100 });
     lifecycle.push(wanted);
   };
+  // The machine's health as it reports it, shown as it changes (the page has been
+  // watching it since the machine was created): up, down while its VNC server is frozen,
+  // up again.
+  const health = (desktop) => `${row} [data-role=health][data-desktop=${desktop}][data-agent=up]`;
+  await page.waitForSelector(health("up"), { timeout: 60000 });
+  await ask({ ask: "pause-desktop", instance: id });
+  // The machine reports within its heartbeat interval (30 s).
+  await page.waitForSelector(health("down"), { timeout: 60000 });
+  await ask({ ask: "resume-desktop", instance: id });
+  await page.waitForSelector(health("up"), { timeout: 60000 });
+  checks.healthSeen = [...healthSeen];
+  checks.listRequestsAfterHealth = listRequests;
+  // The person's stop races another client's: the person's arrives second, and the
+  // API's 409 is said in the machine's row, with the state the machine is in.
+  let held = null;
+  await page.route("**/api/instances/*/stop", (route) => {
+    if (held === null) held = route;
+    else route.continue();
+  });
   await page.click(`button[data-action=stop][data-instance="${id}"]`);
+  while (held === null) await page.waitForTimeout(50);
+  await callApi("POST", `/api/instances/${id}/stop`);
   await until("stopped");
+  await held.continue();
+  await page.waitForSelector(`${row} .error:not(:empty)`, T);
+  checks.raceError = await page.textContent(`${row} .error`);
+  await page.unroute("**/api/instances/*/stop");
+  checks.healthStopped = await page.textContent(`${row} [data-role=health]`);
   await screen("stopped");
   await page.click(`button[data-action=start][data-instance="${id}"]`);
   await until("running");
@@ -367,6 +460,23 @@ try {
     await page.evaluate(() => { document.querySelector("#signin .error").textContent = ""; });
   }
   await screen("rate-limited");
+
+  // The policy keeps the page's connections to its own origin and the gateway: a
+  // WebSocket anywhere else is refused by the browser.
+  const probe = await context.newPage();
+  await probe.goto(`${env.API_URL}/app/`);
+  checks.foreignWebSocket = await probe.evaluate((url) => new Promise((resolve) => {
+    document.addEventListener("securitypolicyviolation", (event) => resolve(
+      { refused: event.effectiveDirective, address: event.blockedURI }), { once: true });
+    try {
+      const socket = new WebSocket(url);
+      socket.addEventListener("open", () => resolve({ opened: url }));
+    } catch (error) {
+      resolve({ thrown: error.name });
+    }
+    setTimeout(() => resolve({ nothing: url }), 10000);
+  }), env.FOREIGN_WS);
+  await probe.close();
   console.log(JSON.stringify({ result: { checks } }));
 } catch (error) {
   await page.screenshot({ path: `${env.ARTIFACTS}/failure.png` }).catch(() => {});
