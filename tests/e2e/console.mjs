@@ -403,8 +403,8 @@ try {
   const health = (desktop) => `${row} [data-role=health][data-desktop=${desktop}][data-agent=up]`;
   await page.waitForSelector(health("up"), { timeout: 60000 });
   await ask({ ask: "pause-desktop", instance: id });
-  // The machine reports within its heartbeat interval (30 s).
-  await page.waitForSelector(health("down"), { timeout: 60000 });
+  // The machine reports within its heartbeat interval (30 s) and a probe's timeout.
+  await page.waitForSelector(health("down"), { timeout: 90000 });
   await ask({ ask: "resume-desktop", instance: id });
   await page.waitForSelector(health("up"), { timeout: 60000 });
   checks.healthSeen = [...healthSeen];
@@ -417,7 +417,10 @@ try {
     else route.continue();
   });
   await page.click(`button[data-action=stop][data-instance="${id}"]`);
-  while (held === null) await page.waitForTimeout(50);
+  for (let waited = 0; held === null; waited += 50) {
+    if (waited > 30000) throw new Error("the person's stop never left the page");
+    await page.waitForTimeout(50);
+  }
   await callApi("POST", `/api/instances/${id}/stop`);
   await until("stopped");
   await held.continue();
