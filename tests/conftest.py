@@ -15,6 +15,7 @@ Every log written during the run is scanned for the secrets the tests used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -219,6 +220,7 @@ async def _in_process_api(settings: Settings) -> AsyncIterator[tuple[FastAPI, Re
 async def api_app(
     _in_process_api: tuple[FastAPI, Resources],
     in_process_log: TextIO,
+    db_connection: AsyncConnection,
     db_sessions: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[FastAPI]:
     """The API application in this process, its database sessions inside the test's
@@ -228,11 +230,13 @@ async def api_app(
     root = logging.getLogger()
     level = root.level
     configure_logging("api", level="DEBUG", json_output=True, stream=in_process_log)
-    # Every session factory of the API (read-only ones too) works in the test's transaction.
+    # Every session factory of the API (read-only ones too) and its read-only statements
+    # work in the test's transaction.
     resources = copy.copy(started)
     for f in dataclasses.fields(resources):
         if isinstance(getattr(resources, f.name), async_sessionmaker):
             setattr(resources, f.name, db_sessions)
+    resources.read_connections = lambda: contextlib.nullcontext(db_connection)
     app.state.resources = resources
     yield app
     for handler in [h for h in root.handlers if getattr(h, "stream", None) is in_process_log]:

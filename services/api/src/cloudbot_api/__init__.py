@@ -15,6 +15,11 @@ same four modules, each calling only the one below it:
   a command or an event) is handed to `uow.after_commit`. Errors are `ProblemError`s.
 - `repository.py`: all SQL of the domain, in a subclass of `repository.Repository`. It
   flushes and never commits.
+- Read-only routes (GET, on every request's path) skip the unit of work: the router's
+  `get_queries` makes the domain's `XQueries(resources.read_connections, *, ...)` (in
+  `service.py`), whose reads are Core statements in an `XReads` subclass of
+  `repository.ReadRepository` (in `repository.py`) on the read engine, answered as plain
+  rows. An ORM session costs several times the query it runs.
 - `schemas.py`: the Pydantic models of requests and answers.
 
 The unit of work (`unit_of_work.UnitOfWork`, the `UowDep` request dependency) owns the

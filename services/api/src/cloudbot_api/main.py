@@ -63,6 +63,7 @@ def build_resources(settings: Settings) -> Resources:
         sessions=create_session_factory(engine),
         read_engine=read_engine,
         read_sessions=create_session_factory(read_engine),
+        read_connections=read_engine.connect,
         redis=redis,
         celery=make_celery(settings, "cloudbot-api"),
         passwords=Passwords(settings),

@@ -1,9 +1,15 @@
-"""What every domain's repository shares: the unit of work's session, and adding rows."""
+"""What every domain's repository shares: the unit of work's session, and adding rows; and,
+for requests that only read, statements on the read engine without a session."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from sqlalchemy import Executable, Row
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from cloudbot_common.models import Base
 
@@ -32,3 +38,28 @@ class Repository:
         """Write changes made to `row` and read back what the database set (timestamps)."""
         await self.session.flush()
         await self.session.refresh(row)
+
+
+# Where read-only requests get a connection: the read engine's `connect` (autocommit
+# connections, a pool of their own); the fast tests put their transaction's here.
+ReadConnections = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
+
+
+class ReadRepository:
+    """The reads of a domain that serve read-only requests: Core statements on the read
+    engine (autocommit connections), a pooled connection per statement and no ORM session.
+
+    A row through the ORM session costs several times the query itself (the session, the
+    identity map, the unit of work's commit); these answer with plain rows, whose columns
+    read as attributes. Nothing here writes."""
+
+    def __init__(self, connect: ReadConnections) -> None:
+        self.connect = connect
+
+    async def first(self, statement: Executable) -> Row[Any] | None:
+        async with self.connect() as conn:
+            return (await conn.execute(statement)).first()
+
+    async def all(self, statement: Executable) -> Sequence[Row[Any]]:
+        async with self.connect() as conn:
+            return (await conn.execute(statement)).all()

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cloudbot_api.instances.streams import EventStreams
 from cloudbot_api.proxies import TrustedProxies
 from cloudbot_api.ratelimit import RateLimiter
+from cloudbot_api.repository import ReadConnections
 from cloudbot_common.db import SessionFactory
 from cloudbot_common.events import EventHub
 from cloudbot_common.revocations import RevocationWatch
@@ -29,6 +30,9 @@ class Resources:
     # (a pool) of their own.
     read_engine: AsyncEngine
     read_sessions: SessionFactory
+    # The same engine's connections without a session, for the read-only routes'
+    # statements (`repository.ReadRepository`): `read_engine.connect`.
+    read_connections: ReadConnections
     redis: Redis
     celery: Celery
     passwords: Passwords

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
 
-from cloudbot_api.repository import Repository
+from cloudbot_api.repository import ReadRepository, Repository
 from cloudbot_common.models import LoginSession, RefreshToken, User
 
 
@@ -13,9 +14,6 @@ class AuthRepository(Repository):
     async def user_by_email(self, email: str) -> User | None:
         result = await self.session.scalars(select(User).where(User.email == email))
         return result.one_or_none()
-
-    async def user_by_id(self, user_id: uuid.UUID) -> User | None:
-        return await self.session.get(User, user_id)
 
     async def refresh_token_for_update(self, jti: uuid.UUID) -> RefreshToken | None:
         result = await self.session.scalars(
@@ -51,3 +49,11 @@ class AuthRepository(Repository):
             .returning(LoginSession.id)
         )
         return list(result.all())
+
+
+class AuthReads(ReadRepository):
+    async def user_by_id(self, user_id: uuid.UUID) -> Row[Any] | None:
+        """The account as `UserOut` shows it."""
+        return await self.first(
+            select(User.id, User.email, User.created_at).where(User.id == user_id)
+        )

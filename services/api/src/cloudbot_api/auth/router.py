@@ -23,7 +23,7 @@ from cloudbot_api.auth.schemas import (
     TokenPair,
     UserOut,
 )
-from cloudbot_api.auth.service import INVALID_CREDENTIALS, AuthService
+from cloudbot_api.auth.service import INVALID_CREDENTIALS, AuthQueries, AuthService
 from cloudbot_api.deps import (
     AuditorDep,
     ClientAddress,
@@ -51,6 +51,13 @@ async def get_service(uow: UowDep, resources: ResourcesDep, audit: AuditorDep) -
 
 
 ServiceDep = Annotated[AuthService, Depends(get_service)]
+
+
+async def get_queries(resources: ResourcesDep) -> AuthQueries:
+    return AuthQueries(resources.read_connections)
+
+
+QueriesDep = Annotated[AuthQueries, Depends(get_queries)]
 
 
 def _account_key(email: str) -> str:
@@ -140,8 +147,8 @@ async def _rotate(
     summary="The signed-in user",
     responses=problem_responses(401, 403),
 )
-async def me(principal: CurrentLogin, service: ServiceDep) -> UserOut:
-    return UserOut.model_validate(await service.me(principal.user_id))
+async def me(principal: CurrentLogin, queries: QueriesDep) -> UserOut:
+    return UserOut.model_validate(await queries.me(principal.user_id))
 
 
 @router.post(

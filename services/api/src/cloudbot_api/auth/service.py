@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from redis.asyncio import Redis
+from sqlalchemy import Row
 
 from cloudbot_api.audit.service import Auditor
-from cloudbot_api.auth.repository import AuthRepository
+from cloudbot_api.auth.repository import AuthReads, AuthRepository
 from cloudbot_api.auth.retry import RefreshRetries
 from cloudbot_api.auth.schemas import TokenPair
 from cloudbot_api.errors import ProblemError
+from cloudbot_api.repository import ReadConnections
 from cloudbot_api.unit_of_work import UnitOfWork
 from cloudbot_common.audit import Action
 from cloudbot_common.logging import get_logger
@@ -185,12 +188,6 @@ class AuthService:
         self.audit.record(Action.LOGOUT, user_id=user_id, actor=f"session:{session_id}")
         log.info("user logged out", session_id=str(session_id))
 
-    async def me(self, user_id: uuid.UUID) -> User:
-        user = await self.repo.user_by_id(user_id)
-        if user is None:
-            raise ProblemError(401, "unauthorized", "The account no longer exists.")
-        return user
-
     async def _issue_pair(
         self, user_id: uuid.UUID, session_id: uuid.UUID, now: datetime
     ) -> TokenPair:
@@ -205,3 +202,16 @@ class AuthService:
             expires_in=self.settings.access_token_ttl_seconds,
             refresh_expires_in=self.settings.refresh_token_ttl_seconds,
         )
+
+
+class AuthQueries:
+    """The account's read-only routes: no unit of work, statements on the read engine."""
+
+    def __init__(self, reads: ReadConnections) -> None:
+        self.repo = AuthReads(reads)
+
+    async def me(self, user_id: uuid.UUID) -> Row[Any]:
+        user = await self.repo.user_by_id(user_id)
+        if user is None:
+            raise ProblemError(401, "unauthorized", "The account no longer exists.")
+        return user

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.dialects.postgresql import insert
 
-from cloudbot_api.repository import Repository
+from cloudbot_api.repository import ReadRepository, Repository
 from cloudbot_common.commands import Requested, request_command
 from cloudbot_common.lifecycle import Command
 from cloudbot_common.models import (
@@ -29,15 +30,6 @@ class InstanceRepository(Repository):
         requested = await request_command(self.session, instance, command, request_id)
         await self.save(instance)
         return requested
-
-    async def list_for_owner(
-        self, owner_id: uuid.UUID, *, include_terminated: bool
-    ) -> Sequence[Instance]:
-        query = select(Instance).where(Instance.owner_id == owner_id)
-        if not include_terminated:
-            query = query.where(Instance.state != InstanceState.TERMINATED)
-        result = await self.session.scalars(query.order_by(Instance.created_at.desc()))
-        return result.all()
 
     async def get_owned(
         self, owner_id: uuid.UUID, instance_id: uuid.UUID, *, lock: bool = False
@@ -129,3 +121,35 @@ class InstanceRepository(Repository):
         record.status_code = status_code
         record.response = response
         await self.session.flush()
+
+
+# What users see of an instance (`service.to_out`).
+_SHOWN = (
+    Instance.id,
+    Instance.name,
+    Instance.size,
+    Instance.state,
+    Instance.state_reason,
+    Instance.state_changed_at,
+    Instance.last_heartbeat_at,
+    Instance.desktop_healthy,
+    Instance.agent_healthy,
+    Instance.idle_stop_minutes,
+    Instance.created_at,
+    Instance.updated_at,
+)
+
+
+class InstanceReads(ReadRepository):
+    async def list_for_owner(
+        self, owner_id: uuid.UUID, *, include_terminated: bool
+    ) -> Sequence[Row[Any]]:
+        query = select(*_SHOWN).where(Instance.owner_id == owner_id)
+        if not include_terminated:
+            query = query.where(Instance.state != InstanceState.TERMINATED)
+        return await self.all(query.order_by(Instance.created_at.desc()))
+
+    async def get_owned(self, owner_id: uuid.UUID, instance_id: uuid.UUID) -> Row[Any] | None:
+        return await self.first(
+            select(*_SHOWN).where(Instance.id == instance_id, Instance.owner_id == owner_id)
+        )

@@ -27,7 +27,7 @@ from cloudbot_api.instances.schemas import (
     TicketCreate,
     TicketOut,
 )
-from cloudbot_api.instances.service import InstanceFeed, InstanceService
+from cloudbot_api.instances.service import InstanceFeed, InstanceQueries, InstanceService
 from cloudbot_api.instances.streams import Stream
 from cloudbot_common.lifecycle import START, STOP, TERMINATE
 from cloudbot_common.models import InstanceState
@@ -52,10 +52,19 @@ async def get_service(
 
 
 async def get_feed(resources: ResourcesDep) -> InstanceFeed:
-    return InstanceFeed(sessions=resources.sessions, settings=resources.settings)
+    return InstanceFeed(
+        sessions=resources.sessions, reads=resources.read_connections, settings=resources.settings
+    )
 
 
 FeedDep = Annotated[InstanceFeed, Depends(get_feed)]
+
+
+async def get_queries(resources: ResourcesDep) -> InstanceQueries:
+    return InstanceQueries(resources.read_connections, settings=resources.settings)
+
+
+QueriesDep = Annotated[InstanceQueries, Depends(get_queries)]
 
 
 ServiceDep = Annotated[InstanceService, Depends(get_service)]
@@ -66,11 +75,10 @@ ServiceDep = Annotated[InstanceService, Depends(get_service)]
 )
 async def list_instances(
     principal: CurrentPrincipal,
-    service: ServiceDep,
+    queries: QueriesDep,
     include_terminated: Annotated[bool, Query()] = False,
 ) -> InstanceList:
-    rows = await service.list(principal.user_id, include_terminated)
-    return InstanceList(items=[service.out(i) for i in rows])
+    return InstanceList(items=await queries.list(principal.user_id, include_terminated))
 
 
 @router.post(
@@ -192,9 +200,9 @@ async def _owner_stream(
     responses=problem_responses(401, 404, 422),
 )
 async def get_instance(
-    instance_id: uuid.UUID, principal: CurrentPrincipal, service: ServiceDep
+    instance_id: uuid.UUID, principal: CurrentPrincipal, queries: QueriesDep
 ) -> InstanceOut:
-    return service.out(await service.get(principal.user_id, instance_id))
+    return await queries.get(principal.user_id, instance_id)
 
 
 # Each route asks for one command of the lifecycle table; its states are the table's.

@@ -8,13 +8,14 @@ import json
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from celery import Celery
 from redis.asyncio import Redis
 
 from cloudbot_api.audit.service import Auditor
 from cloudbot_api.errors import ProblemError
-from cloudbot_api.instances.repository import InstanceRepository
+from cloudbot_api.instances.repository import InstanceReads, InstanceRepository
 from cloudbot_api.instances.schemas import (
     Health,
     InstanceCreate,
@@ -22,6 +23,7 @@ from cloudbot_api.instances.schemas import (
     InstanceUpdate,
     TicketOut,
 )
+from cloudbot_api.repository import ReadConnections
 from cloudbot_api.unit_of_work import UnitOfWork
 from cloudbot_common.audit import Action
 from cloudbot_common.commands import Requested, publish
@@ -50,7 +52,36 @@ def state_conflict(instance: Instance, wanted: str) -> ProblemError:
     )
 
 
-def to_out(instance: Instance, stale_after: timedelta) -> InstanceOut:
+class Shown(Protocol):
+    """What users see of an instance: an `Instance`, or a row of `InstanceReads`."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def size(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def state_reason(self) -> str | None: ...
+    @property
+    def state_changed_at(self) -> datetime: ...
+    @property
+    def last_heartbeat_at(self) -> datetime | None: ...
+    @property
+    def desktop_healthy(self) -> bool | None: ...
+    @property
+    def agent_healthy(self) -> bool | None: ...
+    @property
+    def idle_stop_minutes(self) -> int: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def updated_at(self) -> datetime: ...
+
+
+def to_out(instance: Shown, stale_after: timedelta) -> InstanceOut:
     """The instance as users see it. Health is unknown (null) once the machine has not
     reported for `stale_after`: an old "up" must not pass for a current one."""
     beat = instance.last_heartbeat_at
@@ -97,15 +128,6 @@ class InstanceService:
 
     def out(self, instance: Instance) -> InstanceOut:
         return to_out(instance, timedelta(seconds=self.settings.heartbeat_stale_seconds))
-
-    async def list(self, owner_id: uuid.UUID, include_terminated: bool) -> Sequence[Instance]:
-        return await self.repo.list_for_owner(owner_id, include_terminated=include_terminated)
-
-    async def get(self, owner_id: uuid.UUID, instance_id: uuid.UUID) -> Instance:
-        instance = await self.repo.get_owned(owner_id, instance_id)
-        if instance is None:
-            raise not_found()
-        return instance
 
     async def create(
         self,
@@ -202,7 +224,9 @@ class InstanceService:
     async def ticket(
         self, owner_id: uuid.UUID, session_id: uuid.UUID, instance_id: uuid.UUID, channel: Channel
     ) -> TicketOut:
-        instance = await self.get(owner_id, instance_id)
+        instance = await self.repo.get_owned(owner_id, instance_id)
+        if instance is None:
+            raise not_found()
         if instance.state != InstanceState.RUNNING:
             raise state_conflict(instance, "be connected to")
         ttl = self.settings.ticket_ttl_seconds
@@ -245,18 +269,38 @@ class InstanceService:
         self.uow.after_commit(announce)
 
 
+class InstanceQueries:
+    """The read-only routes: no unit of work, statements on the read engine."""
+
+    def __init__(self, reads: ReadConnections, *, settings: Settings) -> None:
+        self.reads = InstanceReads(reads)
+        self.stale_after = timedelta(seconds=settings.heartbeat_stale_seconds)
+
+    async def list(self, owner_id: uuid.UUID, include_terminated: bool) -> list[InstanceOut]:
+        rows = await self.reads.list_for_owner(owner_id, include_terminated=include_terminated)
+        return [to_out(row, self.stale_after) for row in rows]
+
+    async def get(self, owner_id: uuid.UUID, instance_id: uuid.UUID) -> InstanceOut:
+        row = await self.reads.get_owned(owner_id, instance_id)
+        if row is None:
+            raise not_found()
+        return to_out(row, self.stale_after)
+
+
 class InstanceFeed:
     """What the event streams read. A stream outlives its request, so each read takes a
-    short session of its own and none is held while the stream waits."""
+    short session (or read connection) of its own and none is held while the stream waits."""
 
-    def __init__(self, *, sessions: SessionFactory, settings: Settings) -> None:
+    def __init__(
+        self, *, sessions: SessionFactory, reads: ReadConnections, settings: Settings
+    ) -> None:
         self.sessions = sessions
+        self.reads = InstanceReads(reads)
         self.stale_after = timedelta(seconds=settings.heartbeat_stale_seconds)
 
     async def check_owned(self, owner_id: uuid.UUID, instance_id: uuid.UUID) -> None:
-        async with self.sessions() as session:
-            if await InstanceRepository(session).get_owned(owner_id, instance_id) is None:
-                raise not_found()
+        if await self.reads.get_owned(owner_id, instance_id) is None:
+            raise not_found()
 
     async def history(self, instance_id: uuid.UUID, after: int) -> Sequence[InstanceEvent]:
         """The instance's events after the one with id `after`."""
@@ -272,9 +316,9 @@ class InstanceFeed:
     ) -> tuple[dict[str, dict[str, object]], Sequence[InstanceEvent]]:
         """The owner's instances as `GET /instances` shows them (by id), and the idle
         warnings of their machines after event `warned_after`."""
+        rows = await self.reads.list_for_owner(owner_id, include_terminated=False)
         async with self.sessions() as session:
             repo = InstanceRepository(session)
-            rows = await repo.list_for_owner(owner_id, include_terminated=False)
             warnings = await repo.owner_events_after(owner_id, warned_after, "idle_warning")
         shown = {str(r.id): to_out(r, self.stale_after).model_dump(mode="json") for r in rows}
         return shown, warnings
