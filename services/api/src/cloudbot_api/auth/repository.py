@@ -2,11 +2,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import bindparam, select, update
 
-from cloudbot_api.repository import ReadRepository, Repository
+from cloudbot_api.repository import Fields, Query, ReadRepository, Repository
 from cloudbot_common.models import LoginSession, RefreshToken, User
 
 
@@ -51,9 +50,12 @@ class AuthRepository(Repository):
         return list(result.all())
 
 
+_USER_BY_ID = Query.of(
+    select(User.id, User.email, User.created_at).where(User.id == bindparam("user_id"))
+)
+
+
 class AuthReads(ReadRepository):
-    async def user_by_id(self, user_id: uuid.UUID) -> Row[Any] | None:
+    async def user_by_id(self, user_id: uuid.UUID) -> Fields | None:
         """The account as `UserOut` shows it."""
-        return await self.first(
-            select(User.id, User.email, User.created_at).where(User.id == user_id)
-        )
+        return await self.first(_USER_BY_ID, user_id=user_id)

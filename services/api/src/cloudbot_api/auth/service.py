@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from redis.asyncio import Redis
-from sqlalchemy import Row
 
 from cloudbot_api.audit.service import Auditor
 from cloudbot_api.auth.repository import AuthReads, AuthRepository
 from cloudbot_api.auth.retry import RefreshRetries
 from cloudbot_api.auth.schemas import TokenPair
 from cloudbot_api.errors import ProblemError
-from cloudbot_api.repository import ReadConnections
+from cloudbot_api.repository import Fields, ReadConnections
 from cloudbot_api.unit_of_work import UnitOfWork
 from cloudbot_common.audit import Action
 from cloudbot_common.logging import get_logger
@@ -210,7 +208,7 @@ class AuthQueries:
     def __init__(self, reads: ReadConnections) -> None:
         self.repo = AuthReads(reads)
 
-    async def me(self, user_id: uuid.UUID) -> Row[Any]:
+    async def me(self, user_id: uuid.UUID) -> Fields:
         user = await self.repo.user_by_id(user_id)
         if user is None:
             raise ProblemError(401, "unauthorized", "The account no longer exists.")

@@ -2,12 +2,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
-from sqlalchemy import Row, func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert
 
-from cloudbot_api.repository import ReadRepository, Repository
+from cloudbot_api.repository import Fields, Query, ReadRepository, Repository
 from cloudbot_common.commands import Requested, request_command
 from cloudbot_common.lifecycle import Command
 from cloudbot_common.models import (
@@ -124,7 +123,7 @@ class InstanceRepository(Repository):
 
 
 # What users see of an instance (`service.to_out`).
-_SHOWN = (
+_SHOWN = select(
     Instance.id,
     Instance.name,
     Instance.size,
@@ -138,18 +137,20 @@ _SHOWN = (
     Instance.created_at,
     Instance.updated_at,
 )
+_OWNED = _SHOWN.where(Instance.owner_id == bindparam("owner_id"))
+_LIST_ALL = Query.of(_OWNED.order_by(Instance.created_at.desc()))
+_LIST_LIVE = Query.of(
+    _OWNED.where(Instance.state != InstanceState.TERMINATED).order_by(Instance.created_at.desc())
+)
+_ONE = Query.of(_OWNED.where(Instance.id == bindparam("instance_id")))
 
 
 class InstanceReads(ReadRepository):
     async def list_for_owner(
         self, owner_id: uuid.UUID, *, include_terminated: bool
-    ) -> Sequence[Row[Any]]:
-        query = select(*_SHOWN).where(Instance.owner_id == owner_id)
-        if not include_terminated:
-            query = query.where(Instance.state != InstanceState.TERMINATED)
-        return await self.all(query.order_by(Instance.created_at.desc()))
+    ) -> list[Fields]:
+        query = _LIST_ALL if include_terminated else _LIST_LIVE
+        return await self.all(query, owner_id=owner_id)
 
-    async def get_owned(self, owner_id: uuid.UUID, instance_id: uuid.UUID) -> Row[Any] | None:
-        return await self.first(
-            select(*_SHOWN).where(Instance.id == instance_id, Instance.owner_id == owner_id)
-        )
+    async def get_owned(self, owner_id: uuid.UUID, instance_id: uuid.UUID) -> Fields | None:
+        return await self.first(_ONE, owner_id=owner_id, instance_id=instance_id)
