@@ -9,13 +9,24 @@ Postgres (`revocation_announced_at` NULL) and nothing is lost:
   revocations every SWEEP_SECONDS, refuses their tokens from then on, ends their live
   streams and relay sessions, and writes their markers once Redis takes them;
 - a check that cannot read Redis asks Postgres instead of letting the token through.
+
+A watch `in_memory` (the API's) answers most checks without a round trip of its own: it
+keeps the revoked sessions it heard of on the event hub (loaded from the markers each time
+the subscription is made, then from each message), and before answering "not revoked" it
+waits for the hub to have caught up (`EventHub.caught_up`: one PING on the subscription,
+shared by every check waiting at that moment), so that a revocation announced anywhere
+before the check began is known here. Whenever that cannot be known (no subscription, its
+markers not loaded yet, the subscription made again meanwhile, or the barrier not
+answered), the check asks Redis, and Postgres if Redis fails, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
+from collections import Counter
 from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 
@@ -24,7 +35,12 @@ from redis.exceptions import RedisError
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cloudbot_common.events import EventHub, revoke_login_session, revoked_session_key
+from cloudbot_common.events import (
+    EventHub,
+    revoke_login_session,
+    revoked_session_key,
+    revoked_session_pattern,
+)
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import LoginSession, PersonalAccessToken
 
@@ -37,7 +53,13 @@ REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 
 class RevocationWatch:
     def __init__(
-        self, engine: AsyncEngine, redis: Redis, hub: EventHub, *, remember_seconds: int
+        self,
+        engine: AsyncEngine,
+        redis: Redis,
+        hub: EventHub,
+        *,
+        remember_seconds: int,
+        in_memory: bool = False,
     ) -> None:
         self._engine = engine
         self._redis = redis
@@ -47,15 +69,28 @@ class RevocationWatch:
         # Revoked in Postgres, marker not yet written: refused here without asking Redis.
         self.pending: set[uuid.UUID] = set()
         self._task: asyncio.Task[None] | None = None
+        self._in_memory = in_memory
+        # Revoked sessions heard of, with when to forget them (monotonic seconds).
+        self._heard: dict[uuid.UUID, float] = {}
+        # The hub generation whose markers were loaded (-1: none): while it is the hub's
+        # current one, `_heard` holds every revocation announced so far.
+        self._loaded = -1
+        self._loading: asyncio.Task[None] | None = None
+        # Which way each check was answered: "memory", "redis" or "database".
+        self.answered_by: Counter[str] = Counter()
+        if in_memory:
+            hub.on_any_session_revoked(self._hear)
+            hub.on_subscribed(self._load_markers)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._sweep_forever(), name="revocation-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._loading):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def announce(self, session_ids: Collection[uuid.UUID]) -> None:
         """Write the markers of sessions whose revocation was committed, and say so in
@@ -70,12 +105,53 @@ class RevocationWatch:
         await self._mark_announced(session_ids)
 
     async def is_revoked(self, session_id: uuid.UUID) -> bool:
-        if session_id in self.pending:
+        if session_id in self.pending or session_id in self._heard:
+            self.answered_by["memory"] += 1
             return True
+        # Whatever was announced before now has reached `_heard` once the hub caught up,
+        # unless the subscription was made again meanwhile (then caught_up says False).
+        if self._in_memory and self._loaded == self._hub.generation and await self._hub.caught_up():
+            self.answered_by["memory"] += 1
+            return session_id in self._heard or session_id in self.pending
         try:
-            return bool(await self._redis.exists(revoked_session_key(session_id)))
+            revoked = bool(await self._redis.exists(revoked_session_key(session_id)))
         except REDIS_FAILURES:
+            self.answered_by["database"] += 1
             return bool(await self.revoked_in_database([session_id]))
+        self.answered_by["redis"] += 1
+        return revoked
+
+    def _hear(self, session_id: str) -> None:
+        with contextlib.suppress(ValueError):
+            self._heard[uuid.UUID(session_id)] = time.monotonic() + self._remember
+
+    def _load_markers(self) -> None:
+        """The subscription was made (again): load every marker now in Redis, after which
+        `_heard` is complete for this generation (what is announced from now on arrives
+        as messages)."""
+        if self._loading is not None:
+            self._loading.cancel()
+        self._loading = asyncio.create_task(self._load(self._hub.generation))
+
+    async def _load(self, generation: int) -> None:
+        prefix = revoked_session_key("")
+        while generation == self._hub.generation:
+            try:
+                async for key in self._redis.scan_iter(match=revoked_session_pattern(), count=1000):
+                    name = key.decode() if isinstance(key, bytes) else key
+                    self._hear(name.removeprefix(prefix))
+            except REDIS_FAILURES as exc:
+                _log.warning("revocation markers unreadable; retrying", error=type(exc).__name__)
+                await asyncio.sleep(1)
+                continue
+            if generation == self._hub.generation:
+                self._loaded = generation
+            return
+
+    def _forget_expired(self) -> None:
+        now = time.monotonic()
+        for session_id in [s for s, until in self._heard.items() if until < now]:
+            del self._heard[session_id]
 
     async def revoked_among(self, session_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
         """Which of `session_ids` (login sessions, or personal access tokens standing in
@@ -135,6 +211,7 @@ class RevocationWatch:
 
     async def _sweep_forever(self) -> None:
         while True:
+            self._forget_expired()
             try:
                 await self.sweep()
             except Exception as exc:

@@ -76,7 +76,11 @@ def build_resources(settings: Settings) -> Resources:
         ),
         proxies=TrustedProxies(settings.trusted_proxies),
         revocations=RevocationWatch(
-            engine, redis, events, remember_seconds=settings.access_token_ttl_seconds + 60
+            engine,
+            redis,
+            events,
+            remember_seconds=settings.access_token_ttl_seconds + 60,
+            in_memory=True,
         ),
         streams=EventStreams(
             redis,

@@ -11,6 +11,7 @@ between scrapes. Every API replica reports the same platform figures: aggregate 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request, Response
@@ -23,6 +24,8 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
@@ -132,6 +135,26 @@ class PlatformGauges:
                 await client.aclose()
 
 
+class RevocationChecks(Collector):
+    """How each authenticated request's revocation check was answered: from memory (the
+    event hub caught up), by Redis, or by Postgres; read from the watch at scrape time."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "cloudbot_revocation_checks",
+            "Login-session revocation checks, by what answered them",
+            labels=["by"],
+        )
+        resources: Resources | None = getattr(self.app.state, "resources", None)
+        if resources is not None:
+            for by, count in sorted(resources.revocations.answered_by.items()):
+                family.add_metric([by], count)
+        yield family
+
+
 def install_metrics(app: FastAPI) -> tuple[Starlette, RouteMetrics]:
     """The app that serves the metrics at `/metrics` (on the internal listener only), and
     the request figures for the request middleware to fill.
@@ -142,6 +165,7 @@ def install_metrics(app: FastAPI) -> tuple[Starlette, RouteMetrics]:
     for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         registry.register(collector)
     route_metrics = RouteMetrics.create(registry, _NOT_INSTRUMENTED)
+    registry.register(RevocationChecks(app))
     gauges = PlatformGauges(registry)
     scrape_seconds = Gauge(
         "cloudbot_metrics_scrape_seconds",
