@@ -4,12 +4,14 @@ request a call and a wrapped `send`."""
 
 from __future__ import annotations
 
+import logging
 import random
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from logging import DEBUG
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -21,6 +23,7 @@ from cloudbot_common.instance_contract import HEARTBEAT_PATH
 from cloudbot_common.logging import get_logger
 
 log = get_logger("cloudbot_api.access")
+_access = logging.getLogger("cloudbot_api.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # A request at least this slow always gets its access line, whatever the sampling.
 _SLOW_SECONDS = 0.5
@@ -103,7 +106,7 @@ class RequestContextMiddleware:
             if name == b"x-request-id":
                 incoming = value.decode("latin-1")
                 break
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if _REQUEST_ID.match(incoming) else secrets.token_hex(16)
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode())
         status = 500
@@ -128,15 +131,12 @@ class RequestContextMiddleware:
                 # Sampling needs no secure randomness.
                 sampled = random.random() < self.sample  # noqa: S311
                 noteworthy = status >= 400 or seconds >= _SLOW_SECONDS
-                if noteworthy or sampled:
-                    # Routine requests that went well show at LOG_LEVEL=DEBUG only.
-                    emit = (
-                        log.debug
-                        if scope["path"] in _ROUTINE_PATHS and not noteworthy
-                        else log.info
-                    )
+                # Routine requests that went well show at LOG_LEVEL=DEBUG only: asked of
+                # the standard library first, since structlog would build the line anyway.
+                routine = scope["path"] in _ROUTINE_PATHS and not noteworthy
+                if (noteworthy or sampled) and (not routine or _access.isEnabledFor(DEBUG)):
                     # The path only: query strings are never logged.
-                    emit(
+                    (log.debug if routine else log.info)(
                         "request",
                         method=scope["method"],
                         path=scope["path"],
@@ -157,7 +157,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
+        length = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = value
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             await self._refuse(scope, receive, send)
             return

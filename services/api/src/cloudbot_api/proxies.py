@@ -3,6 +3,7 @@ from the proxies in TRUSTED_PROXIES, and rate limits count an IPv6 client by its
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -13,8 +14,11 @@ IPV6_CLIENT_PREFIX = 64
 class TrustedProxies:
     def __init__(self, networks: Iterable[str]) -> None:
         self._networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+        # Asked on every request for the same few peers: parsing the address each time
+        # cost more than the rest of the security headers.
+        self.trusts = functools.lru_cache(maxsize=4096)(self._trusts)
 
-    def trusts(self, address: str) -> bool:
+    def _trusts(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
