@@ -201,8 +201,13 @@ class EventHub:
         ping.add_done_callback(self._pings.discard)
 
     async def _ping(self, pubsub: PubSub, token: str) -> None:
+        # On the subscription's connection as it is, never reconnecting it (the reader
+        # does that, and subscribes again): a barrier on a connection that is down fails.
+        connection = pubsub.connection
         try:
-            await pubsub.ping(token)
+            if connection is None or not connection.is_connected:
+                raise ConnectionError("the event subscription is not connected")
+            await connection.send_command("PING", token, check_health=False)
         except Exception:
             self._barrier_done(token, ok=False)
 
