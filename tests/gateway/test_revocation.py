@@ -32,6 +32,7 @@ from tests.support.gateway import (
     add_instance,
     gateway_env,
     make_owner,
+    personal_token,
     refused,
     run_gateway,
     wait_closed,
@@ -181,6 +182,39 @@ async def api_client_reuse(url: str, refresh_token: str) -> httpx.Response:
     """The refresh token presented again from another client (another address)."""
     async with api_client(url) as other:
         return await other.post("/api/auth/refresh", json={"refresh_token": refresh_token})
+
+
+async def test_token_revocation_fails_closed_when_the_marker_cannot_be_written(
+    faulty: Faulty,
+    client: httpx.AsyncClient,
+    db_engine: AsyncEngine,
+    desktop: Desktop,
+    settings: Settings,
+) -> None:
+    """Revoking a personal access token whose marker Redis will not take answers 503, not
+    204: the API refuses the token at once, and the desktop session opened with it ends
+    at the gateway's next re-check of its sessions in Postgres."""
+    owner = await make_owner(client, settings)
+    instance_id = await add_instance(db_engine, owner.id, vnc_port=desktop.vnc_port)
+    token = await personal_token(client, owner.bearer, "write")
+    bearer = {"Authorization": f"Bearer {token['token']}"}
+    url = f"{faulty.gateway.ws_url}/api/instances/{instance_id}/vnc"
+    async with ws_connect(url, additional_headers=bearer) as ws:
+        greeting = await ws.recv()
+        assert isinstance(greeting, bytes)
+        assert greeting.startswith(b"RFB")
+
+        faulty.faults.refuse_writes_to = MARKER
+        r = await client.delete(f"/api/user/tokens/{token['id']}", headers=owner.bearer)
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "revocation_pending"
+        assert faulty.faults.refused >= 1
+        listed = await client.get("/api/instances", headers=bearer)
+        assert listed.status_code == 401, listed.text
+        await wait_closed(ws, timeout=45)
+        assert ws.close_code == 1008
+    refusal = await refused(url, additional_headers=bearer)
+    assert refusal.status_code == 401
 
 
 async def test_checks_fall_back_to_postgres_while_redis_is_away(

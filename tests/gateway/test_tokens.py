@@ -16,22 +16,13 @@ from tests.support.gateway import (
     GatewayServer,
     Owner,
     add_instance,
+    personal_token,
     refused,
     wait_closed,
     ws_connect,
 )
-from tests.support.leaks import SECRETS
 from tests.support.users import make_user
 from tests.support.waiting import eventually
-
-
-async def personal_token(http: httpx.AsyncClient, headers: dict[str, str], scope: str) -> dict:
-    r = await http.post(
-        "/api/user/tokens", json={"name": f"gateway {scope}", "scope": scope}, headers=headers
-    )
-    assert r.status_code == 201, r.text
-    SECRETS.add(r.json()["token"])
-    return r.json()
 
 
 @pytest.fixture

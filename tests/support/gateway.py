@@ -254,3 +254,12 @@ async def scrape(gateway: GatewayServer) -> dict[tuple[str, tuple[tuple[str, str
 async def wait_closed(ws: ClientConnection, timeout: float = 10) -> None:
     async with asyncio.timeout(timeout):
         await ws.wait_closed()
+
+
+async def personal_token(http: httpx.AsyncClient, headers: dict[str, str], scope: str) -> dict:
+    r = await http.post(
+        "/api/user/tokens", json={"name": f"gateway {scope}", "scope": scope}, headers=headers
+    )
+    assert r.status_code == 201, r.text
+    SECRETS.add(r.json()["token"])
+    return r.json()

@@ -92,13 +92,18 @@ class RevocationWatch:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def announce(self, session_ids: Collection[uuid.UUID]) -> None:
-        """Write the markers of sessions whose revocation was committed, and say so in
+    async def announce(
+        self, session_ids: Collection[uuid.UUID], *, remember_seconds: int | None = None
+    ) -> None:
+        """Write the markers of sessions whose revocation was committed (kept for
+        `remember_seconds`, by default as long as an access token lives), and say so in
         Postgres. Raises if Redis will not take them: the sessions are then refused here at
-        once, and by every process within SWEEP_SECONDS, while the watch keeps trying."""
+        once, and by every process within SWEEP_SECONDS (or, for a personal access token,
+        by the gateway's re-check of its sessions), while the watch keeps trying."""
+        remember = remember_seconds or self._remember
         try:
             for session_id in session_ids:
-                await revoke_login_session(self._redis, session_id, remember_seconds=self._remember)
+                await revoke_login_session(self._redis, session_id, remember_seconds=remember)
         except REDIS_FAILURES:
             self._refuse(session_ids)
             raise

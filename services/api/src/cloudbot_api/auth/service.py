@@ -13,11 +13,12 @@ from cloudbot_api.auth.retry import RefreshRetries
 from cloudbot_api.auth.schemas import TokenPair
 from cloudbot_api.errors import ProblemError
 from cloudbot_api.repository import Fields, ReadConnections
+from cloudbot_api.revocation import announce_after_commit
 from cloudbot_api.unit_of_work import UnitOfWork
 from cloudbot_common.audit import Action
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import LoginSession, RefreshToken, User
-from cloudbot_common.revocations import REDIS_FAILURES, RevocationWatch
+from cloudbot_common.revocations import RevocationWatch
 from cloudbot_common.security.jwt_tokens import TokenClaims, TokenCodec, TokenError, TokenType
 from cloudbot_common.security.passwords import Passwords
 from cloudbot_common.settings import Settings
@@ -147,26 +148,13 @@ class AuthService:
         self._announce_ended([session_id])
 
     def _announce_ended(self, session_ids: list[uuid.UUID]) -> None:
-        """Once committed, tell every service; if Redis will not take it, answer 503 rather
-        than report a success while the access tokens and gateway sessions live on (they
-        are refused here at once, everywhere within seconds: see revocations)."""
-        revocations = self.revocations
-
-        async def announce() -> None:
-            try:
-                await revocations.announce(session_ids)
-            except REDIS_FAILURES as exc:
-                log.error("login session revoked but not yet announced", error=type(exc).__name__)
-                raise ProblemError(
-                    503,
-                    "revocation_pending",
-                    "The login session is ended, but not every service has heard of it yet; "
-                    "its tokens are refused within seconds. Retry to confirm.",
-                    headers={"Retry-After": "5"},
-                ) from None
-
-        if session_ids:
-            self.uow.after_commit(announce, required=True)
+        announce_after_commit(
+            self.uow,
+            self.revocations,
+            session_ids,
+            detail="The login session is ended, but not every service has heard of it yet; "
+            "its tokens are refused within seconds. Retry to confirm.",
+        )
 
     async def logout_owned(self, user_id: uuid.UUID, session_id: uuid.UUID) -> None:
         """End a login session named by a refresh token, once checked to be the user's."""

@@ -16,7 +16,7 @@ NO_STORE = {"Cache-Control": "no-store"}
 
 
 async def get_service(uow: UowDep, resources: ResourcesDep, audit: AuditorDep) -> TokenService:
-    return TokenService(uow, redis=resources.redis, audit=audit)
+    return TokenService(uow, revocations=resources.revocations, audit=audit)
 
 
 ServiceDep = Annotated[TokenService, Depends(get_service)]

@@ -1,5 +1,6 @@
 """Personal access tokens: made and shown once, listed by hint, revoked at once everywhere
-(the API checks the database on every use; the gateway closes the token's sessions)."""
+(the API checks the database on every use; the gateway closes the token's sessions on the
+revocation's event, and re-checks the database for them every 30 seconds)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,16 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from redis.asyncio import Redis
-
 from cloudbot_api.audit.service import Auditor
 from cloudbot_api.errors import ProblemError
+from cloudbot_api.revocation import announce_after_commit
 from cloudbot_api.tokens.repository import TokenRepository
 from cloudbot_api.tokens.schemas import TokenCreate, TokenCreated, TokenOut
 from cloudbot_api.unit_of_work import UnitOfWork
 from cloudbot_common.audit import Action
-from cloudbot_common.events import revoke_login_session
 from cloudbot_common.logging import get_logger
 from cloudbot_common.models import PersonalAccessToken
+from cloudbot_common.revocations import RevocationWatch
 from cloudbot_common.security import access_tokens
 
 log = get_logger(__name__)
@@ -29,10 +29,10 @@ _REVOCATION_MARKER_SECONDS = 24 * 3600
 
 
 class TokenService:
-    def __init__(self, uow: UnitOfWork, *, redis: Redis, audit: Auditor) -> None:
+    def __init__(self, uow: UnitOfWork, *, revocations: RevocationWatch, audit: Auditor) -> None:
         self.uow = uow
         self.repo = TokenRepository(uow.session)
-        self.redis = redis
+        self.revocations = revocations
         self.audit = audit
 
     async def list(self, user_id: uuid.UUID) -> Sequence[PersonalAccessToken]:
@@ -76,12 +76,16 @@ class TokenService:
             Action.TOKEN_REVOKED, user_id=user_id, actor=actor, target=f"token:{token_id}"
         )
 
-        async def announce() -> None:
-            # Tickets and gateway sessions opened with the token carry its id as their
-            # session: this ends them on every replica, as a logout does.
-            await revoke_login_session(
-                self.redis, token_id, remember_seconds=_REVOCATION_MARKER_SECONDS
-            )
-
-        self.uow.after_commit(announce)
+        # Tickets and gateway sessions opened with the token carry its id as their session:
+        # announcing it ends them on every replica, as a logout does. If it cannot be
+        # announced, the answer is 503, not a success while those sessions live on.
+        announce_after_commit(
+            self.uow,
+            self.revocations,
+            [token_id],
+            detail="The token is revoked and refused by the API, but not every service has "
+            "heard of it yet: the desktop and agent sessions opened with it end within "
+            "30 seconds.",
+            remember_seconds=_REVOCATION_MARKER_SECONDS,
+        )
         log.info("personal access token revoked", user_id=str(user_id), token_id=str(token_id))
