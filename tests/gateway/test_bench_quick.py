@@ -52,6 +52,9 @@ def test_quick_benchmark_runs_end_to_end(
     assert api["logins"]["login"]["rps"] > 0
     assert api["logins"]["login"]["errors"] == 0
     assert api["logins"]["raw_argon2_per_s"] > 0
+    assert api["logins"]["login_with_probe"]["errors"] == 0
+    assert api["logins"]["me_meanwhile"]["requests"] > 0
+    assert api["logins"]["me_meanwhile"]["errors"] == 0
     assert api["lifecycle"]["launched_twice"] == 0
     assert api["lifecycle"]["never_launched"] == 0
     assert all(ms > 0 for ms in api["lifecycle"]["delivered_ms"])
