@@ -22,7 +22,11 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from cloudbot_common.events import revoked_session_key
+from cloudbot_common.security.jwt_tokens import TokenCodec, TokenType
+from cloudbot_common.settings import Settings
 from tests.support.clients import api_client
 from tests.support.faultproxy import FaultProxy
 from tests.support.problems import assert_problem
@@ -135,6 +139,30 @@ async def test_without_its_hub_a_replica_still_refuses_and_learns_what_it_missed
         finally:
             replicas.b_redis.restore()
         # The logout's message never reached B; the markers read on subscribing again say it.
+        await from_memory_on_b(replicas, b, user.access_token)
+        memory = checks(replicas.b_metrics).get("memory", 0)
+        assert_problem(await whoami(b, ended), 401, "unauthorized")
+        assert checks(replicas.b_metrics).get("memory", 0) > memory
+
+
+async def test_a_revocation_whose_marker_redis_lost_is_known_after_subscribing_again(
+    replicas: Replicas, redis: Redis, settings: Settings
+) -> None:
+    """Redis restarted without its data: the markers are gone, and the hub subscribes
+    again. What is loaded then comes from Postgres too, so a session ended before is
+    still refused from memory, not let through as one nobody revoked."""
+    async with api_client(replicas.a) as a, api_client(replicas.b) as b:
+        user = await make_user(a)
+        await from_memory_on_b(replicas, b, user.access_token)
+        ended = await log_in(a, user)
+        replicas.b_redis.kill()  # B's subscription drops: it never hears of the logout
+        try:
+            r = await a.post("/api/auth/logout", headers={"Authorization": f"Bearer {ended}"})
+            assert r.status_code == 204, r.text
+            session_id = TokenCodec(settings).decode(ended, TokenType.ACCESS).session_id
+            assert await redis.delete(revoked_session_key(session_id)) == 1
+        finally:
+            replicas.b_redis.restore()
         await from_memory_on_b(replicas, b, user.access_token)
         memory = checks(replicas.b_metrics).get("memory", 0)
         assert_problem(await whoami(b, ended), 401, "unauthorized")

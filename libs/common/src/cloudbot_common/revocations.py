@@ -11,8 +11,9 @@ Postgres (`revocation_announced_at` NULL) and nothing is lost:
 - a check that cannot read Redis asks Postgres instead of letting the token through.
 
 A watch `in_memory` (the API's) answers most checks without a round trip of its own: it
-keeps the revoked sessions it heard of on the event hub (loaded from the markers each time
-the subscription is made, then from each message), and before answering "not revoked" it
+keeps the revoked sessions it heard of on the event hub (loaded from the markers, and from
+Postgres's recent revocations, each time the subscription is made; then from each
+message), and before answering "not revoked" it
 waits for the hub to have caught up (`EventHub.caught_up`: one PING on the subscription,
 shared by every check waiting at that moment), so that a revocation announced anywhere
 before the check began is known here. Whenever that cannot be known (no subscription, its
@@ -33,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cloudbot_common.events import (
@@ -145,13 +147,31 @@ class RevocationWatch:
                 async for key in self._redis.scan_iter(match=revoked_session_pattern(), count=1000):
                     name = key.decode() if isinstance(key, bytes) else key
                     self._hear(name.removeprefix(prefix))
-            except REDIS_FAILURES as exc:
-                _log.warning("revocation markers unreadable; retrying", error=type(exc).__name__)
+                # And from Postgres, the truth: a Redis that restarted without its data
+                # (the usual reason to subscribe again) has lost the markers.
+                for session_id in await self._recently_revoked():
+                    self._heard[session_id] = time.monotonic() + self._remember
+            except (*REDIS_FAILURES, SQLAlchemyError) as exc:
+                _log.warning("revocations unreadable; retrying", error=type(exc).__name__)
                 await asyncio.sleep(1)
                 continue
             if generation == self._hub.generation:
                 self._loaded = generation
             return
+
+    async def _recently_revoked(self) -> list[uuid.UUID]:
+        """Login sessions and personal access tokens revoked within the time an access
+        token lives: those whose tokens may still be presented."""
+        since = datetime.now(UTC) - timedelta(seconds=self._remember)
+        async with self._engine.connect() as conn:
+            logins = await conn.scalars(
+                select(LoginSession.id).where(LoginSession.revoked_at >= since)
+            )
+            found = list(logins)
+            tokens = await conn.scalars(
+                select(PersonalAccessToken.id).where(PersonalAccessToken.revoked_at >= since)
+            )
+            return found + list(tokens)
 
     def _forget_expired(self) -> None:
         now = time.monotonic()
